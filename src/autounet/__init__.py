@@ -1,0 +1,29 @@
+"""autounet: a self-configuring U-Net framework for medical image segmentation.
+
+The Python API mirrors the command line; heavy modules are imported on first use so that
+``import autounet`` stays fast.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = {
+    "check": "autounet.api",
+    "plan": "autounet.api",
+    "plan_from_fingerprint": "autounet.api",
+    "fingerprint_dataset": "autounet.api",
+    "make_synthetic": "autounet.api",
+    "AutounetError": "autounet.errors",
+    "DatasetInvalid": "autounet.errors",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'autounet' has no attribute {name!r}")

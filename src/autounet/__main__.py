@@ -1,0 +1,5 @@
+import sys
+
+from autounet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""The `autounet` command: argument parsing only; the work is done by the stages' modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from autounet import __version__
+from autounet.errors import AutounetError, DatasetInvalid
+
+# Commands of DESIGN §1 that later work will build; until then they say so and exit 2.
+NOT_BUILT = {
+    "preprocess": "write preprocessed data for the configurations",
+    "train": "train one fold of a configuration",
+    "predict": "segment a folder of images (or one file)",
+    "evaluate": "per-case and mean Dice (and HD95) -> JSON + table",
+    "select": "pick the best configuration / pair ensemble, decide post-processing",
+    "run": "the whole pipeline, resumable",
+    "demo": "make a small synthetic dataset and run the whole pipeline on the CPU",
+}
+
+
+def _workers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-j", "--workers", type=int, default=None, metavar="N", help="worker processes (default: CPU cores, at most 8)"
+    )
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from autounet.api import check
+
+    report = check(args.raw, workers=args.workers)
+    print(report.format())
+    return 0 if report.ok else 2
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from autounet.api import plan, plan_from_fingerprint
+    from autounet.data.check import format_report
+    from autounet.planning.summary import format_plans
+
+    if args.fingerprint:
+        if args.raw:
+            raise AutounetError("give either RAW or --fingerprint, not both")
+        if not args.name:
+            raise AutounetError("--fingerprint needs --name NAME")
+        result = plan_from_fingerprint(args.fingerprint, args.work, args.name)
+    else:
+        if not args.raw:
+            raise AutounetError("give a raw dataset folder RAW, or --fingerprint F.json --name NAME")
+        try:
+            result = plan(args.raw, work=args.work, name=args.name, workers=args.workers, force=args.force)
+        except DatasetInvalid:
+            from autounet.api import check
+
+            print(format_report(check(args.raw, workers=args.workers)))
+            print(f"\nnothing was written to {args.work or 'the workspace'}.", file=sys.stderr)
+            return 2
+        if result.report is not None:
+            for w in result.report.warnings:
+                print(f"warning: {w}")
+        else:
+            print(f"fingerprint up to date: {result.workspace.fingerprint_json} (use --force to recompute)")
+    print(f"\nplans for {result.plans.dataset_name} -> {result.workspace.plans_json}")
+    print(format_plans(result.plans))
+    return 0
+
+
+def _cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from autounet.api import make_synthetic
+
+    out = make_synthetic(
+        args.out,
+        cases=args.cases,
+        shape=tuple(args.shape),
+        spacing=tuple(args.spacing),
+        modality=args.modality,
+        channels=args.channels,
+        classes=args.classes,
+        seed=args.seed,
+        test_cases=args.test_cases,
+        layout=args.layout,
+    )
+    print(
+        f"wrote {args.cases} training case(s)"
+        + (f" and {args.test_cases} test case(s)" if args.test_cases else "")
+        + f" to {out}"
+    )
+    return 0
+
+
+def _not_built(name: str):
+    def run(args: argparse.Namespace) -> int:
+        print(f"autounet {name}: not built yet in autounet {__version__}.", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autounet", description="Self-configuring U-Net segmentation (nnU-Net method)."
+    )
+    parser.add_argument("--version", action="version", version=f"autounet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "check",
+        help="validate a raw dataset and print a report; writes nothing",
+        description="Validate a raw dataset (MSD or nnU-Net v2 layout). Exit code 2 lists every problem with its case.",
+    )
+    p.add_argument("raw", metavar="RAW", help="dataset folder holding dataset.json")
+    _workers(p)
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "plan",
+        help="check + fingerprint + plans for all configurations",
+        description="Check and fingerprint RAW, then plan every configuration into W/NAME/. With --fingerprint, plan from a fingerprint.json alone.",
+    )
+    p.add_argument("raw", metavar="RAW", nargs="?", help="dataset folder holding dataset.json")
+    p.add_argument("--work", "-w", metavar="W", help="workspace (default: $AUTOUNET_WORK, else ./autounet_work)")
+    p.add_argument("--name", "-n", metavar="NAME", help="dataset name in the workspace (default: RAW's folder name)")
+    p.add_argument("--fingerprint", metavar="F", help="plan from this fingerprint.json instead of a raw dataset")
+    p.add_argument("--force", action="store_true", help="recompute the fingerprint even if it is up to date")
+    _workers(p)
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser(
+        "make-synthetic",
+        help="write a synthetic MSD-layout dataset",
+        description="Write a small synthetic segmentation dataset (for tests and the demo).",
+    )
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.add_argument("--cases", type=int, default=12, help="training cases (default 12)")
+    p.add_argument(
+        "--test-cases", type=int, default=0, help="extra held-out cases in imagesTs/ and labelsTs/ (default 0)"
+    )
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[32, 40, 36],
+        metavar=("Z", "Y", "X"),
+        help="case shape in voxels, varied +-10%% per case (default 32 40 36)",
+    )
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=[1.0, 1.0, 1.0],
+        metavar=("Z", "Y", "X"),
+        help="voxel spacing in mm (default 1 1 1)",
+    )
+    p.add_argument(
+        "--modality",
+        default="MRI",
+        choices=["MRI", "CT", "mri", "ct"],
+        help="MRI (0 outside the body, arbitrary scale) or CT (HU-like)",
+    )
+    p.add_argument("--channels", type=int, default=1, help="image channels (default 1; >1 writes 4D files)")
+    p.add_argument("--classes", type=int, default=3, help="classes including background (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", default="msd", choices=["msd", "nnunetv2"], help="folder layout (default msd)")
+    p.set_defaults(func=_cmd_make_synthetic)
+
+    for name, text in NOT_BUILT.items():
+        p = sub.add_parser(name, help=f"{text} (not built yet)", description=f"{text}. Not built yet in this version.")
+        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_not_built(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except AutounetError as exc:
+        print(f"autounet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"autounet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

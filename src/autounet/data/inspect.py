@@ -1,0 +1,349 @@
+"""Read one training case once: validate it and measure what the fingerprint needs.
+
+Runs in worker processes, so inputs and outputs are small picklable dataclasses.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import cc3d
+import numpy as np
+
+from autounet.data.dataset import CaseFiles
+from autounet.data.findings import Finding, error, warning
+from autounet.data.geometry import Geometry, GeometryTolerance, geometry_differences
+from autounet.data.image_io import ImageReadError, read_image, read_label
+from autounet.data.nifti_scan import nonfinite_per_volume
+
+# Voxels sampled per case and channel from the foreground for the dataset's intensity statistics
+# (the public nnU-Net samples the same number).
+INTENSITY_SAMPLES_PER_CASE = 10_000
+# Connectivity used to count connected components per class (26: faces, edges and corners).
+COMPONENT_CONNECTIVITY = 26
+
+
+@dataclass(frozen=True)
+class InspectTask:
+    case: CaseFiles
+    num_channels: int
+    declared_labels: frozenset[int]
+    tolerance: GeometryTolerance = GeometryTolerance()
+    compute_stats: bool = True
+    root: Path | None = None  # dataset folder; messages show paths relative to it
+
+    def show(self, path: Path | None) -> str:
+        if path is None or self.root is None:
+            return str(path)
+        try:
+            return str(Path(path).relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+
+@dataclass
+class CaseStats:
+    """What the fingerprint records about one readable, valid case (arrays ``(C, Z, Y, X)``)."""
+
+    geometry: Geometry
+    shape_before_crop: tuple[int, int, int]
+    crop_bbox: tuple[tuple[int, int], ...]
+    image_dtype: str
+    label_dtype: str
+    label_voxel_counts: dict[int, int]
+    components_per_class: dict[int, int]
+    foreground_source: str  # "label" or "nonzero" (no labelled voxel in this case)
+    foreground_intensity: list[dict[str, float]]
+    intensity_samples: np.ndarray  # (C, n) float32, n <= INTENSITY_SAMPLES_PER_CASE
+
+    @property
+    def shape_after_crop(self) -> tuple[int, int, int]:
+        return tuple(int(b - a) for a, b in self.crop_bbox)
+
+    @property
+    def crop_voxel_fraction(self) -> float:
+        return float(np.prod(self.shape_after_crop) / np.prod(self.shape_before_crop))
+
+
+@dataclass
+class CaseInspection:
+    case_id: str
+    findings: list[Finding] = field(default_factory=list)
+    image_dtype: str | None = None
+    label_dtype: str | None = None
+    geometry: Geometry | None = None
+    shape: tuple[int, int, int] | None = None  # (Z, Y, X) of the image
+    labels_present: tuple[int, ...] = ()
+    stats: CaseStats | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+
+def _read(fn, path_for_missing, case_id: str, what: str, findings: list[Finding]):
+    try:
+        return fn()
+    except ImageReadError as exc:
+        findings.append(error(exc.kind, case_id, f"{what}: {exc}"))
+    except (MemoryError, OSError, ValueError) as exc:
+        findings.append(error("unreadable_file", case_id, f"{what} {path_for_missing}: {exc}"))
+    return None
+
+
+def _label_values(label: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
+    """Integer label array (int64 view or copy) and voxel count per value present."""
+    lab = label if label.dtype.kind in "iu" else label.astype(np.int64)
+    lo, hi = int(lab.min()), int(lab.max())
+    if lo >= 0 and hi <= 65535:
+        counts = np.bincount(lab.ravel(), minlength=hi + 1)
+        return lab, {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
+    values, counts = np.unique(lab, return_counts=True)
+    return lab, {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def _nonfinite_per_channel(paths: tuple[Path, ...], image: np.ndarray) -> list[int]:
+    """NaN/Inf voxels per channel, from the array and, for NIfTI, from the bytes on disk.
+
+    SimpleITK's NIfTI reader turns non-finite voxels into 0 (see :mod:`nifti_scan`), so the
+    array alone cannot show them there.
+    """
+    counts = [int(np.count_nonzero(~np.isfinite(image[c]))) for c in range(image.shape[0])]
+    on_disk: list[int] = []
+    for p in paths:
+        scanned = nonfinite_per_volume(p)
+        on_disk.extend(scanned if scanned is not None else [0] * (image.shape[0] // len(paths)))
+    if len(on_disk) == len(counts):
+        counts = [max(a, b) for a, b in zip(counts, on_disk)]
+    return counts
+
+
+def _check_label(
+    label: np.ndarray, file: Path, path: str, case_id: str, declared: frozenset[int], findings: list[Finding]
+):
+    """Validate label values; return (integer label array, counts) or None if unusable."""
+    if label.size == 0:
+        findings.append(error("empty_image", case_id, f"label {path} has no voxels"))
+        return None
+    if label.dtype.kind == "f":
+        nonfinite = _nonfinite_per_channel((file,), label[None])[0]
+        if nonfinite:
+            findings.append(error("non_integer_label", case_id, f"label {path} has {nonfinite} NaN/infinite values"))
+            return None
+        frac = label != np.round(label)
+        if frac.any():
+            examples = ", ".join(f"{v:g}" for v in np.unique(label[frac])[:5])
+            findings.append(
+                error("non_integer_label", case_id, f"label {path} has non-integer values (e.g. {examples})")
+            )
+            return None
+        findings.append(
+            warning(
+                "float_label",
+                case_id,
+                f"label {path} is stored as {label.dtype} (whole-number values; read as integers)",
+            )
+        )
+    elif label.dtype.kind not in "iub":
+        findings.append(error("non_integer_label", case_id, f"label {path} has unsupported data type {label.dtype}"))
+        return None
+    lab, counts = _label_values(label.astype(np.uint8) if label.dtype.kind == "b" else label)
+    undeclared = sorted(set(counts) - declared)
+    if undeclared:
+        findings.append(
+            error(
+                "undeclared_label",
+                case_id,
+                f"label {path} has value(s) {undeclared} not declared in dataset.json (declared: {sorted(declared)})",
+            )
+        )
+        return None
+    if set(counts) == {0}:
+        findings.append(warning("empty_label", case_id, f"label {path} contains background only"))
+    return lab, counts
+
+
+# A constant background must cover at least this fraction of the image to be reported.
+BACKGROUND_MIN_FRACTION = 0.2
+
+
+def _constant_background(image: np.ndarray) -> tuple[list[float], float] | None:
+    """Corner values and their share of channel 0 when every channel's 8 corners hold one nonzero constant."""
+    values = []
+    for c in range(image.shape[0]):
+        corners = image[c][np.ix_(*[[0, n - 1] for n in image.shape[1:]])]
+        v = corners.flat[0]
+        if v == 0 or not np.all(corners == v):
+            return None
+        values.append(float(v))
+    fraction = float(np.mean(image[0] == values[0]))
+    return (values, fraction) if fraction >= BACKGROUND_MIN_FRACTION else None
+
+
+def _components_per_class(label: np.ndarray) -> dict[int, int]:
+    if not label.any():
+        return {}
+    lab = label.astype(np.uint16, copy=False) if label.max() <= 65535 else label.astype(np.uint32)
+    cc, n = cc3d.connected_components(np.ascontiguousarray(lab), connectivity=COMPONENT_CONNECTIVITY, return_N=True)
+    comp_class = np.zeros(n + 1, dtype=np.int64)
+    comp_class[cc.ravel()] = lab.ravel()
+    classes, counts = np.unique(comp_class[1:], return_counts=True)
+    return {int(k): int(c) for k, c in zip(classes, counts)}
+
+
+def _bbox(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    out = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        out.append((int(idx[0]), int(idx[-1]) + 1))
+    return tuple(out)
+
+
+def _stats(
+    case_id: str,
+    image: np.ndarray,
+    lab: np.ndarray,
+    counts: dict[int, int],
+    geometry: Geometry,
+    image_dtype: str,
+    label_dtype: str,
+    findings: list[Finding],
+) -> CaseStats:
+    nonzero = np.any(image != 0, axis=0)
+    fg = lab > 0
+    # The crop box is the image's nonzero box, widened where needed to keep every labelled voxel.
+    image_box = _bbox(nonzero)
+    inside = np.zeros_like(fg)
+    inside[tuple(slice(a, b) for a, b in image_box)] = True
+    outside = int(np.count_nonzero(fg & ~inside))
+    if outside:
+        findings.append(
+            warning(
+                "label_outside_nonzero",
+                case_id,
+                f"{outside} labelled voxels lie outside the box of nonzero image voxels (the crop box is widened to keep them)",
+            )
+        )
+    bbox = _bbox(nonzero | fg)
+    crop = tuple(slice(a, b) for a, b in bbox)
+    img_c, lab_c = image[(slice(None), *crop)], lab[crop]
+    fg_c = lab_c > 0
+    source = "label"
+    if not fg_c.any():
+        fg_c, source = nonzero[crop], "nonzero"
+    rng = np.random.default_rng(zlib.crc32(case_id.encode()))
+    n_fg = int(np.count_nonzero(fg_c))
+    pick = rng.choice(n_fg, size=min(n_fg, INTENSITY_SAMPLES_PER_CASE), replace=False) if n_fg else np.zeros(0, int)
+    pick.sort()
+    per_channel, samples = [], []
+    for c in range(img_c.shape[0]):
+        values = img_c[c][fg_c].astype(np.float64)
+        per_channel.append(
+            {
+                "mean": float(values.mean()),
+                "std": float(values.std()),
+                "min": float(values.min()),
+                "max": float(values.max()),
+            }
+            if values.size
+            else {"mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+        )
+        samples.append(values[pick].astype(np.float32))
+    return CaseStats(
+        geometry=geometry,
+        shape_before_crop=tuple(int(s) for s in lab.shape),
+        crop_bbox=bbox,
+        image_dtype=image_dtype,
+        label_dtype=label_dtype,
+        label_voxel_counts=counts,
+        components_per_class=_components_per_class(lab_c),
+        foreground_source=source,
+        foreground_intensity=per_channel,
+        intensity_samples=np.stack(samples) if samples else np.zeros((0, 0), np.float32),
+    )
+
+
+def inspect_case(task: InspectTask) -> CaseInspection:
+    """Validate one case and, if it is valid and ``task.compute_stats``, measure its statistics."""
+    case = task.case
+    cid = case.case_id
+    out = CaseInspection(cid)
+    f: list[Finding] = []
+    img_what = "image " + ", ".join(task.show(p) for p in case.images)
+    read = _read(lambda: read_image(case.images), task.show(case.images[0]), cid, "image", f)
+    image, igeo = read if read is not None else (None, None)
+    read = _read(lambda: read_label(case.label), task.show(case.label), cid, "label", f) if case.label else None
+    label, lgeo = read if read is not None else (None, None)
+
+    if image is not None:
+        out.image_dtype, out.geometry, out.shape = str(image.dtype), igeo, tuple(int(v) for v in image.shape[1:])
+        if image.shape[0] != task.num_channels:
+            f.append(
+                error(
+                    "channel_count",
+                    cid,
+                    f"{img_what} has {image.shape[0]} channel(s), dataset.json declares {task.num_channels}",
+                )
+            )
+        if image.size == 0:
+            f.append(error("empty_image", cid, f"{img_what} has no voxels (shape {image.shape[1:]})"))
+            image = None
+        elif image.dtype.kind not in "biuf":
+            f.append(error("unreadable_file", cid, f"{img_what} has unsupported pixel type {image.dtype}"))
+            image = None
+    if image is not None:
+        if image.dtype.kind == "f":
+            per = _nonfinite_per_channel(case.images, image)
+            if any(per):
+                detail = ", ".join(f"channel {c}: {n}" for c, n in enumerate(per) if n)
+                f.append(
+                    error("nonfinite_intensity", cid, f"{img_what} has NaN/infinite intensities ({detail} voxels)")
+                )
+        if not np.any(image != 0):
+            f.append(error("empty_image", cid, f"{img_what} is empty: every voxel is 0"))
+        else:
+            background = _constant_background(image)
+            if background is not None:
+                values = ", ".join(f"{v:.4g}" for v in background[0])
+                f.append(
+                    warning(
+                        "nonzero_background",
+                        cid,
+                        f"{img_what}: {background[1]:.0%} of voxels hold the corner value(s) {values}, not 0; "
+                        "cropping to the nonzero region cannot remove this background",
+                    )
+                )
+
+    checked = None
+    if label is not None:
+        out.label_dtype = str(label.dtype)
+        checked = _check_label(label, case.label, task.show(case.label), cid, task.declared_labels, f)
+        if checked is not None:
+            out.labels_present = tuple(sorted(checked[1]))
+    if image is not None and label is not None:
+        if image.shape[1:] != label.shape:
+            f.append(
+                error(
+                    "shape_mismatch",
+                    cid,
+                    f"image shape {image.shape[1:]} differs from label shape {label.shape} ({task.show(case.label)})",
+                )
+            )
+        else:
+            diffs = geometry_differences(igeo, lgeo, task.tolerance)
+            if diffs:
+                f.append(
+                    error(
+                        "geometry_mismatch",
+                        cid,
+                        f"label {task.show(case.label)} geometry differs from the image: " + "; ".join(diffs),
+                    )
+                )
+    if not any(x.severity == "error" for x in f) and task.compute_stats and image is not None and checked is not None:
+        out.stats = _stats(cid, image, checked[0], checked[1], igeo, out.image_dtype, out.label_dtype, f)
+    prefix = f"{task.root}/" if task.root is not None else None
+    out.findings = [replace(x, message=x.message.replace(prefix, "")) if prefix else x for x in f]
+    return out

@@ -1,0 +1,124 @@
+"""Plans: the planner's output, one entry per configuration, stored as ``W/NAME/plans.json``.
+
+Plain data only (the schema is documented in ``docs/formats.md``). Every configuration entry is
+self-contained: preprocessing, the network topology and the loss mode can be rebuilt from it
+alone, so a checkpoint can carry its entry and need nothing else.
+
+Axis order: arrays of a configuration (``spacing``, ``median_shape``, ``patch_size``, kernel
+sizes) are in *network order*: the preprocessed image is the raw ``(Z, Y, X)`` array permuted by
+``transpose_forward``, which puts the axis with the coarsest spacing first. 2D configurations
+drop that first axis (they see slices of it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autounet.errors import AutounetError
+from autounet.utils.atomic import atomic_write_json, read_json
+from autounet.utils.plain_data import from_plain, to_plain
+
+PLANS_SCHEMA_VERSION = 1
+
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+@dataclass
+class ChannelNormalization:
+    """How one input channel is normalised (seed 001 §2.2).
+
+    ``scheme``: ``ct`` (clip to ``[clip_low, clip_high]``, then ``(x - mean) / std`` with the
+    dataset's foreground statistics), ``zscore`` (per case), ``rescale_0_1`` (per case min-max)
+    or ``none``. ``use_nonzero_mask``: normalise inside the nonzero region only, 0 outside.
+    """
+
+    channel: int
+    name: str
+    scheme: str
+    use_nonzero_mask: bool
+    clip_low: float | None = None
+    clip_high: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass
+class ResamplingPlan:
+    """Interpolation orders for resampling to the target spacing (seed 001 §2.2).
+
+    When the data is anisotropic (largest / smallest spacing > ``anisotropy_threshold``) the
+    coarse axis is resampled separately with the ``*_low_res_axis`` orders.
+    """
+
+    image_order: int = 3
+    label_order: int = 0
+    anisotropy_threshold: float = 3.0
+    image_order_low_res_axis: int = 0
+    label_order_low_res_axis: int = 0
+
+
+@dataclass
+class ConfigurationPlan:
+    name: str
+    network_dims: int  # 2 or 3
+    data_identifier: str  # preprocessed/<data_identifier>/ holds this configuration's data
+    transpose_forward: list[int]  # raw (Z, Y, X) axis -> network axis
+    transpose_backward: list[int]
+    spacing: list[float]  # target spacing, mm, network order (3 values, also for 2D)
+    median_shape: list[int]  # median case shape at ``spacing``, network order (3 values)
+    patch_size: list[int]  # 2 or 3 values
+    batch_size: int
+    num_pool_per_axis: list[int]
+    pool_op_kernel_sizes: list[list[int]]  # one per down-sampling step
+    conv_kernel_sizes: list[list[int]]  # one per stage (= pools + 1)
+    features_per_stage: list[int]
+    batch_dice: bool  # Dice over the batch as one pseudo-volume (True) or per sample (False)
+    in_plane_augmentation: bool  # spatial augmentation slice-wise (3D patch edge ratio > 2)
+    normalization: list[ChannelNormalization]
+    resampling: ResamplingPlan
+    num_input_channels: int  # image channels (the cascade adds the previous stage's classes)
+    num_classes: int  # including background
+    previous_stage: str | None = None
+    next_stage: str | None = None
+
+
+@dataclass
+class Plans:
+    dataset_name: str
+    planner: str
+    channel_names: list[str]
+    labels: dict[str, str]
+    original_median_spacing: list[float]  # raw (z, y, x) order
+    original_median_shape: list[int]  # after cropping, at the original spacing, raw order
+    configurations: dict[str, ConfigurationPlan]
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = PLANS_SCHEMA_VERSION
+
+    def configuration(self, name: str) -> ConfigurationPlan:
+        if name not in self.configurations:
+            raise AutounetError(
+                f"configuration '{name}' is not planned for {self.dataset_name}; planned: {', '.join(self.configurations)}"
+            )
+        return self.configurations[name]
+
+
+def save_plans(plans: Plans, path: str | Path) -> None:
+    atomic_write_json(path, to_plain(plans))
+
+
+def load_plans(path: str | Path) -> Plans:
+    path = Path(path)
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        raise AutounetError(f"{path}: plans file not found (run `autounet plan` first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AutounetError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and data.get("schema_version", PLANS_SCHEMA_VERSION) != PLANS_SCHEMA_VERSION:
+        raise AutounetError(f"{path}: plans schema version {data.get('schema_version')} is not supported")
+    try:
+        return from_plain(Plans, data, where=str(path))
+    except AutounetError as exc:
+        raise AutounetError(f"malformed plans: {exc}") from None

@@ -1,0 +1,153 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autounet.cli import NOT_BUILT, main
+from conftest import listing
+
+
+def run(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def test_console_script_help_lists_every_command():
+    exe = shutil.which("autounet") or None
+    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "autounet", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for name in (
+        "check",
+        "plan",
+        "preprocess",
+        "train",
+        "predict",
+        "evaluate",
+        "select",
+        "run",
+        "demo",
+        "make-synthetic",
+    ):
+        assert name in out
+
+
+@pytest.mark.parametrize("name", sorted(NOT_BUILT))
+def test_commands_not_built_yet_say_so_and_exit_2(name, capsys):
+    assert run(name, "anything") == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_check_exits_0_on_a_valid_dataset_and_2_listing_problems(tiny_msd: Path, capsys):
+    assert run("check", tiny_msd, "-j", "1") == 0
+    assert "OK: the dataset is valid" in capsys.readouterr().out
+    (tiny_msd / "labelsTr" / "synth_003.nii.gz").unlink()
+    assert run("check", tiny_msd, "-j", "1") == 2
+    out = capsys.readouterr().out
+    assert "synth_003: label: " in out and "file not found" in out
+
+
+def test_plan_writes_the_workspace(tiny_msd: Path, tmp_path: Path, capsys):
+    work = tmp_path / "W"
+    assert run("plan", tiny_msd, "--work", work, "-j", "1") == 0
+    out = capsys.readouterr().out
+    assert "3d_fullres" in out and "2d" in out
+    ws = work / "tiny"
+    assert sorted(p.name for p in ws.iterdir()) == ["dataset.json", "fingerprint.json", "plans.json"]
+    desc = json.loads((ws / "dataset.json").read_text())
+    assert desc["raw_path"] == str(tiny_msd.resolve()) and desc["training"]
+    plans = json.loads((ws / "plans.json").read_text())
+    assert set(plans["configurations"]) == {"2d", "3d_fullres"}
+    # a second run reuses the fingerprint; --force recomputes it
+    assert run("plan", tiny_msd, "--work", work, "-j", "1") == 0
+    assert "fingerprint up to date" in capsys.readouterr().out
+    assert run("plan", tiny_msd, "--work", work, "-j", "1", "--force") == 0
+    assert "fingerprint up to date" not in capsys.readouterr().out
+
+
+def test_plan_of_a_defective_dataset_exits_2_and_writes_nothing(tiny_msd: Path, tmp_path: Path, capsys):
+    (tiny_msd / "imagesTr" / "synth_002.nii.gz").write_bytes(b"broken")
+    work = tmp_path / "W"
+    assert run("plan", tiny_msd, "--work", work, "-j", "1") == 2
+    out = capsys.readouterr().out
+    assert "synth_002: image: imagesTr/synth_002.nii.gz: cannot read image" in out
+    assert listing(work) == set()
+
+
+def test_plan_refreshes_a_stale_fingerprint_and_refuses_a_defect_added_later(tiny_msd: Path, tmp_path: Path):
+    work = tmp_path / "W"
+    assert run("plan", tiny_msd, "--work", work, "-j", "1") == 0
+    before = {p: p.read_bytes() for p in (work / "tiny").iterdir()}
+    (tiny_msd / "labelsTr" / "synth_001.nii.gz").write_bytes(b"broken")
+    assert run("plan", tiny_msd, "--work", work, "-j", "1") == 2
+    assert {p: p.read_bytes() for p in (work / "tiny").iterdir()} == before
+
+
+def test_plan_from_a_fingerprint_alone(tiny_msd: Path, tmp_path: Path, capsys):
+    assert run("plan", tiny_msd, "--work", tmp_path / "A", "-j", "1") == 0
+    fp = tmp_path / "A" / "tiny" / "fingerprint.json"
+    assert run("plan", "--fingerprint", fp, "--work", tmp_path / "B", "--name", "copy") == 0
+    a = json.loads((tmp_path / "A" / "tiny" / "plans.json").read_text())
+    b = json.loads((tmp_path / "B" / "copy" / "plans.json").read_text())
+    assert a == b
+    assert (tmp_path / "B" / "copy" / "fingerprint.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan"], "give a raw dataset folder"),
+        (["plan", "--fingerprint", "x.json"], "--fingerprint needs --name"),
+        (["plan", "--fingerprint", "missing.json", "--name", "n"], "fingerprint file not found"),
+        (["plan", "RAW", "--name", "bad/name"], "not usable as a folder name"),
+        (["make-synthetic", "OUT", "--classes", "1"], "--classes must be between"),
+    ],
+)
+def test_bad_options_give_one_clear_error(args, message, tmp_path: Path, capsys):
+    args = [str(tmp_path / a) if a in ("RAW", "OUT") else a for a in args]
+    assert run(*args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_folder(tmp_path: Path, capsys):
+    assert run("check", tmp_path / "nowhere") == 2
+    assert "dataset folder not found" in capsys.readouterr().out
+    assert run("plan", tmp_path / "nowhere", "--work", tmp_path / "W") == 2
+    assert not (tmp_path / "W").exists()
+
+
+def test_workspace_of_another_dataset_is_not_overwritten(tiny_msd: Path, tmp_path: Path, capsys):
+    other = tmp_path / "other" / "tiny"
+    shutil.copytree(tiny_msd, other)
+    work = tmp_path / "W"
+    assert run("plan", tiny_msd, "--work", work, "-j", "1") == 0
+    assert run("plan", other, "--work", work, "-j", "1") == 2
+    assert "already holds the dataset from" in capsys.readouterr().err
+
+
+def test_make_synthetic_command_writes_a_valid_dataset(tmp_path: Path, capsys):
+    out = tmp_path / "syn"
+    assert (
+        run(
+            "make-synthetic",
+            out,
+            "--cases",
+            "3",
+            "--test-cases",
+            "1",
+            "--shape",
+            "8",
+            "10",
+            "12",
+            "--modality",
+            "CT",
+            "--channels",
+            "2",
+        )
+        == 0
+    )
+    assert run("check", out, "-j", "1") == 0
+    assert (out / "imagesTs" / "synth_003.nii.gz").is_file() and (out / "labelsTs" / "synth_003.nii.gz").is_file()
+    assert run("make-synthetic", out) == 2  # refuses to overwrite
+    assert "already holds a dataset.json" in capsys.readouterr().err
