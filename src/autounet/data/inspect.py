@@ -6,7 +6,7 @@ Runs in worker processes, so inputs and outputs are small picklable dataclasses.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cc3d
@@ -50,8 +50,6 @@ class CaseStats:
     geometry: Geometry
     shape_before_crop: tuple[int, int, int]
     crop_bbox: tuple[tuple[int, int], ...]
-    image_dtype: str
-    label_dtype: str
     label_voxel_counts: dict[int, int]
     components_per_class: dict[int, int]
     foreground_source: str  # "label" or "nonzero" (no labelled voxel in this case)
@@ -83,13 +81,15 @@ class CaseInspection:
         return not any(f.severity == "error" for f in self.findings)
 
 
-def _read(fn, path_for_missing, case_id: str, what: str, findings: list[Finding]):
+def _read(fn, task: InspectTask, shown: str, what: str, findings: list[Finding]):
+    """Call the reader ``fn``; on failure record the finding (paths shown relative to the dataset)."""
     try:
         return fn()
     except ImageReadError as exc:
-        findings.append(error(exc.kind, case_id, f"{what}: {exc}"))
+        message = str(exc).replace(f"{task.root}/", "") if task.root is not None else str(exc)
+        findings.append(error(exc.kind, task.case.case_id, f"{what}: {message}"))
     except (MemoryError, OSError, ValueError) as exc:
-        findings.append(error("unreadable_file", case_id, f"{what} {path_for_missing}: {exc}"))
+        findings.append(error("unreadable_file", task.case.case_id, f"{what} {shown}: {exc}"))
     return None
 
 
@@ -208,8 +208,6 @@ def _stats(
     lab: np.ndarray,
     counts: dict[int, int],
     geometry: Geometry,
-    image_dtype: str,
-    label_dtype: str,
     findings: list[Finding],
 ) -> CaseStats:
     nonzero = np.any(image != 0, axis=0)
@@ -256,8 +254,6 @@ def _stats(
         geometry=geometry,
         shape_before_crop=tuple(int(s) for s in lab.shape),
         crop_bbox=bbox,
-        image_dtype=image_dtype,
-        label_dtype=label_dtype,
         label_voxel_counts=counts,
         components_per_class=_components_per_class(lab_c),
         foreground_source=source,
@@ -273,9 +269,9 @@ def inspect_case(task: InspectTask) -> CaseInspection:
     out = CaseInspection(cid)
     f: list[Finding] = []
     img_what = "image " + ", ".join(task.show(p) for p in case.images)
-    read = _read(lambda: read_image(case.images), task.show(case.images[0]), cid, "image", f)
+    read = _read(lambda: read_image(case.images), task, task.show(case.images[0]), "image", f)
     image, igeo = read if read is not None else (None, None)
-    read = _read(lambda: read_label(case.label), task.show(case.label), cid, "label", f) if case.label else None
+    read = _read(lambda: read_label(case.label), task, task.show(case.label), "label", f) if case.label else None
     label, lgeo = read if read is not None else (None, None)
 
     if image is not None:
@@ -343,7 +339,6 @@ def inspect_case(task: InspectTask) -> CaseInspection:
                     )
                 )
     if not any(x.severity == "error" for x in f) and task.compute_stats and image is not None and checked is not None:
-        out.stats = _stats(cid, image, checked[0], checked[1], igeo, out.image_dtype, out.label_dtype, f)
-    prefix = f"{task.root}/" if task.root is not None else None
-    out.findings = [replace(x, message=x.message.replace(prefix, "")) if prefix else x for x in f]
+        out.stats = _stats(cid, image, checked[0], checked[1], igeo, f)
+    out.findings = f
     return out

@@ -18,8 +18,8 @@ import numpy as np
 from autounet.data.dataset import RawDataset
 from autounet.data.inspect import COMPONENT_CONNECTIVITY, CaseInspection
 from autounet.errors import AutounetError
-from autounet.utils.atomic import atomic_write_json, read_json
-from autounet.utils.plain_data import from_plain, to_plain
+from autounet.utils.atomic import atomic_write_json
+from autounet.utils.plain_data import load_json_dataclass, to_plain
 
 FINGERPRINT_SCHEMA_VERSION = 1
 
@@ -168,21 +168,7 @@ def save_fingerprint(fp: Fingerprint, path: str | Path) -> None:
 
 def load_fingerprint(path: str | Path) -> Fingerprint:
     """Read a fingerprint.json, with one clear error if it is missing or malformed."""
-    path = Path(path)
-    try:
-        data = read_json(path)
-    except FileNotFoundError:
-        raise AutounetError(f"{path}: fingerprint file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AutounetError(f"{path}: not valid JSON ({exc})") from None
-    if isinstance(data, dict) and data.get("schema_version", FINGERPRINT_SCHEMA_VERSION) != FINGERPRINT_SCHEMA_VERSION:
-        raise AutounetError(
-            f"{path}: fingerprint schema version {data.get('schema_version')} is not supported (expected {FINGERPRINT_SCHEMA_VERSION})"
-        )
-    try:
-        fp = from_plain(Fingerprint, data, where=str(path))
-    except AutounetError as exc:
-        raise AutounetError(f"malformed fingerprint: {exc}") from None
+    fp = load_json_dataclass(Fingerprint, path, "fingerprint", FINGERPRINT_SCHEMA_VERSION)
     if not fp.cases:
         raise AutounetError(f"{path}: the fingerprint lists no cases")
     if any(len(c.spacing) != 3 or len(c.shape_after_crop) != 3 for c in fp.cases):

@@ -287,7 +287,10 @@ def plan_experiment(fp: Fingerprint, options: PlannerOptions | None = None) -> P
                 f"{tuple(round(float(s), 4) for s in low_spacing)} mm."
             )
         else:
-            notes.append("no cascade: the median shape has at most 4x the voxels of a 128^3 patch.")
+            notes.append(
+                f"no cascade: the median shape has at most {opts.cascade_voxel_factor:g}x the voxels of a "
+                f"{opts.patch_edge_3d}^3 patch."
+            )
     return Plans(
         dataset_name=fp.dataset_name,
         planner="nnunet-paper",

@@ -12,13 +12,12 @@ drop that first axis (they see slices of it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from autounet.errors import AutounetError
-from autounet.utils.atomic import atomic_write_json, read_json
-from autounet.utils.plain_data import from_plain, to_plain
+from autounet.utils.atomic import atomic_write_json
+from autounet.utils.plain_data import load_json_dataclass, to_plain
 
 PLANS_SCHEMA_VERSION = 1
 
@@ -109,16 +108,4 @@ def save_plans(plans: Plans, path: str | Path) -> None:
 
 
 def load_plans(path: str | Path) -> Plans:
-    path = Path(path)
-    try:
-        data = read_json(path)
-    except FileNotFoundError:
-        raise AutounetError(f"{path}: plans file not found (run `autounet plan` first)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AutounetError(f"{path}: not valid JSON ({exc})") from None
-    if isinstance(data, dict) and data.get("schema_version", PLANS_SCHEMA_VERSION) != PLANS_SCHEMA_VERSION:
-        raise AutounetError(f"{path}: plans schema version {data.get('schema_version')} is not supported")
-    try:
-        return from_plain(Plans, data, where=str(path))
-    except AutounetError as exc:
-        raise AutounetError(f"malformed plans: {exc}") from None
+    return load_json_dataclass(Plans, path, "plans", PLANS_SCHEMA_VERSION, hint="run `autounet plan` first")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from autounet.errors import AutounetError
@@ -98,3 +100,26 @@ def from_plain(cls: type[T], data: Any, where: str = "") -> T:
             continue
         kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}")
     return cls(**kwargs)
+
+
+def load_json_dataclass(cls: type[T], path: str | Path, what: str, schema_version: int, hint: str = "") -> T:
+    """Read ``path`` into dataclass ``cls``, with one clear error if it is missing or malformed.
+
+    ``what`` names the file in messages ("plans", "fingerprint"); ``hint`` is appended when the
+    file does not exist (e.g. which command writes it).
+    """
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise AutounetError(f"{path}: {what} file not found" + (f" ({hint})" if hint else "")) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AutounetError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and data.get("schema_version", schema_version) != schema_version:
+        found = data.get("schema_version")
+        raise AutounetError(f"{path}: {what} schema version {found} is not supported (expected {schema_version})")
+    try:
+        return from_plain(cls, data, where=str(path))
+    except AutounetError as exc:
+        raise AutounetError(f"malformed {what}: {exc}") from None
