@@ -13,6 +13,7 @@ _API = {
     "plan": "autounet.api",
     "plan_from_fingerprint": "autounet.api",
     "fingerprint_dataset": "autounet.api",
+    "preprocess": "autounet.api",
     "make_synthetic": "autounet.api",
     "AutounetError": "autounet.errors",
     "DatasetInvalid": "autounet.errors",

@@ -22,6 +22,8 @@ from autounet.planning.fingerprint import (
 )
 from autounet.planning.planner import PlannerOptions, plan_experiment
 from autounet.planning.plans import Plans, save_plans
+from autounet.preprocessing.case import PreprocessOptions
+from autounet.preprocessing.run import PreprocessSummary, preprocess_dataset
 from autounet.utils.atomic import atomic_write_json, read_json
 from autounet.workspace import Workspace
 
@@ -114,6 +116,22 @@ def plan_from_fingerprint(
         save_fingerprint(fp, ws.fingerprint_json)
     save_plans(plans, ws.plans_json)
     return PlanResult(ws, fp, plans, None)
+
+
+def preprocess(
+    name: str,
+    work: str | Path | None = None,
+    configurations: list[str] | None = None,
+    workers: int | None = None,
+    float16: bool = False,
+    label_interpolation: str = "nearest",
+    force: bool = False,
+) -> PreprocessSummary:
+    """Preprocess the planned dataset ``W/NAME`` (see :func:`preprocessing.run.preprocess_dataset`)."""
+    options = PreprocessOptions(
+        image_dtype="float16" if float16 else "float32", label_interpolation=label_interpolation
+    )
+    return preprocess_dataset(work, name, configurations, workers, options, force)
 
 
 def make_synthetic(out: str | Path, **spec: object) -> Path:

@@ -17,6 +17,7 @@ from autounet.data.findings import Finding, error, warning
 from autounet.data.geometry import Geometry, GeometryTolerance, geometry_differences
 from autounet.data.image_io import ImageReadError, read_image, read_label
 from autounet.data.nifti_scan import nonfinite_per_volume
+from autounet.preprocessing.crop import bounding_box
 
 # Voxels sampled per case and channel from the foreground for the dataset's intensity statistics
 # (the public nnU-Net samples the same number).
@@ -193,15 +194,6 @@ def _components_per_class(label: np.ndarray) -> dict[int, int]:
     return {int(k): int(c) for k, c in zip(classes, counts)}
 
 
-def _bbox(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        out.append((int(idx[0]), int(idx[-1]) + 1))
-    return tuple(out)
-
-
 def _stats(
     case_id: str,
     image: np.ndarray,
@@ -213,7 +205,7 @@ def _stats(
     nonzero = np.any(image != 0, axis=0)
     fg = lab > 0
     # The crop box is the image's nonzero box, widened where needed to keep every labelled voxel.
-    image_box = _bbox(nonzero)
+    image_box = bounding_box(nonzero)
     inside = np.zeros_like(fg)
     inside[tuple(slice(a, b) for a, b in image_box)] = True
     outside = int(np.count_nonzero(fg & ~inside))
@@ -225,7 +217,7 @@ def _stats(
                 f"{outside} labelled voxels lie outside the box of nonzero image voxels (the crop box is widened to keep them)",
             )
         )
-    bbox = _bbox(nonzero | fg)
+    bbox = bounding_box(nonzero | fg)
     crop = tuple(slice(a, b) for a, b in bbox)
     img_c, lab_c = image[(slice(None), *crop)], lab[crop]
     fg_c = lab_c > 0

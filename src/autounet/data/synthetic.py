@@ -28,6 +28,7 @@ class SyntheticSpec:
     cases: int = 12
     shape: tuple[int, int, int] = (32, 40, 36)  # (Z, Y, X) voxels, varied +-10% per case
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (z, y, x) mm
+    spacing_jitter: float = 0.0  # per case, each axis's spacing is scaled by up to +-this fraction
     modality: str = "MRI"  # "MRI" or "CT"
     channels: int = 1
     classes: int = 3  # including background
@@ -48,6 +49,8 @@ class SyntheticSpec:
             raise AutounetError("--channels must be between 1 and 8")
         if not 2 <= self.classes <= 20:
             raise AutounetError("--classes must be between 2 (background + 1) and 20")
+        if not 0 <= self.spacing_jitter < 0.5:
+            raise AutounetError("--spacing-jitter must be in [0, 0.5)")
         if self.test_cases < 0:
             raise AutounetError("--test-cases cannot be negative")
         if self.layout not in ("msd", "nnunetv2"):
@@ -63,6 +66,8 @@ def make_case(spec: SyntheticSpec, index: int) -> tuple[np.ndarray, np.ndarray, 
     rng = np.random.default_rng([spec.seed, index])
     shape = tuple(max(4, int(round(s * rng.uniform(0.9, 1.1)))) for s in spec.shape)
     spacing = np.asarray(spec.spacing, dtype=float)
+    if spec.spacing_jitter:
+        spacing = spacing * rng.uniform(1 - spec.spacing_jitter, 1 + spec.spacing_jitter, 3)
     extent = np.asarray(shape) * spacing  # mm
     grid = [(np.arange(n) + 0.5) * sp for n, sp in zip(shape, spacing)]
     grid = np.meshgrid(*grid, indexing="ij")

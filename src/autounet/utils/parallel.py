@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -19,6 +20,18 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _context() -> mp.context.BaseContext:
+    """``spawn``, so that threads of the parent (ITK, PyTorch) cannot deadlock a forked child.
+
+    ``spawn`` re-imports the caller's main script in each worker; when that script is not a file
+    (``python -`` reading standard input) it cannot, and ``fork`` is used instead.
+    """
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file and not os.path.exists(main_file) and "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
 def _init_worker() -> None:
     # One process per core already; let each one use a single ITK thread to avoid oversubscription.
     import SimpleITK as sitk
@@ -29,12 +42,11 @@ def _init_worker() -> None:
 def map_cases(fn: Callable[[T], R], items: Sequence[T], workers: int, desc: str) -> list[R]:
     """Return ``[fn(x) for x in items]`` in order, computed by ``workers`` processes.
 
-    Workers are started with ``spawn`` so that threads of the parent (ITK, PyTorch) cannot
-    deadlock a forked child. ``workers <= 1`` runs in this process.
+    ``workers <= 1`` runs in this process.
     """
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in progress(items, total=len(items), desc=desc)]
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results: list[R] = []
     with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx, initializer=_init_worker) as pool:
         chunk = max(1, min(16, len(items) // (4 * workers)))
