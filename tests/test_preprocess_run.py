@@ -164,3 +164,13 @@ def test_killed_run_resumes_to_outputs_identical_to_an_uninterrupted_run(tmp_pat
     subprocess.run([*cmd, "--work", str(tmp_path / "B")], env=env, check=True, capture_output=True)
     a, b = snapshot(folder), snapshot(tmp_path / "B" / "raw" / "preprocessed" / "3d_fullres")
     assert a == b and len(a) == 24 * 4 + 1
+
+
+def test_a_second_concurrent_run_is_refused(small):
+    from autounet.utils.lock import exclusive
+
+    _, work, name = small
+    with exclusive(work / name / "preprocessed" / ".lock", "test"):
+        with pytest.raises(AutounetError, match="another `autounet preprocess` is running"):
+            preprocess(name, work=work, workers=1)
+    assert preprocess(name, work=work, workers=1).ok

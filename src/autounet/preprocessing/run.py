@@ -28,6 +28,7 @@ from autounet.preprocessing.store import (
     write_case,
 )
 from autounet.utils.atomic import atomic_write_json, read_json
+from autounet.utils.lock import exclusive
 from autounet.utils.parallel import default_workers, map_cases
 from autounet.workspace import Workspace
 
@@ -162,54 +163,55 @@ def preprocess_dataset(
     values = label_values(plans.labels)
     targets = _targets(ws, plans, configurations, values, options)
 
-    jobs, skipped = [], {t.data_identifier: 0 for t in targets}
-    for t in targets:
-        remove_temporaries(t.folder)
-    for case in dataset.cases:
-        todo, complete = [], []
+    with exclusive(ws.root / "preprocessed" / ".lock", "`autounet preprocess`"):
+        jobs, skipped = [], {t.data_identifier: 0 for t in targets}
         for t in targets:
-            if not force and is_complete(t.folder, case.case_id, t.key):
-                skipped[t.data_identifier] += 1
-                complete.append(t)
-            else:
-                todo.append(t)
-        if todo:
-            jobs.append(CaseJob(case, tuple(todo), tuple(values), options, tuple(complete)))
-    for t in targets:
-        if any(t in j.targets for j in jobs):
-            (t.folder / "manifest.json").unlink(missing_ok=True)
+            remove_temporaries(t.folder)
+        for case in dataset.cases:
+            todo, complete = [], []
+            for t in targets:
+                if not force and is_complete(t.folder, case.case_id, t.key):
+                    skipped[t.data_identifier] += 1
+                    complete.append(t)
+                else:
+                    todo.append(t)
+            if todo:
+                jobs.append(CaseJob(case, tuple(todo), tuple(values), options, tuple(complete)))
+        for t in targets:
+            if any(t in j.targets for j in jobs):
+                (t.folder / "manifest.json").unlink(missing_ok=True)
 
-    workers = default_workers() if workers is None else workers
-    outcomes = map_cases(_process, jobs, workers, desc="preprocessing") if jobs else []
-    written = {t.data_identifier: 0 for t in targets}
-    failures = []
-    for o in outcomes:
-        for ident in o.written + o.linked:
-            written[ident] += 1
-        if o.error:
-            failures.append(f"{o.case_id}: {o.error}")
+        workers = default_workers() if workers is None else workers
+        outcomes = map_cases(_process, jobs, workers, desc="preprocessing") if jobs else []
+        written = {t.data_identifier: 0 for t in targets}
+        failures = []
+        for o in outcomes:
+            for ident in o.written + o.linked:
+                written[ident] += 1
+            if o.error:
+                failures.append(f"{o.case_id}: {o.error}")
 
-    keep = {c.case_id for c in dataset.cases}
-    for t in targets:
-        _remove_stale(t.folder, keep)
-        if all(is_complete(t.folder, c, t.key) for c in keep):
-            atomic_write_json(
-                t.folder / "manifest.json",
-                {
-                    "configuration": t.data_identifier,
-                    "preprocess_key": t.key,
-                    "image_dtype": options.image_dtype,
-                    "label_interpolation": options.label_interpolation,
-                    "cases": sorted(keep),
-                },
-            )
-    return PreprocessSummary(
-        workspace=ws,
-        configurations=[t.data_identifier for t in targets],
-        cases=len(dataset.cases),
-        processed=len(outcomes),
-        written=written,
-        skipped=skipped,
-        failures=failures,
-        seconds=time.perf_counter() - start,
-    )
+        keep = {c.case_id for c in dataset.cases}
+        for t in targets:
+            _remove_stale(t.folder, keep)
+            if all(is_complete(t.folder, c, t.key) for c in keep):
+                atomic_write_json(
+                    t.folder / "manifest.json",
+                    {
+                        "configuration": t.data_identifier,
+                        "preprocess_key": t.key,
+                        "image_dtype": options.image_dtype,
+                        "label_interpolation": options.label_interpolation,
+                        "cases": sorted(keep),
+                    },
+                )
+        return PreprocessSummary(
+            workspace=ws,
+            configurations=[t.data_identifier for t in targets],
+            cases=len(dataset.cases),
+            processed=len(outcomes),
+            written=written,
+            skipped=skipped,
+            failures=failures,
+            seconds=time.perf_counter() - start,
+        )
