@@ -21,6 +21,16 @@ def hippocampus_plan(tmp_path_factory):
     return plan(DATA / "hippocampus", work=tmp_path_factory.mktemp("W"), workers=2)
 
 
+@pytest.fixture(scope="module")
+def hippocampus_preprocessed(hippocampus_plan):
+    from autounet.api import preprocess
+
+    ws = hippocampus_plan.workspace
+    summary = preprocess(ws.name, work=ws.work, configurations=["2d", "3d_fullres"], workers=2)
+    assert summary.ok
+    return hippocampus_plan, summary
+
+
 def test_hippocampus_check_reports_cases_channels_labels_and_the_float_label(capsys):
     assert main(["check", str(DATA / "hippocampus"), "-j", "2"]) == 0
     out = capsys.readouterr().out
@@ -134,13 +144,12 @@ def test_real_cases_regridded_to_thick_slices_plan_an_anisotropic_network(tmp_pa
     assert c3.pool_op_kernel_sizes[0] == [1, 2, 2]
 
 
-def test_hippocampus_preprocesses_to_the_implied_shapes_normalised_with_valid_locations(hippocampus_plan):
-    from autounet.api import preprocess
+def test_hippocampus_preprocesses_to_the_implied_shapes_normalised_with_valid_locations(hippocampus_preprocessed):
     from autounet.preprocessing.store import open_case
 
+    hippocampus_plan, summary = hippocampus_preprocessed
     ws = hippocampus_plan.workspace
-    summary = preprocess(ws.name, work=ws.work, configurations=["2d", "3d_fullres"], workers=2)
-    assert summary.ok and summary.written == {"2d": 208, "3d_fullres": 208}
+    assert summary.written == {"2d": 208, "3d_fullres": 208}
     for config in ("2d", "3d_fullres"):
         folder = ws.preprocessed_dir(config)
         for case in [c.case_id for c in hippocampus_plan.fingerprint.cases]:
@@ -188,3 +197,34 @@ def test_real_labels_round_trip_exactly_or_with_high_dice_when_header_spacing_ch
     assert (everything.mean(0) >= 0.98).all()  # per class, over all cases
     assert (np.array(dice[1.1]) == 1.0).all()  # up-sampled with nearest and back: lossless
     assert (everything.min(0) >= 0.94).all()  # 10% down-sampling of these small structures loses a little
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_the_data_pipeline_keeps_the_network_busy(hippocampus_preprocessed, configuration):
+    """Sampling and full augmentation of a batch, done serially (the loader overlaps the sampling
+    with the network, so this over-estimates), cost at most 15% of a training iteration of the
+    plan's own network and batch size. `benchmarks/data_pipeline.py` measures the real ratio."""
+    import statistics
+    import time
+
+    import torch
+
+    from autounet.training.components import build_components, training_step
+
+    ws = hippocampus_preprocessed[0].workspace
+    c = build_components(ws.work, ws.name, configuration, device="cpu")
+    assert c.augmenter.sample_size != c.plan.patch_size  # rotation and scaling room is sampled
+    pipeline = []
+    for i in range(3):
+        start = time.perf_counter()
+        batch = c.sampler.batch(i)
+        image, seg = c.augmenter(torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed)
+        pipeline.append(time.perf_counter() - start)
+    assert image.shape == (c.plan.batch_size, 1, *c.plan.patch_size)
+    optimizer = torch.optim.Adam(c.network.parameters(), lr=3e-4)
+    training_step(c, optimizer, image, seg)  # warm-up
+    start = time.perf_counter()
+    loss = training_step(c, optimizer, image, seg)
+    network = time.perf_counter() - start
+    assert np.isfinite(loss)
+    assert (network + statistics.median(pipeline)) / network <= 1.15

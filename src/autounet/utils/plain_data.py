@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -82,12 +83,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # slow: resolves string annotations every call
+
+
 def from_plain(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass ``cls`` from plain data; errors name the offending field via ``where``."""
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise AutounetError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:

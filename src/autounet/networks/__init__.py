@@ -1,0 +1,1 @@
+"""U-Net and its variants, built from plain-data specifications."""

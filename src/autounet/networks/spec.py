@@ -1,0 +1,128 @@
+"""The network as plain data: a checkpoint stores this and rebuilds the network without trainer code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from autounet.errors import AutounetError
+from autounet.planning.plans import ConfigurationPlan
+
+DOWNSAMPLING = ("pool", "strided_conv")
+
+# seed 004 §2.3: the deeper encoder of the BraTS recipe
+NVIDIA_FEATURES = (64, 96, 128, 192, 256, 384, 512)
+
+
+@dataclass
+class NetworkSpec:
+    """A U-Net: per stage two conv -> instance norm -> leaky ReLU blocks (seed 001 §2.1).
+
+    ``pool_kernel_sizes[s]`` is the down-sampling between stage ``s`` and ``s + 1`` (1 along an
+    axis: not down-sampled there). ``deep_supervision_heads`` extra 1x1 output heads sit on the
+    decoder levels below the full-resolution one (seed 004 uses 2).
+    """
+
+    dims: int
+    in_channels: int
+    num_outputs: int  # classes (softmax) or regions (sigmoid)
+    features_per_stage: list[int]
+    conv_kernel_sizes: list[list[int]]
+    pool_kernel_sizes: list[list[int]]
+    downsampling: str = "pool"  # "pool" (seed 001) or "strided_conv" (seed 004)
+    deep_supervision_heads: int = 0
+    residual_encoder: bool = False
+    negative_slope: float = 0.01
+    he_init: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.features_per_stage)
+
+    def validate(self) -> None:
+        n = self.num_stages
+        if self.dims not in (2, 3):
+            raise AutounetError(f"network dims must be 2 or 3, got {self.dims}")
+        if n < 1 or len(self.conv_kernel_sizes) != n or len(self.pool_kernel_sizes) != n - 1:
+            raise AutounetError(
+                f"network needs one conv kernel per stage ({n}) and one pooling kernel between stages ({n - 1}); "
+                f"got {len(self.conv_kernel_sizes)} and {len(self.pool_kernel_sizes)}"
+            )
+        if any(len(k) != self.dims for k in self.conv_kernel_sizes + self.pool_kernel_sizes):
+            raise AutounetError(f"every kernel needs {self.dims} values")
+        if self.downsampling not in DOWNSAMPLING:
+            raise AutounetError(f"downsampling must be one of {DOWNSAMPLING}, got {self.downsampling!r}")
+        if not 0 <= self.deep_supervision_heads <= max(0, n - 2):
+            raise AutounetError(f"deep_supervision_heads must be between 0 and {max(0, n - 2)} for {n} stages")
+        if self.in_channels < 1 or self.num_outputs < 1:
+            raise AutounetError("a network needs at least one input channel and one output")
+
+    def output_strides(self) -> list[list[int]]:
+        """Down-sampling factor of each output (main first, then the deep-supervision heads)."""
+        strides, current = [], [1] * self.dims
+        for level in range(self.deep_supervision_heads + 1):
+            if level:
+                current = [c * k for c, k in zip(current, self.pool_kernel_sizes[level - 1])]
+            strides.append(list(current))
+        return strides
+
+
+def default_deep_supervision_heads(num_stages: int) -> int:
+    """Extra heads on every decoder level except the two lowest, as the public nnU-Net weights them."""
+    return max(0, num_stages - 3)
+
+
+def spec_from_plan(
+    plan: ConfigurationPlan,
+    num_outputs: int | None = None,
+    in_channels: int | None = None,
+    features_per_stage: list[int] | None = None,
+    deep_supervision_heads: int | None = None,
+    downsampling: str = "pool",
+    residual_encoder: bool = False,
+) -> NetworkSpec:
+    """The network for a configuration of plans.json, with optional overrides.
+
+    ``features_per_stage`` may be longer than the plan's stages (seed 004's deeper encoder):
+    the extra stages are added with 2x down-sampling along axes whose feature map allows it.
+    """
+    pools = [list(k) for k in plan.pool_op_kernel_sizes]
+    convs = [list(k) for k in plan.conv_kernel_sizes]
+    features = list(features_per_stage) if features_per_stage else list(plan.features_per_stage)
+    notes = []
+    if len(features) != len(convs):
+        if len(features) < len(convs):
+            raise AutounetError(f"{len(features)} feature sizes for a plan with {len(convs)} stages")
+        size = list(plan.patch_size)
+        for k in pools:
+            size = [s // p for s, p in zip(size, k)]
+        while len(convs) < len(features):
+            k = [2 if s >= 2 * 2 else 1 for s in size]  # keep at least 2 voxels after pooling
+            if k == [1] * len(k):
+                raise AutounetError(f"the patch {plan.patch_size} cannot be down-sampled {len(features) - 1} times")
+            pools.append(k)
+            convs.append([3] * len(k))
+            size = [s // p for s, p in zip(size, k)]
+        notes.append(f"encoder deepened to {len(features)} stages")
+    spec = NetworkSpec(
+        dims=plan.network_dims,
+        in_channels=in_channels if in_channels is not None else plan.num_input_channels,
+        num_outputs=num_outputs if num_outputs is not None else plan.num_classes,
+        features_per_stage=features,
+        conv_kernel_sizes=convs,
+        pool_kernel_sizes=pools,
+        downsampling=downsampling,
+        deep_supervision_heads=default_deep_supervision_heads(len(features))
+        if deep_supervision_heads is None
+        else deep_supervision_heads,
+        residual_encoder=residual_encoder,
+        notes=notes,
+    )
+    spec.validate()
+    return spec
+
+
+def with_overrides(spec: NetworkSpec, **changes) -> NetworkSpec:
+    out = replace(spec, **changes)
+    out.validate()
+    return out

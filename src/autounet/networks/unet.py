@@ -1,0 +1,132 @@
+"""The U-Net of seed 001 §2.1 (and seed 004 §2.3's variant), built from a :class:`NetworkSpec`.
+
+Encoder: per stage two conv -> instance norm -> leaky ReLU blocks; between stages max pooling
+(seed 001) or a strided first convolution (seed 004). Optionally residual encoder blocks.
+Decoder: transposed-convolution up-sampling, skip concatenation, two conv blocks. Outputs: a 1x1
+head at full resolution plus ``deep_supervision_heads`` heads on the next decoder levels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autounet.networks.spec import NetworkSpec
+
+
+def _conv(dims: int):
+    return nn.Conv3d if dims == 3 else nn.Conv2d
+
+
+def _norm(dims: int, channels: int) -> nn.Module:
+    return (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(channels, eps=1e-5, affine=True)
+
+
+class ConvNormAct(nn.Sequential):
+    def __init__(
+        self, dims: int, cin: int, cout: int, kernel: list[int], stride: list[int], slope: float, act: bool = True
+    ):
+        layers = [
+            _conv(dims)(cin, cout, kernel_size=kernel, stride=stride, padding=[k // 2 for k in kernel]),
+            _norm(dims, cout),
+        ]
+        if act:
+            layers.append(nn.LeakyReLU(slope, inplace=True))
+        super().__init__(*layers)
+
+
+class PlainBlock(nn.Sequential):
+    """Two conv -> norm -> leaky ReLU; the first may be strided."""
+
+    def __init__(self, dims: int, cin: int, cout: int, kernel: list[int], stride: list[int], slope: float):
+        super().__init__(
+            ConvNormAct(dims, cin, cout, kernel, stride, slope),
+            ConvNormAct(dims, cout, cout, kernel, [1] * dims, slope),
+        )
+
+
+class ResidualBlock(nn.Module):
+    """conv-norm-act, conv-norm, plus a (projected) identity, then act (seed 004 Fig. 6b)."""
+
+    def __init__(self, dims: int, cin: int, cout: int, kernel: list[int], stride: list[int], slope: float):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvNormAct(dims, cin, cout, kernel, stride, slope),
+            ConvNormAct(dims, cout, cout, kernel, [1] * dims, slope, act=False),
+        )
+        needs_projection = cin != cout or any(s != 1 for s in stride)
+        self.skip = (
+            nn.Sequential(_conv(dims)(cin, cout, kernel_size=stride, stride=stride, bias=False), _norm(dims, cout))
+            if needs_projection
+            else nn.Identity()
+        )
+        self.act = nn.LeakyReLU(slope, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+class UNet(nn.Module):
+    def __init__(self, spec: NetworkSpec):
+        super().__init__()
+        spec.validate()
+        self.spec = spec
+        d, f, slope = spec.dims, spec.features_per_stage, spec.negative_slope
+        ones = [1] * d
+        self.pools = nn.ModuleList()
+        self.encoder = nn.ModuleList()
+        block = ResidualBlock if spec.residual_encoder else PlainBlock
+        for s in range(spec.num_stages):
+            cin = spec.in_channels if s == 0 else f[s - 1]
+            stride = ones
+            if s > 0:
+                kernel = spec.pool_kernel_sizes[s - 1]
+                if spec.downsampling == "pool":
+                    self.pools.append((nn.MaxPool3d if d == 3 else nn.MaxPool2d)(kernel_size=kernel, stride=kernel))
+                else:
+                    self.pools.append(nn.Identity())
+                    stride = kernel
+            self.encoder.append(block(d, cin, f[s], spec.conv_kernel_sizes[s], stride, slope))
+        transposed = nn.ConvTranspose3d if d == 3 else nn.ConvTranspose2d
+        self.upsample = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for s in range(spec.num_stages - 2, -1, -1):  # decoder level s joins encoder stage s
+            k = spec.pool_kernel_sizes[s]
+            self.upsample.append(transposed(f[s + 1], f[s], kernel_size=k, stride=k))
+            self.decoder.append(PlainBlock(d, 2 * f[s], f[s], spec.conv_kernel_sizes[s], ones, slope))
+        conv = _conv(d)
+        levels = 1 + spec.deep_supervision_heads if spec.num_stages > 1 else 1
+        self.heads = nn.ModuleList(conv(f[level], spec.num_outputs, kernel_size=1) for level in range(levels))
+        if spec.he_init:
+            self.apply(he_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Logits at full resolution; in training mode with deep supervision, a list
+        ``[full resolution, next level, ...]``."""
+        skips = []
+        for s, block in enumerate(self.encoder):
+            if s > 0:
+                x = self.pools[s - 1](x)
+            x = block(x)
+            skips.append(x)
+        outputs = {}
+        wanted = len(self.heads) if self.training else 1
+        n = self.spec.num_stages
+        for i, (up, block) in enumerate(zip(self.upsample, self.decoder)):
+            level = n - 2 - i
+            x = block(torch.cat([up(x), skips[level]], dim=1))
+            if level < wanted:
+                outputs[level] = self.heads[level](x)
+        if n == 1:
+            outputs[0] = self.heads[0](x)
+        if self.training and len(self.heads) > 1:
+            return [outputs[level] for level in range(len(self.heads))]
+        return outputs[0]
+
+
+def he_init(module: nn.Module, negative_slope: float = 1e-2) -> None:
+    """Kaiming (He) normal initialisation for convolutions, zero biases (seed 004 §3.2)."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=negative_slope)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,1 @@
+"""Training: losses, patch sampling, augmentation, background loading (and, later, the trainer)."""

@@ -1,0 +1,1 @@
+"""Augmentation on batched tensors, on the training device, configured by presets (plain data)."""

@@ -1,0 +1,139 @@
+"""Losses: soft Dice (seed 001 eq. 2), cross-entropy, their sum, region-based sigmoid losses
+(seed 004 §2.4), and the deep-supervision wrapper.
+
+Targets are class indices ``(B, 1, *spatial)`` for softmax losses and binary region maps
+``(B, R, *spatial)`` for region losses. Losses are computed in float32 whatever the network's
+precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+SMOOTH = 1e-5  # keeps Dice defined for classes absent from both prediction and target
+
+
+def one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(B, 1, *S)`` class indices -> ``(B, K, *S)`` float one-hot."""
+    out = torch.zeros((target.shape[0], num_classes, *target.shape[2:]), device=target.device, dtype=torch.float32)
+    return out.scatter_(1, target.long(), 1.0)
+
+
+def soft_dice(
+    probs: torch.Tensor,
+    target_onehot: torch.Tensor,
+    batch_dice: bool,
+    include_background: bool = True,
+    smooth: float = SMOOTH,
+) -> torch.Tensor:
+    """Mean soft Dice over classes: ``2 sum(u v) / (sum u + sum v)`` (seed 001 eq. 2, without the sign).
+
+    ``batch_dice``: the batch is one pseudo-volume; otherwise Dice per sample, then averaged.
+    """
+    axes = tuple(range(2, probs.ndim))
+    if batch_dice:
+        axes = (0, *axes)
+    intersection = (probs * target_onehot).sum(axes)
+    denominator = probs.sum(axes) + target_onehot.sum(axes)
+    dice = (2 * intersection + smooth) / (denominator + smooth)
+    if not include_background:
+        dice = dice[..., 1:]
+    return dice.mean()
+
+
+class DiceLoss:
+    """``-mean Dice`` of the softmax outputs (seed 001 eq. 2): -1 for a perfect prediction."""
+
+    def __init__(self, batch_dice: bool, include_background: bool = True):
+        self.batch_dice = batch_dice
+        self.include_background = include_background
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), dim=1)
+        return -soft_dice(probs, one_hot(target, logits.shape[1]), self.batch_dice, self.include_background)
+
+
+class CrossEntropyLoss:
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target[:, 0].long())
+
+
+class DiceCELoss:
+    """``L_dice + L_CE`` (seed 001 eq. 1)."""
+
+    def __init__(
+        self, batch_dice: bool, include_background: bool = True, dice_weight: float = 1.0, ce_weight: float = 1.0
+    ):
+        self.dice = DiceLoss(batch_dice, include_background)
+        self.ce = CrossEntropyLoss()
+        self.dice_weight, self.ce_weight = dice_weight, ce_weight
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
+
+
+def focal_with_logits(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss (Lin et al.), mean over voxels: ``-(1 - p_t)^gamma log p_t``."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-bce)
+    return ((1 - p_t) ** gamma * bce).mean()
+
+
+class RegionLoss:
+    """Per region: BCE (or Focal, gamma 2) + (1 - batch Dice) on sigmoid outputs, averaged over
+    regions (seed 004 §2.4). Targets are binary maps ``(B, R, *S)``."""
+
+    def __init__(self, focal: bool = False, gamma: float = 2.0, batch_dice: bool = True):
+        self.focal, self.gamma, self.batch_dice = focal, gamma, batch_dice
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = logits.float(), target.float()
+        if self.focal:
+            voxelwise = focal_with_logits(logits, target, self.gamma)
+        else:
+            voxelwise = F.binary_cross_entropy_with_logits(logits, target)
+        probs = torch.sigmoid(logits)
+        return voxelwise + 1 - soft_dice(probs, target, self.batch_dice, include_background=True)
+
+
+def downsample_target(target: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour (voxel-centre) down-sampling of a target to ``shape``."""
+    if tuple(target.shape[2:]) == tuple(shape):
+        return target
+    return F.interpolate(target.float(), size=tuple(shape), mode="nearest-exact").to(target.dtype)
+
+
+def deep_supervision_weights(n: int, normalize: bool = True) -> list[float]:
+    """1, 1/2, 1/4, ... per output (full resolution first), normalised to sum 1 if asked."""
+    w = [0.5**i for i in range(n)]
+    total = sum(w) if normalize else 1.0
+    return [x / total for x in w]
+
+
+class DeepSupervisionLoss:
+    """Weighted sum of ``loss`` over the outputs of every decoder head, with targets down-sampled
+    (nearest) to each output's shape. Weights halve per level (seed 004 eq. 1: 1, 1/2, 1/4);
+    ``normalize`` scales them to sum 1 (the public nnU-Net)."""
+
+    def __init__(
+        self,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        normalize: bool = True,
+        weights: Sequence[float] | None = None,
+    ):
+        self.loss, self.normalize, self.weights = loss, normalize, list(weights) if weights is not None else None
+
+    def __call__(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, target)
+        weights = self.weights or deep_supervision_weights(len(outputs), self.normalize)
+        if len(weights) != len(outputs):
+            raise ValueError(f"{len(weights)} deep-supervision weights for {len(outputs)} outputs")
+        total = 0.0
+        for w, out in zip(weights, outputs):
+            if w:
+                total = total + w * self.loss(out, downsample_target(target, out.shape[2:]))
+        return total
