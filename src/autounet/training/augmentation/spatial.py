@@ -83,39 +83,42 @@ def _chosen(n: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device) < p
 
 
+def _plane_rotations(angles: torch.Tensor, dims: int, i: int, j: int) -> torch.Tensor:
+    """(B, d, d) rotations by ``angles`` (B,) in the plane of axes ``i`` and ``j``."""
+    r = torch.eye(dims, device=angles.device).repeat(angles.shape[0], 1, 1)
+    c, s = torch.cos(angles), torch.sin(angles)
+    r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s, s, c
+    return r
+
+
 def affine_matrices(
     batch: int, dims: int, in_plane: bool, preset: AugmentationPreset, gen: torch.Generator, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample matrices (B, d, d) for mirror, rotation and scaling, and which samples are warped
-    (rotation or scaling applied; mirroring alone needs no interpolation)."""
-    eye = torch.eye(dims, device=device).repeat(batch, 1, 1)
+    (rotation or scaling applied; mirroring alone needs no interpolation). Built with batched
+    tensor operations: no per-sample synchronisation with the device."""
     mirror = torch.where(_chosen(batch * dims, preset.mirror.p_per_axis, gen, device), -1.0, 1.0).reshape(batch, dims)
     rotate = _chosen(batch, preset.rotation.p, gen, device)
     scale = _chosen(batch, preset.scaling.p, gen, device)
     axes, _ = _rotation_plan(dims, in_plane, preset)
     degrees = preset.rotation.degrees_2d if (dims == 2 or in_plane) else preset.rotation.degrees_3d
     angles = torch.deg2rad(_uniform(batch * len(axes), degrees[0], degrees[1], gen, device)).reshape(batch, len(axes))
+    angles = angles * rotate[:, None]  # angle 0: no rotation
     factors = _uniform(batch, preset.scaling.range[0], preset.scaling.range[1], gen, device)
-    matrices = []
-    for b in range(batch):
-        m = torch.diag(mirror[b])
-        if rotate[b]:
-            a = angles[b].tolist()
-            if dims == 3 and in_plane:
-                r = np.eye(3)
-                r[1:, 1:] = _rotation([a[0]], 2)
-            elif dims == 3:
-                r = _rotation(a, 3)
-            else:
-                r = _rotation(a, 2)
-            m = torch.as_tensor(r, dtype=torch.float32, device=device) @ m
-        if scale[b]:
-            s = torch.full((dims,), float(factors[b]), device=device)
-            if dims == 3 and in_plane:
-                s[0] = 1.0
-            m = torch.diag(s) @ m
-        matrices.append(m)
-    return torch.stack(matrices) if batch else eye, rotate | scale
+    factors = torch.where(scale, factors, torch.ones_like(factors))
+    m = torch.diag_embed(mirror)
+    if dims == 2:
+        m = _plane_rotations(angles[:, 0], 2, 0, 1) @ m
+    elif in_plane:
+        m = _plane_rotations(angles[:, 0], 3, 1, 2) @ m
+    else:
+        for axis in range(3):  # about axis 0, then 1, then 2 (as in _rotation)
+            i, j = [k for k in range(3) if k != axis]
+            m = _plane_rotations(angles[:, axis], 3, i, j) @ m
+    s = factors[:, None].expand(batch, dims).clone()
+    if dims == 3 and in_plane:
+        s[:, 0] = 1.0
+    return torch.diag_embed(s) @ m, rotate | scale
 
 
 def gaussian_kernels(sigmas: torch.Tensor, truncate: float = 4.0) -> torch.Tensor:
@@ -221,13 +224,10 @@ def apply_spatial(
     if not bool(warped.any()) and displacement is None:
         image, seg = center_crop(image, patch), center_crop(seg, patch)
         flips = torch.diagonal(matrices, dim1=1, dim2=2) < 0
-        if bool(flips.any()):
-            image, seg = image.clone(), seg.clone()
-            for b in range(batch):
-                axes = [2 + a for a in range(dims) if flips[b, a]]
-                if axes:
-                    image[b] = torch.flip(image[b], [a - 1 for a in axes])
-                    seg[b] = torch.flip(seg[b], [a - 1 for a in axes])
+        for a in range(dims):  # each axis flipped for the samples that drew it
+            chosen = flips[:, a].reshape(batch, *([1] * (image.ndim - 1)))
+            image = torch.where(chosen, torch.flip(image, [2 + a]), image)
+            seg = torch.where(chosen, torch.flip(seg, [2 + a]), seg)
         return image, seg
     grid = sampling_grid(matrices, displacement, patch, image.shape[2:])
     out_image = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
