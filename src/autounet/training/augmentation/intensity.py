@@ -62,7 +62,7 @@ def contrast(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator) 
         return x
     factor = _per_channel(x, preset.contrast.range[0], preset.contrast.range[1], gen)
     mean, _, lo, hi = _stats(x)
-    out = (x - mean) * factor + mean
+    out = (x - mean) * factor + mean if preset.contrast.around_mean else x * factor
     if preset.contrast.preserve_range:
         out = torch.maximum(torch.minimum(out, hi), lo)
     return torch.where(chosen, out, x)

@@ -69,6 +69,7 @@ class Contrast:
     p: float
     range: list[float]
     preserve_range: bool  # clip to the channel's original min/max
+    around_mean: bool  # scale deviations from the channel mean (nnU-Net) or the values themselves (seed 004)
 
 
 @dataclass
