@@ -28,6 +28,34 @@ import numpy as np
 import torch
 
 
+def interleaved_iterations(
+    c, optimizer, ready_image, ready_seg, iterations: int, threads: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per training iteration on a ready in-memory batch and on batches from the real
+    pipeline (background sampler + on-device augmentation), interleaved so that both see the
+    same machine state; one warm-up step of each is not counted."""
+    from autounet.training.components import training_step
+    from autounet.training.loader import BatchLoader
+
+    sync = torch.cuda.synchronize if c.device.type == "cuda" else (lambda: None)
+    c.network.train()
+    ready, piped = [], []
+    loader = BatchLoader(c.sampler, start=0, count=iterations + 1, threads=threads, pin_memory=c.device.type == "cuda")
+    for i, (batch, image, seg) in enumerate(loader):
+        sync()
+        t = time.perf_counter()
+        training_step(c, optimizer, *c.augmenter(image, seg, batch.augmentation_seed))
+        sync()
+        t_pipe = time.perf_counter() - t
+        t = time.perf_counter()
+        training_step(c, optimizer, ready_image, ready_seg)
+        sync()
+        if i:
+            piped.append(t_pipe)
+            ready.append(time.perf_counter() - t)
+    return ready, piped
+
+
 def save_png(image: torch.Tensor, seg: torch.Tensor, path: Path, n: int = 4) -> None:
     import matplotlib
 
@@ -71,7 +99,7 @@ def main() -> int:
 
     from autounet.api import plan as plan_dataset
     from autounet.api import preprocess
-    from autounet.training.components import build_components, training_step
+    from autounet.training.components import build_components
     from autounet.training.loader import BatchLoader, default_loader_threads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,26 +126,7 @@ def main() -> int:
     samples_per_s = n_batches * plan.batch_size / (time.perf_counter() - t0)
     save_png(image, seg, args.out / f"augmented_{args.configuration}.png")
 
-    # Iterations fed by a ready in-memory batch and by the real pipeline, interleaved so that
-    # both see the same machine state (one warm-up step of each first).
-    c.network.train()
-    ready_image, ready_seg = image, seg
-    ready, piped = [], []
-    loader = iter(BatchLoader(sampler, start=0, count=args.iterations + 1, threads=threads))
-    for i, (batch, image, seg) in enumerate(loader):
-        sync()
-        t = time.perf_counter()
-        training_step(c, optimizer, *augmenter(image, seg, batch.augmentation_seed))
-        sync()
-        t_pipe = time.perf_counter() - t
-        t = time.perf_counter()
-        training_step(c, optimizer, ready_image, ready_seg)
-        sync()
-        t_ready = time.perf_counter() - t
-        if i:
-            piped.append(t_pipe)
-            ready.append(t_ready)
-
+    ready, piped = interleaved_iterations(c, optimizer, image, seg, args.iterations, threads)
     ready_s, piped_s = statistics.median(ready), statistics.median(piped)
     print(
         json.dumps(

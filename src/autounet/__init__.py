@@ -14,6 +14,7 @@ _API = {
     "plan_from_fingerprint": "autounet.api",
     "fingerprint_dataset": "autounet.api",
     "preprocess": "autounet.api",
+    "train": "autounet.api",
     "make_synthetic": "autounet.api",
     "AutounetError": "autounet.errors",
     "DatasetInvalid": "autounet.errors",

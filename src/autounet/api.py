@@ -134,6 +134,14 @@ def preprocess(
     return preprocess_dataset(work, name, configurations, workers, options, force)
 
 
+def train(name: str, configuration: str, fold: int | str, work: str | Path | None = None, **options: object):
+    """Train one fold; keyword arguments are :class:`autounet.training.trainer.TrainOptions` fields."""
+    from autounet.training.trainer import TrainOptions
+    from autounet.training.trainer import train as train_fold
+
+    return train_fold(work, name, TrainOptions(configuration=configuration, fold=fold, **options))
+
+
 def make_synthetic(out: str | Path, **spec: object) -> Path:
     """Write a synthetic MSD-layout dataset; keyword arguments are :class:`SyntheticSpec` fields."""
     return make_synthetic_dataset(out, SyntheticSpec(**spec))

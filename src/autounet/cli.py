@@ -11,7 +11,6 @@ from autounet.errors import AutounetError, DatasetInvalid
 
 # Commands of DESIGN §1 that later work will build; until then they say so and exit 2.
 NOT_BUILT = {
-    "train": "train one fold of a configuration",
     "predict": "segment a folder of images (or one file)",
     "evaluate": "per-case and mean Dice (and HD95) -> JSON + table",
     "select": "pick the best configuration / pair ensemble, decide post-processing",
@@ -90,6 +89,29 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         for f in summary.failures:
             print(f"  - {f}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from autounet.training.trainer import TrainOptions, train
+
+    options = TrainOptions(
+        configuration=args.configuration,
+        fold=args.fold,
+        preset=args.preset,
+        augmentation=args.augmentation,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iters_per_epoch,
+        validation_iterations=args.val_iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        resume=args.resume,
+        loader_threads=args.threads,
+    )
+    train(args.work, args.name, options)
     return 0
 
 
@@ -179,6 +201,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo cases that are already complete")
     _workers(p)
     p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser(
+        "train",
+        help="train one fold of a configuration",
+        description="Train one cross-validation fold (or -f all) of a configuration of W/NAME. Checkpoints, log.jsonl and "
+        "progress.png go to W/NAME/results/CONFIG/fold_K/ after every epoch. Multi-process: torchrun --nproc_per_node=N -m autounet train ...",
+    )
+    p.add_argument("name", metavar="NAME", help="dataset name in the workspace")
+    p.add_argument(
+        "-c", "--configuration", required=True, metavar="CONFIG", help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres"
+    )
+    p.add_argument("-f", "--fold", required=True, metavar="FOLD", help="0..4, or 'all' to train on every case")
+    p.add_argument("--work", "-w", metavar="W", help="workspace (default: $AUTOUNET_WORK, else ./autounet_work)")
+    p.add_argument("--preset", default="paper", help="training preset: paper (default), nvidia, poly, or a JSON file")
+    p.add_argument(
+        "--augmentation",
+        help="augmentation preset (default: the training preset's): paper, extended, nvidia, or a JSON file",
+    )
+    p.add_argument("--epochs", type=int, help="maximum epochs (extends a finished run with --resume)")
+    p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
+    p.add_argument("--val-iters", type=int, help="validation batches per epoch (default 50)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: the plan's)")
+    p.add_argument("--lr", type=float, help="initial learning rate (default: the preset's)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the network initialisation and of every batch (default 0)"
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="end training cleanly, with a final checkpoint, when this much time has passed",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
+    p.add_argument("--threads", type=int, help="background loader threads (default: 1 on the CPU, more beside a GPU)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "make-synthetic",

@@ -67,3 +67,7 @@ class Workspace:
 
     def fold_dir(self, configuration: str, fold: int | str) -> Path:
         return self.results_dir(configuration) / f"fold_{fold}"
+
+    def next_stage_dir(self, configuration: str) -> Path:
+        """Where a cascade's first stage leaves its predictions of the training cases for the next stage."""
+        return self.results_dir(configuration) / "next_stage"

@@ -26,7 +26,10 @@ def default_loader_threads(device: torch.device) -> int:
 
 
 class BatchLoader:
-    """Iterates batches ``start, start + 1, ...`` (``count`` of them, or forever) of ``sampler``."""
+    """Iterates batches ``start, start + stride, ...`` (``count`` of them, or forever) of ``sampler``.
+
+    ``stride`` > 1 interleaves processes: rank ``r`` of ``n`` reads ``start = step * n + r``.
+    """
 
     def __init__(
         self,
@@ -36,8 +39,9 @@ class BatchLoader:
         threads: int = 1,
         prefetch: int = 2,
         pin_memory: bool = False,
+        stride: int = 1,
     ):
-        self.sampler, self.start, self.count = sampler, int(start), count
+        self.sampler, self.start, self.count, self.stride = sampler, int(start), count, max(1, int(stride))
         self.threads, self.prefetch, self.pin_memory = max(1, threads), max(1, prefetch), pin_memory
 
     def _load(self, index: int) -> tuple[Batch, torch.Tensor, torch.Tensor]:
@@ -48,15 +52,16 @@ class BatchLoader:
         return batch, image, seg
 
     def __iter__(self) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor]]:
-        end = None if self.count is None else self.start + self.count
         pending: deque[Future] = deque()
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="autounet-loader") as pool:
-            nxt = self.start
+            submitted = 0
             try:
                 while True:
-                    while len(pending) < self.threads + self.prefetch and (end is None or nxt < end):
-                        pending.append(pool.submit(self._load, nxt))
-                        nxt += 1
+                    while len(pending) < self.threads + self.prefetch and (
+                        self.count is None or submitted < self.count
+                    ):
+                        pending.append(pool.submit(self._load, self.start + submitted * self.stride))
+                        submitted += 1
                     if not pending:
                         return
                     yield pending.popleft().result()

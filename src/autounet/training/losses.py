@@ -22,22 +22,29 @@ def one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
     return out.scatter_(1, target.long(), 1.0)
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
 def soft_dice(
     probs: torch.Tensor,
     target_onehot: torch.Tensor,
     batch_dice: bool,
     include_background: bool = True,
     smooth: float = SMOOTH,
+    reduce: Reduce | None = None,
 ) -> torch.Tensor:
     """Mean soft Dice over classes: ``2 sum(u v) / (sum u + sum v)`` (seed 001 eq. 2, without the sign).
 
     ``batch_dice``: the batch is one pseudo-volume; otherwise Dice per sample, then averaged.
+    ``reduce``: sums the batch terms over processes (distributed training: the global batch).
     """
     axes = tuple(range(2, probs.ndim))
     if batch_dice:
         axes = (0, *axes)
     intersection = (probs * target_onehot).sum(axes)
     denominator = probs.sum(axes) + target_onehot.sum(axes)
+    if batch_dice and reduce is not None:
+        intersection, denominator = reduce(intersection), reduce(denominator)
     dice = (2 * intersection + smooth) / (denominator + smooth)
     if not include_background:
         dice = dice[..., 1:]
@@ -47,13 +54,15 @@ def soft_dice(
 class DiceLoss:
     """``-mean Dice`` of the softmax outputs (seed 001 eq. 2): -1 for a perfect prediction."""
 
-    def __init__(self, batch_dice: bool, include_background: bool = True):
+    def __init__(self, batch_dice: bool, include_background: bool = True, reduce: Reduce | None = None):
         self.batch_dice = batch_dice
         self.include_background = include_background
+        self.reduce = reduce
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=1)
-        return -soft_dice(probs, one_hot(target, logits.shape[1]), self.batch_dice, self.include_background)
+        onehot = one_hot(target, logits.shape[1])
+        return -soft_dice(probs, onehot, self.batch_dice, self.include_background, reduce=self.reduce)
 
 
 class CrossEntropyLoss:
@@ -65,9 +74,14 @@ class DiceCELoss:
     """``L_dice + L_CE`` (seed 001 eq. 1)."""
 
     def __init__(
-        self, batch_dice: bool, include_background: bool = True, dice_weight: float = 1.0, ce_weight: float = 1.0
+        self,
+        batch_dice: bool,
+        include_background: bool = True,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        reduce: Reduce | None = None,
     ):
-        self.dice = DiceLoss(batch_dice, include_background)
+        self.dice = DiceLoss(batch_dice, include_background, reduce)
         self.ce = CrossEntropyLoss()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
@@ -86,8 +100,8 @@ class RegionLoss:
     """Per region: BCE (or Focal, gamma 2) + (1 - batch Dice) on sigmoid outputs, averaged over
     regions (seed 004 §2.4). Targets are binary maps ``(B, R, *S)``."""
 
-    def __init__(self, focal: bool = False, gamma: float = 2.0, batch_dice: bool = True):
-        self.focal, self.gamma, self.batch_dice = focal, gamma, batch_dice
+    def __init__(self, focal: bool = False, gamma: float = 2.0, batch_dice: bool = True, reduce: Reduce | None = None):
+        self.focal, self.gamma, self.batch_dice, self.reduce = focal, gamma, batch_dice, reduce
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()
@@ -96,7 +110,7 @@ class RegionLoss:
         else:
             voxelwise = F.binary_cross_entropy_with_logits(logits, target)
         probs = torch.sigmoid(logits)
-        return voxelwise + 1 - soft_dice(probs, target, self.batch_dice, include_background=True)
+        return voxelwise + 1 - soft_dice(probs, target, self.batch_dice, include_background=True, reduce=self.reduce)
 
 
 def downsample_target(target: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""Training-step throughput with the real data pipeline and with ready tensors. One JSON line.
+
+    python benchmarks/train_step.py ../shared/data/hippocampus 3d_fullres [--work W] [--iterations N]
+
+Uses the plan's network and batch size (forward + Dice/CE with deep supervision + backward +
+Adam step). Peak memory: resident set of this process (and CUDA's peak allocation on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from data_pipeline import interleaved_iterations
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("raw", type=Path)
+    parser.add_argument("configuration")
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--preset", default="paper", help="augmentation preset")
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+
+    from autounet.api import plan, preprocess
+    from autounet.training.components import build_components
+    from autounet.training.loader import default_loader_threads
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        name = args.raw.resolve().name
+        plan(args.raw, work=work, name=name)
+        preprocess(name, work=work, configurations=[args.configuration])
+        c = build_components(work, name, args.configuration, args.preset, device)
+        threads = args.threads or default_loader_threads(device)
+        batch = c.sampler.batch(10_000)
+        image, seg = c.augmenter(torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed)
+        optimizer = torch.optim.Adam(c.network.parameters(), lr=3e-4)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ready, piped = interleaved_iterations(c, optimizer, image, seg, args.iterations, threads)
+    ready_s, piped_s = statistics.median(ready), statistics.median(piped)
+    b = c.plan.batch_size
+    result = {
+        "dataset": str(args.raw),
+        "configuration": args.configuration,
+        "device": str(device),
+        "batch_size": b,
+        "patch_size": c.plan.patch_size,
+        "ready": {
+            "s_per_iteration": round(ready_s, 3),
+            "iterations_per_s": round(1 / ready_s, 3),
+            "samples_per_s": round(b / ready_s, 2),
+        },
+        "pipeline": {
+            "s_per_iteration": round(piped_s, 3),
+            "iterations_per_s": round(1 / piped_s, 3),
+            "samples_per_s": round(b / piped_s, 2),
+        },
+        "pipeline_cost": round(piped_s / ready_s - 1, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

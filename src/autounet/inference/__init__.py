@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction in preprocessed space (and, later, the full predictor)."""
