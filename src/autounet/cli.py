@@ -19,6 +19,10 @@ NOT_BUILT = {
 }
 
 
+def _work(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", "-w", metavar="W", help="workspace (default: $AUTOUNET_WORK, else ./autounet_work)")
+
+
 def _workers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-j", "--workers", type=int, default=None, metavar="N", help="worker processes (default: CPU cores, at most 8)"
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check and fingerprint RAW, then plan every configuration into W/NAME/. With --fingerprint, plan from a fingerprint.json alone.",
     )
     p.add_argument("raw", metavar="RAW", nargs="?", help="dataset folder holding dataset.json")
-    p.add_argument("--work", "-w", metavar="W", help="workspace (default: $AUTOUNET_WORK, else ./autounet_work)")
+    _work(p)
     p.add_argument("--name", "-n", metavar="NAME", help="dataset name in the workspace (default: RAW's folder name)")
     p.add_argument("--fingerprint", metavar="F", help="plan from this fingerprint.json instead of a raw dataset")
     p.add_argument("--force", action="store_true", help="recompute the fingerprint even if it is up to date")
@@ -190,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CONFIG",
         help="configurations to preprocess (default: all planned)",
     )
-    p.add_argument("--work", "-w", metavar="W", help="workspace (default: $AUTOUNET_WORK, else ./autounet_work)")
+    _work(p)
     p.add_argument("--float16", action="store_true", help="store images as float16 (half the disk and I/O)")
     p.add_argument(
         "--label-interpolation",
@@ -213,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--configuration", required=True, metavar="CONFIG", help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres"
     )
     p.add_argument("-f", "--fold", required=True, metavar="FOLD", help="0..4, or 'all' to train on every case")
-    p.add_argument("--work", "-w", metavar="W", help="workspace (default: $AUTOUNET_WORK, else ./autounet_work)")
+    _work(p)
     p.add_argument("--preset", default="paper", help="training preset: paper (default), nvidia, poly, or a JSON file")
     p.add_argument(
         "--augmentation",

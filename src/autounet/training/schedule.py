@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from autounet import presets
 from autounet.errors import AutounetError
-from autounet.utils.plain_data import load_json_dataclass
 
 SCHEDULES = ("plateau", "warmup_cosine", "poly")
 OPTIMIZERS = ("adam", "sgd")
@@ -77,21 +76,12 @@ class TrainingPreset:
 
 
 def training_preset_names() -> list[str]:
-    folder = resources.files("autounet.presets") / "training"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    return presets.names("training")
 
 
 def load_training_preset(name_or_path: str | Path) -> TrainingPreset:
-    path = Path(name_or_path)
-    if not path.suffix:
-        if str(name_or_path) not in training_preset_names():
-            raise AutounetError(
-                f"unknown training preset {name_or_path!r}; built in: {', '.join(training_preset_names())}, or give a .json file"
-            )
-        path = Path(str(resources.files("autounet.presets") / "training" / f"{name_or_path}.json"))
-    preset = load_json_dataclass(TrainingPreset, path, "training preset", 1)
-    preset.validate()
-    return preset
+    """A built-in training preset by name (``paper``, ``nvidia``, ``poly``) or a JSON file."""
+    return presets.load("training", name_or_path, TrainingPreset, 1)
 
 
 def make_optimizer(parameters, settings: OptimizerSettings) -> torch.optim.Optimizer:

@@ -7,11 +7,10 @@ ranges are ``[low, high]`` sampled uniformly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from autounet import presets
 from autounet.errors import AutounetError
-from autounet.utils.plain_data import load_json_dataclass
 
 PRESET_SCHEMA_VERSION = 1
 
@@ -170,19 +169,9 @@ class AugmentationPreset:
 
 
 def preset_names() -> list[str]:
-    folder = resources.files("autounet.presets") / "augmentation"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    return presets.names("augmentation")
 
 
 def load_augmentation_preset(name_or_path: str | Path) -> AugmentationPreset:
     """A built-in preset by name (``paper``, ``extended``, ``nvidia``) or a JSON file."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        if str(name_or_path) not in preset_names():
-            raise AutounetError(
-                f"unknown augmentation preset {name_or_path!r}; built in: {', '.join(preset_names())}, or give a .json file"
-            )
-        path = Path(str(resources.files("autounet.presets") / "augmentation" / f"{name_or_path}.json"))
-    preset = load_json_dataclass(AugmentationPreset, path, "augmentation preset", PRESET_SCHEMA_VERSION)
-    preset.validate()
-    return preset
+    return presets.load("augmentation", name_or_path, AugmentationPreset, PRESET_SCHEMA_VERSION)
