@@ -11,8 +11,6 @@ from autounet.errors import AutounetError, DatasetInvalid
 
 # Commands of DESIGN §1 that later work will build; until then they say so and exit 2.
 NOT_BUILT = {
-    "predict": "segment a folder of images (or one file)",
-    "evaluate": "per-case and mean Dice (and HD95) -> JSON + table",
     "select": "pick the best configuration / pair ensemble, decide post-processing",
     "run": "the whole pipeline, resumable",
     "demo": "make a small synthetic dataset and run the whole pipeline on the CPU",
@@ -114,8 +112,68 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         resume=args.resume,
         loader_threads=args.threads,
+        validate=not args.no_validate,
     )
+    if args.validate_only:
+        from autounet.inference.validation import validate_only
+
+        result = validate_only(args.work, args.name, args.configuration, args.fold, args.device)
+        print(
+            f"{args.configuration} fold {args.fold}: mean foreground Dice {result.evaluation.foreground_mean.get('dice'):.4f} "
+            f"-> {result.folder / 'summary.json'}"
+        )
+        return 0
     train(args.work, args.name, options)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from autounet.inference.predictor import Predictor, print_timings
+
+    predictor = Predictor(
+        args.model,
+        folds=args.folds,
+        checkpoints=[args.checkpoint],
+        device=args.device,
+        tta=not args.no_tta,
+        step=args.step,
+    )
+    timings = predictor.predict(args.input, args.output, save_probabilities=args.save_probabilities, png=args.png)
+    print(f"{len(timings)} segmentation(s) -> {args.output}")
+    print_timings(timings)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from autounet.visualization import show_files
+
+    out = show_files(args.images, seg_path=args.seg, out=args.out, channel=args.channel, slices=args.slices)
+    print(out)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from autounet.evaluation.evaluate import (
+        default_json_path,
+        evaluate_folders,
+        format_table,
+        label_names_near,
+        parse_regions,
+        save_evaluation,
+    )
+
+    result = evaluate_folders(
+        args.pred,
+        args.gt,
+        labels=args.labels,
+        regions=parse_regions(args.regions) if args.regions else None,
+        tolerance_mm=args.tolerance,
+        empty="one" if args.brats else "nan",
+        workers=args.workers,
+    )
+    out = save_evaluation(result, args.json or default_json_path(args.pred))
+    print(format_table(result, label_names=label_names_near(args.gt), per_case=args.per_case))
+    print(f"wrote {out}")
     return 0
 
 
@@ -239,7 +297,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
     p.add_argument("--threads", type=int, help="background loader threads (default: 1 on the CPU, more beside a GPU)")
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="only redo the end-of-training step: predict the fold's validation cases in full and write summary.json",
+    )
+    p.add_argument(
+        "--no-validate", action="store_true", help="skip the end-of-training prediction of the validation cases"
+    )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "predict",
+        help="segment a folder of images (or files)",
+        description="Segment raw images with a trained model: preprocessing as in training, sliding window (step 1/2 "
+        "patch, Gaussian weights), mirroring test-time augmentation, the folds' average, reverted to the input's grid "
+        "and written with its exact geometry. Inputs in MSD naming (one file per case) or nnU-Net v2 naming "
+        "(CASE_0000.nii.gz, one file per channel).",
+    )
+    p.add_argument("-i", "--input", nargs="+", required=True, metavar="IN", help="folder(s) and/or image file(s)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="W/NAME/results/CONFIG (all its folds) or one fold_K folder",
+    )
+    p.add_argument("-f", "--folds", nargs="+", metavar="K", help="folds to ensemble (default: every trained fold)")
+    p.add_argument(
+        "--checkpoint",
+        default="final",
+        choices=["final", "best", "latest"],
+        help="checkpoint of each fold (default final)",
+    )
+    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (2**axes times faster)")
+    p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with the class probabilities")
+    p.add_argument("--png", action="store_true", help="also write CASE.png: slices with the segmentation overlaid")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "show",
+        help="write a PNG of an image with its segmentation overlaid",
+        description="Write a PNG with axial, coronal and sagittal slices through the segmentation's foreground "
+        "(the image centre without one), the image in grey and each label in its own colour.",
+    )
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image file, or one file per channel")
+    p.add_argument("--seg", "-s", metavar="S", help="segmentation (label map) on the image's grid")
+    p.add_argument("--out", "-o", metavar="PNG", help="output file or folder (default: ./<image name>.png)")
+    p.add_argument("--channel", type=int, default=0, metavar="N", help="channel to show (default 0)")
+    p.add_argument("--slices", type=int, default=3, metavar="N", help="slices per view (default 3)")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="per-case and mean Dice, IoU, HD95 and surface Dice -> JSON + table",
+        description="Compare the label maps in PRED with the same-named reference label maps in GT (or two files): "
+        "Dice, IoU, HD95 (mm) and surface Dice per case and class, their means, and the foreground mean. Writes JSON "
+        "and prints a table.",
+    )
+    p.add_argument("pred", metavar="PRED", help="folder of predicted label maps (or one file)")
+    p.add_argument("gt", metavar="GT", help="folder of reference label maps (or one file)")
+    p.add_argument(
+        "--labels", type=int, nargs="+", metavar="L", help="classes to evaluate (default: every non-zero label found)"
+    )
+    p.add_argument(
+        "--regions", nargs="+", metavar="NAME=L,L", help="regions, each a union of labels, e.g. WT=1,2,3 TC=2,3 ET=3"
+    )
+    p.add_argument(
+        "--brats",
+        action="store_true",
+        help="BraTS convention: both masks empty scores 1 (HD95 0), one empty gives HD95 = the image diagonal "
+        "(default: nnU-Net's, NaN and left out of means)",
+    )
+    p.add_argument("--tolerance", type=float, default=1.0, metavar="MM", help="surface Dice tolerance (default 1 mm)")
+    p.add_argument("--json", metavar="OUT", help="JSON output (default: PRED/evaluation.json)")
+    p.add_argument("--per-case", action="store_true", help="also print one row per case and class")
+    _workers(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
         "make-synthetic",

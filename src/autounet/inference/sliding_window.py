@@ -3,19 +3,32 @@
 Tiles of the training patch size overlap by ``1 - step`` of a patch (half by default), are
 predicted in batches, and are merged with Gaussian importance weights (sigma = 1/8 of the patch,
 centre voxels count most). Mirroring test-time augmentation averages the predictions over the
-flips of the given axes. Volumes smaller than the patch are padded. Results are softmax
-probabilities, accumulated on the device.
+flips of the given axes. Volumes smaller than the patch are padded. Results are probabilities
+(softmax over classes, or one sigmoid per region).
+
+Memory: the input and the accumulators live on ``accumulate_device``, which is the compute
+device when they fit there (the caller decides, see :func:`fits_on_device`) and host memory
+otherwise; only the tiles of one batch travel to the compute device. 2D networks run on a 3D
+volume as a 3D window of depth 1, so tiles of different slices share a batch.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from autounet.utils.progress import progress_enabled
+
+ACTIVATIONS = ("softmax", "sigmoid")
+# Show a tile progress bar for volumes with at least this many network evaluations.
+TILE_BAR_THRESHOLD = 64
 
 
 def gaussian_importance(patch: Sequence[int], sigma_fraction: float = 1 / 8, device="cpu") -> torch.Tensor:
@@ -36,6 +49,8 @@ def tile_starts(size: int, patch: int, step: float) -> list[int]:
     """Start positions covering ``size`` with tiles of ``patch``, ``step * patch`` apart at most."""
     if size <= patch:
         return [0]
+    if patch == 1:  # a 2D network's slice axis: every slice once
+        return list(range(size))
     n = math.ceil((size - patch) / (patch * step)) + 1
     return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
 
@@ -45,24 +60,57 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
+def fits_on_device(
+    device: torch.device, channels: int, outputs: int, spatial: Sequence[int], fraction: float = 0.6
+) -> bool:
+    """Whether input + accumulators of a volume fit in ``fraction`` of the device's free memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = 4 * math.prod(spatial) * (channels + outputs + 1)
+    return needed < fraction * free
+
+
+class _SliceNet(torch.nn.Module):
+    """A 2D network applied to ``(B, C, 1, Y, X)`` tiles."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x[:, :, 0]).unsqueeze(2)
+
+
+def _activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    logits = logits.float()
+    return torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
+
+
 @torch.no_grad()
 def predict_volume(
     network: torch.nn.Module,
     image: np.ndarray | torch.Tensor,
     patch: Sequence[int],
-    num_classes: int,
+    num_outputs: int,
     step: float = 0.5,
     mirror_axes: Sequence[int] = (),
     tiles_per_batch: int = 4,
     device: str | torch.device = "cpu",
     amp_dtype: torch.dtype | None = None,
+    activation: str = "softmax",
+    accumulate_device: str | torch.device | None = None,
+    desc: str = "tiles",
 ) -> torch.Tensor:
-    """Softmax probabilities ``(K, *spatial)`` (float32, on ``device``) of an image ``(C, *spatial)``.
+    """Probabilities ``(K, *spatial)`` (float32, on ``accumulate_device``) of an image ``(C, *spatial)``.
 
-    ``patch`` has one value per spatial axis of ``image`` (2 for 2D networks on slices).
-    ``mirror_axes`` are spatial axes (0-based) to mirror for test-time augmentation.
+    ``patch`` has one value per spatial axis of ``image``. ``mirror_axes`` are spatial axes
+    (0-based) to mirror for test-time augmentation. ``accumulate_device`` defaults to ``device``.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}")
     device = torch.device(device)
+    acc = torch.device(accumulate_device) if accumulate_device is not None else device
     network.eval()
     # A private float32 copy (images may be read-only memory maps).
     x = image.float() if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, dtype=np.float32))
@@ -74,28 +122,39 @@ def predict_volume(
             pad_arg += [p // 2, p - p // 2]
         x = F.pad(x, pad_arg)
     padded = list(x.shape[1:])
-    x = x.to(device)
-    weight = gaussian_importance(patch, device=device)
-    probs = torch.zeros((num_classes, *padded), dtype=torch.float32, device=device)
-    norm = torch.zeros(padded, dtype=torch.float32, device=device)
+    x = x.to(acc)
+    weight = gaussian_importance(patch, device=acc)
+    probs = torch.zeros((num_outputs, *padded), dtype=torch.float32, device=acc)
+    norm = torch.zeros(padded, dtype=torch.float32, device=acc)
     starts = list(itertools.product(*[tile_starts(s, p, step) for s, p in zip(padded, patch)]))
     flips = mirror_combinations([a + 2 for a in mirror_axes])
+    bar = tqdm(
+        total=len(starts),
+        desc=desc,
+        unit="tile",
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not progress_enabled() or len(starts) * len(flips) < TILE_BAR_THRESHOLD,
+    )
     for i in range(0, len(starts), tiles_per_batch):
         chunk = starts[i : i + tiles_per_batch]
         boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in chunk]
-        batch = torch.stack([x[(slice(None), *b)] for b in boxes])
+        batch = torch.stack([x[(slice(None), *b)] for b in boxes]).to(device, non_blocking=True)
         total = None
         for flip in flips:
             inp = torch.flip(batch, flip) if flip else batch
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = network(inp)
-            out = torch.softmax(out.float(), dim=1)
+            out = _activate(out, activation)
             out = torch.flip(out, flip) if flip else out
             total = out if total is None else total + out
-        total = total / len(flips)
+        total = (total / len(flips)).to(acc)
         for b, box in enumerate(boxes):
             probs[(slice(None), *box)] += total[b] * weight
             norm[box] += weight
+        bar.update(len(chunk))
+    bar.close()
     probs /= norm
     if any(pad):
         probs = probs[(slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial)])]
@@ -105,29 +164,34 @@ def predict_volume(
 @torch.no_grad()
 def predict_slices(
     network: torch.nn.Module,
-    image: np.ndarray,
+    image: np.ndarray | torch.Tensor,
     patch: Sequence[int],
-    num_classes: int,
+    num_outputs: int,
     step: float = 0.5,
     mirror_axes: Sequence[int] = (),
     tiles_per_batch: int = 16,
     device: str | torch.device = "cpu",
     amp_dtype: torch.dtype | None = None,
+    activation: str = "softmax",
+    accumulate_device: str | torch.device | None = None,
+    desc: str = "tiles",
 ) -> torch.Tensor:
-    """A 2D network over every slice (axis 1 of ``image`` ``(C, Z, Y, X)``): probabilities ``(K, Z, Y, X)``."""
-    out = []
-    for z in range(image.shape[1]):
-        out.append(
-            predict_volume(
-                network,
-                np.asarray(image[:, z]),
-                patch,
-                num_classes,
-                step,
-                mirror_axes,
-                tiles_per_batch,
-                device,
-                amp_dtype,
-            )
-        )
-    return torch.stack(out, dim=1)
+    """A 2D network over every slice (axis 1 of ``image`` ``(C, Z, Y, X)``): probabilities ``(K, Z, Y, X)``.
+
+    ``patch`` and ``mirror_axes`` are the 2D network's (in-plane axes 0 and 1). Tiles of
+    different slices are predicted in the same batch.
+    """
+    return predict_volume(
+        _SliceNet(network),
+        image,
+        (1, *patch),
+        num_outputs,
+        step,
+        [a + 1 for a in mirror_axes],
+        tiles_per_batch,
+        device,
+        amp_dtype,
+        activation,
+        accumulate_device,
+        desc,
+    )

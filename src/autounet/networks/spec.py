@@ -19,7 +19,12 @@ class NetworkSpec:
 
     ``pool_kernel_sizes[s]`` is the down-sampling between stage ``s`` and ``s + 1`` (1 along an
     axis: not down-sampled there). ``deep_supervision_heads`` extra 1x1 output heads sit on the
-    decoder levels below the full-resolution one (seed 004 uses 2).
+    decoder levels below the full-resolution one (seed 004 uses 2; 0 turns deep supervision off).
+
+    The ablation switches of seed 004 §3.3 (Table 2) default to off, which is the plain U-Net, so
+    stored specs without them load unchanged: ``residual_encoder`` / ``residual_decoder``
+    (residual conv blocks, Fig. 6b), ``attention_gates`` (decoder attention, Oktay et al. 2018)
+    and ``drop_block_prob`` / ``drop_block_size`` (DropBlock, Ghiasi et al. 2018; 0 is off).
     """
 
     dims: int
@@ -31,6 +36,10 @@ class NetworkSpec:
     downsampling: str = "pool"  # "pool" (seed 001) or "strided_conv" (seed 004)
     deep_supervision_heads: int = 0
     residual_encoder: bool = False
+    residual_decoder: bool = False
+    attention_gates: bool = False
+    drop_block_prob: float = 0.0
+    drop_block_size: int = 5  # seed 004's public code uses 5
     negative_slope: float = 0.01
     he_init: bool = True
     notes: list[str] = field(default_factory=list)
@@ -56,6 +65,16 @@ class NetworkSpec:
             raise AutounetError(f"deep_supervision_heads must be between 0 and {max(0, n - 2)} for {n} stages")
         if self.in_channels < 1 or self.num_outputs < 1:
             raise AutounetError("a network needs at least one input channel and one output")
+        if any(c < 1 for c in self.features_per_stage):
+            raise AutounetError(f"features_per_stage must all be at least 1, got {self.features_per_stage}")
+        if isinstance(self.drop_block_prob, bool) or not 0.0 <= self.drop_block_prob < 1.0:
+            raise AutounetError(f"drop_block_prob must be in [0, 1) (0: no DropBlock), got {self.drop_block_prob!r}")
+        if (
+            isinstance(self.drop_block_size, bool)
+            or not isinstance(self.drop_block_size, int)
+            or self.drop_block_size < 1
+        ):
+            raise AutounetError(f"drop_block_size must be an integer >= 1, got {self.drop_block_size!r}")
 
     def output_strides(self) -> list[list[int]]:
         """Down-sampling factor of each output (main first, then the deep-supervision heads)."""
@@ -80,16 +99,28 @@ def spec_from_plan(
     deep_supervision_heads: int | None = None,
     downsampling: str = "pool",
     residual_encoder: bool = False,
+    residual_decoder: bool = False,
+    attention_gates: bool = False,
+    drop_block_prob: float = 0.0,
+    drop_block_size: int = 5,
+    width_multiplier: float = 1.0,
 ) -> NetworkSpec:
     """The network for a configuration of plans.json, with optional overrides.
 
     ``features_per_stage`` may be longer than the plan's stages (seed 004's deeper encoder):
     the extra stages are added with 2x down-sampling along axes whose feature map allows it.
+    ``width_multiplier`` scales every stage's features (rounded, at least 1): the "wider" encoder
+    of seed 004 Table 3. The other switches are the :class:`NetworkSpec` fields of the same name.
     """
     pools = [list(k) for k in plan.pool_op_kernel_sizes]
     convs = [list(k) for k in plan.conv_kernel_sizes]
     features = list(features_per_stage) if features_per_stage else list(plan.features_per_stage)
     notes = []
+    if isinstance(width_multiplier, bool) or not width_multiplier > 0:
+        raise AutounetError(f"width_multiplier must be a positive number, got {width_multiplier!r}")
+    if width_multiplier != 1:
+        features = [max(1, round(c * width_multiplier)) for c in features]
+        notes.append(f"features x{width_multiplier:g}")
     if len(features) != len(convs):
         if len(features) < len(convs):
             raise AutounetError(f"{len(features)} feature sizes for a plan with {len(convs)} stages")
@@ -97,7 +128,7 @@ def spec_from_plan(
         for k in pools:
             size = [s // p for s, p in zip(size, k)]
         while len(convs) < len(features):
-            k = [2 if s >= 2 * 2 else 1 for s in size]  # keep at least 2 voxels after pooling
+            k = [2 if s >= 2 * 2 and s % 2 == 0 else 1 for s in size]  # >= 2 voxels after pooling, no remainder
             if k == [1] * len(k):
                 raise AutounetError(f"the patch {plan.patch_size} cannot be down-sampled {len(features) - 1} times")
             pools.append(k)
@@ -116,6 +147,10 @@ def spec_from_plan(
         if deep_supervision_heads is None
         else deep_supervision_heads,
         residual_encoder=residual_encoder,
+        residual_decoder=residual_decoder,
+        attention_gates=attention_gates,
+        drop_block_prob=drop_block_prob,
+        drop_block_size=drop_block_size,
         notes=notes,
     )
     spec.validate()

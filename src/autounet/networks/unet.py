@@ -1,9 +1,22 @@
 """The U-Net of seed 001 §2.1 (and seed 004 §2.3's variant), built from a :class:`NetworkSpec`.
 
 Encoder: per stage two conv -> instance norm -> leaky ReLU blocks; between stages max pooling
-(seed 001) or a strided first convolution (seed 004). Optionally residual encoder blocks.
+(seed 001) or a strided first convolution (seed 004). Optionally residual blocks.
 Decoder: transposed-convolution up-sampling, skip concatenation, two conv blocks. Outputs: a 1x1
 head at full resolution plus ``deep_supervision_heads`` heads on the next decoder levels.
+
+Seed 004 §3.3 ablation switches (all off by default, adding no modules then):
+
+* ``residual_encoder`` / ``residual_decoder``: :class:`ResidualBlock` instead of
+  :class:`PlainBlock` in the encoder stages / decoder levels (Fig. 6b).
+* ``attention_gates``: an :class:`~autounet.networks.attention.AttentionGate` per decoder level
+  multiplies the skip features before the concatenation; the gating signal is the up-sampled
+  decoder map (output of the transposed convolution).
+* ``drop_block_prob > 0``: a :class:`~autounet.networks.dropblock.DropBlock` after every leaky
+  ReLU of the encoder and decoder conv blocks (in a residual block: after the first unit's
+  activation and after the activation that follows the addition). Not on the up-sampling, gates
+  or heads. NVIDIA's public code puts it between conv and norm instead; here it comes after the
+  activation so that instance norm cannot refill the dropped blocks.
 """
 
 from __future__ import annotations
@@ -11,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from autounet.networks.attention import AttentionGate
+from autounet.networks.dropblock import DropBlock
 from autounet.networks.spec import NetworkSpec
 
 
@@ -22,36 +37,68 @@ def _norm(dims: int, channels: int) -> nn.Module:
     return (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(channels, eps=1e-5, affine=True)
 
 
+def _drop_block(drop_block: tuple[float, int] | None) -> list[nn.Module]:
+    return [DropBlock(*drop_block)] if drop_block else []
+
+
 class ConvNormAct(nn.Sequential):
+    """conv -> instance norm -> leaky ReLU (-> DropBlock when ``drop_block = (prob, size)``)."""
+
     def __init__(
-        self, dims: int, cin: int, cout: int, kernel: list[int], stride: list[int], slope: float, act: bool = True
+        self,
+        dims: int,
+        cin: int,
+        cout: int,
+        kernel: list[int],
+        stride: list[int],
+        slope: float,
+        act: bool = True,
+        drop_block: tuple[float, int] | None = None,
     ):
         layers = [
             _conv(dims)(cin, cout, kernel_size=kernel, stride=stride, padding=[k // 2 for k in kernel]),
             _norm(dims, cout),
         ]
         if act:
-            layers.append(nn.LeakyReLU(slope, inplace=True))
+            layers += [nn.LeakyReLU(slope, inplace=True), *_drop_block(drop_block)]
         super().__init__(*layers)
 
 
 class PlainBlock(nn.Sequential):
     """Two conv -> norm -> leaky ReLU; the first may be strided."""
 
-    def __init__(self, dims: int, cin: int, cout: int, kernel: list[int], stride: list[int], slope: float):
+    def __init__(
+        self,
+        dims: int,
+        cin: int,
+        cout: int,
+        kernel: list[int],
+        stride: list[int],
+        slope: float,
+        drop_block: tuple[float, int] | None = None,
+    ):
         super().__init__(
-            ConvNormAct(dims, cin, cout, kernel, stride, slope),
-            ConvNormAct(dims, cout, cout, kernel, [1] * dims, slope),
+            ConvNormAct(dims, cin, cout, kernel, stride, slope, drop_block=drop_block),
+            ConvNormAct(dims, cout, cout, kernel, [1] * dims, slope, drop_block=drop_block),
         )
 
 
 class ResidualBlock(nn.Module):
     """conv-norm-act, conv-norm, plus a (projected) identity, then act (seed 004 Fig. 6b)."""
 
-    def __init__(self, dims: int, cin: int, cout: int, kernel: list[int], stride: list[int], slope: float):
+    def __init__(
+        self,
+        dims: int,
+        cin: int,
+        cout: int,
+        kernel: list[int],
+        stride: list[int],
+        slope: float,
+        drop_block: tuple[float, int] | None = None,
+    ):
         super().__init__()
         self.body = nn.Sequential(
-            ConvNormAct(dims, cin, cout, kernel, stride, slope),
+            ConvNormAct(dims, cin, cout, kernel, stride, slope, drop_block=drop_block),
             ConvNormAct(dims, cout, cout, kernel, [1] * dims, slope, act=False),
         )
         needs_projection = cin != cout or any(s != 1 for s in stride)
@@ -61,9 +108,11 @@ class ResidualBlock(nn.Module):
             else nn.Identity()
         )
         self.act = nn.LeakyReLU(slope, inplace=True)
+        self.drop_block = DropBlock(*drop_block) if drop_block else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.skip(x))
+        out = self.act(self.body(x) + self.skip(x))
+        return out if self.drop_block is None else self.drop_block(out)
 
 
 class UNet(nn.Module):
@@ -73,6 +122,7 @@ class UNet(nn.Module):
         self.spec = spec
         d, f, slope = spec.dims, spec.features_per_stage, spec.negative_slope
         ones = [1] * d
+        drop = (spec.drop_block_prob, spec.drop_block_size) if spec.drop_block_prob > 0 else None
         self.pools = nn.ModuleList()
         self.encoder = nn.ModuleList()
         block = ResidualBlock if spec.residual_encoder else PlainBlock
@@ -86,14 +136,17 @@ class UNet(nn.Module):
                 else:
                     self.pools.append(nn.Identity())
                     stride = kernel
-            self.encoder.append(block(d, cin, f[s], spec.conv_kernel_sizes[s], stride, slope))
+            self.encoder.append(block(d, cin, f[s], spec.conv_kernel_sizes[s], stride, slope, drop))
         transposed = nn.ConvTranspose3d if d == 3 else nn.ConvTranspose2d
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
+        block = ResidualBlock if spec.residual_decoder else PlainBlock
         for s in range(spec.num_stages - 2, -1, -1):  # decoder level s joins encoder stage s
             k = spec.pool_kernel_sizes[s]
             self.upsample.append(transposed(f[s + 1], f[s], kernel_size=k, stride=k))
-            self.decoder.append(PlainBlock(d, 2 * f[s], f[s], spec.conv_kernel_sizes[s], ones, slope))
+            self.decoder.append(block(d, 2 * f[s], f[s], spec.conv_kernel_sizes[s], ones, slope, drop))
+        if spec.attention_gates:  # same order as the decoder: deepest level first
+            self.attention = nn.ModuleList(AttentionGate(d, f[s], f[s]) for s in range(spec.num_stages - 2, -1, -1))
         conv = _conv(d)
         levels = 1 + spec.deep_supervision_heads if spec.num_stages > 1 else 1
         self.heads = nn.ModuleList(conv(f[level], spec.num_outputs, kernel_size=1) for level in range(levels))
@@ -114,7 +167,10 @@ class UNet(nn.Module):
         n = self.spec.num_stages
         for i, (up, block) in enumerate(zip(self.upsample, self.decoder)):
             level = n - 2 - i
-            x = block(torch.cat([up(x), skips[level]], dim=1))
+            x, skip = up(x), skips[level]
+            if self.spec.attention_gates:
+                skip = self.attention[i](skip, x)
+            x = block(torch.cat([x, skip], dim=1))
             if level < wanted:
                 outputs[level] = self.heads[level](x)
         if n == 1:

@@ -154,11 +154,17 @@ def dataset_signature(dataset: RawDataset) -> str:
         for p in (*case.images, case.label):
             if p is None:
                 continue
+            # Paths relative to the dataset folder: planning with a relative RAW path and
+            # preprocessing from the stored absolute one must give the same signature.
+            try:
+                name = Path(p).resolve().relative_to(Path(dataset.root).resolve())
+            except ValueError:
+                name = Path(p).resolve()
             try:
                 st = Path(p).stat()
-                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
             except OSError:
-                h.update(f"{p}|missing\n".encode())
+                h.update(f"{name}|missing\n".encode())
     return h.hexdigest()
 
 

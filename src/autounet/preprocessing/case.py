@@ -239,3 +239,19 @@ def revert_probabilities(
             )
     raw = np.ascontiguousarray(seg.transpose(backward))
     return uncrop(raw, box, tuple(props.original_shape), fill=0), kept
+
+
+def revert_map(values: np.ndarray, props: CaseProperties, fill: float = 0.0) -> np.ndarray:
+    """One probability map ``(z, y, x)`` in preprocessed space -> the original grid, float32.
+
+    Linear resampling (nearest along the separate axis of anisotropic data), as for
+    :func:`revert_probabilities`; ``fill`` outside the crop box.
+    """
+    _check_shape(values.shape, props)
+    p = resample_volume(np.asarray(values, dtype=np.float32), _crop_shape_network(props), 1, props.separate_axis, 0)
+    return uncrop(
+        np.ascontiguousarray(p.transpose(_backward(props))),
+        tuple(tuple(b) for b in props.crop_bbox),
+        tuple(props.original_shape),
+        fill=fill,
+    )

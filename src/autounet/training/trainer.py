@@ -62,6 +62,7 @@ class TrainOptions:
     max_minutes: float | None = None
     resume: bool = False
     loader_threads: int | None = None
+    validate: bool = True  # predict the validation cases in full at the end
 
 
 @dataclass
@@ -477,24 +478,27 @@ def _save(run: Run, state: RunState, improved: bool) -> None:
     plot_progress(run.fold_dir / "progress.png", state.log)
 
 
-def _export_for_next_stage(run: Run) -> None:
-    """A cascade's first stage predicts its validation cases for the second stage (not for fold 'all')."""
-    if not run.plan.next_stage or run.options.fold == "all":
+def _final_validation(run: Run, state: RunState) -> None:
+    """Predict the fold's validation cases in full and score them; a cascade's first stage also
+    stores its next stage's inputs from these predictions (not for fold 'all')."""
+    if run.options.fold == "all" or not run.val_cases or not run.options.validate:
         return
-    target = run.plans.configuration(run.plan.next_stage)
-    if not (run.ws.preprocessed_dir(target.data_identifier) / "manifest.json").is_file():
-        print(
-            f"note: {target.data_identifier} is not preprocessed; skipping the predictions for {target.name}",
-            file=sys.stderr,
-        )
-        return
-    from autounet.inference.next_stage import export_next_stage
+    from autounet.inference.model import stage_from_network
+    from autounet.inference.next_stage import next_stage_writer
+    from autounet.inference.validation import validate_fold
 
-    folder = export_next_stage(
-        run.network, run.ws, run.plans, run.options.configuration, run.val_cases, run.device, amp_dtype=run.amp_dtype
+    stage = stage_from_network(
+        run.network, run.plan, run.spec, run.plans.labels, to_plain(run.augmentation), regions=None
     )
+    info = {"checkpoints": ["final"], "epoch": state.epoch, "step": state.step}
+    writer = next_stage_writer(run.ws, run.plans, run.options.configuration)
+    result = validate_fold(
+        run.ws, stage, run.fold_dir, run.val_cases, run.device, run.amp_dtype, info, on_probabilities=writer
+    )
+    dice = result.evaluation.foreground_mean.get("dice")
     print(
-        f"{run.options.configuration} fold {run.options.fold}: predictions of {len(run.val_cases)} validation cases for {target.name} -> {folder}"
+        f"{run.options.configuration} fold {run.options.fold}: {len(run.val_cases)} validation cases predicted in full in "
+        f"{result.seconds:.1f} s; mean foreground Dice {dice:.4f} -> {result.folder / 'summary.json'}"
     )
 
 
@@ -570,6 +574,6 @@ def train(work: str | Path | None, name: str, options: TrainOptions) -> TrainRes
         print(
             f"{options.configuration} fold {options.fold}: stopped ({stopped}) after {state.epoch} epochs; best moving-average Dice {state.best_ema_dice:.4f}"
         )
-        _export_for_next_stage(run)
+        _final_validation(run, state)
     barrier(run.info)
     return TrainResult(run.fold_dir, state.epoch, stopped, state.log, state.best_ema_dice)

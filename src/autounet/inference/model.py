@@ -1,0 +1,206 @@
+"""Trained models for inference: one configuration's networks (one per fold and checkpoint).
+
+A model folder is ``W/NAME/results/CONFIG`` (its ``fold_K`` folders are the ensemble) or one
+``fold_K`` folder. Every checkpoint is self-contained (network spec, weights, plan entry, labels),
+read with ``weights_only=True``; nothing else about the training run is needed. A cascade's
+second stage brings its first stage from the sibling folder ``results/<previous_stage>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autounet.errors import AutounetError
+from autounet.networks.spec import NetworkSpec
+from autounet.networks.unet import UNet
+from autounet.planning.plans import ConfigurationPlan
+from autounet.training.checkpoint import checkpoint_path, load_checkpoint
+from autounet.utils.plain_data import from_plain
+
+_FOLD = re.compile(r"^fold_(\d+|all)$")
+
+
+@dataclass
+class StageModel:
+    """The networks of one configuration and what is needed to use them."""
+
+    configuration: str
+    plan: ConfigurationPlan
+    spec: NetworkSpec
+    labels: dict[str, str]  # label value (as text) -> name
+    channel_names: list[str]
+    networks: list[torch.nn.Module]
+    sources: list[str]  # one description per network (checkpoint path)
+    mirror_axes: tuple[int, ...]  # spatial axes the network was trained to see mirrored
+    regions: dict | None = None  # plain RegionSet (sigmoid region outputs), None for softmax classes
+    previous: StageModel | None = None  # a cascade's first stage
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_values(self) -> list[int]:
+        return sorted(int(v) for v in self.labels)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.spec.num_outputs
+
+    @property
+    def activation(self) -> str:
+        return "sigmoid" if self.regions else "softmax"
+
+    @property
+    def image_channels(self) -> int:
+        return len(self.plan.normalization)
+
+    def to(self, device: torch.device) -> StageModel:
+        self.networks = [n.to(device).eval() for n in self.networks]
+        if self.previous is not None:
+            self.previous.to(device)
+        return self
+
+
+def mirror_axes_of(augmentation: dict | None, dims: int) -> tuple[int, ...]:
+    """All spatial axes when the augmentation mirrored them (seed 001 §2.4), else none."""
+    p = ((augmentation or {}).get("mirror") or {}).get("p_per_axis", 0.5)
+    return tuple(range(dims)) if p > 0 else ()
+
+
+def network_from_checkpoint(content: dict[str, Any], where: str) -> tuple[NetworkSpec, torch.nn.Module]:
+    spec = from_plain(NetworkSpec, content["network_spec"], f"{where}: network_spec")
+    network = UNet(spec)
+    try:
+        network.load_state_dict(content["state_dict"])
+    except RuntimeError as exc:
+        raise AutounetError(f"{where}: weights do not fit the stored network ({str(exc).splitlines()[0]})") from None
+    return spec, network.eval()
+
+
+def stage_from_checkpoints(paths: Sequence[Path], configuration: str | None = None) -> StageModel:
+    """A :class:`StageModel` from checkpoint files of one configuration (an ensemble)."""
+    if not paths:
+        raise AutounetError("no checkpoints given")
+    networks, sources, first = [], [], None
+    for path in paths:
+        content = load_checkpoint(path)
+        spec, network = network_from_checkpoint(content, str(path))
+        if first is None:
+            first = (content, spec)
+        else:
+            ref, ref_spec = first
+            if content["plan"] != ref["plan"] or spec.num_outputs != ref_spec.num_outputs:
+                raise AutounetError(f"{path}: its plan differs from {paths[0]}'s; they cannot be ensembled")
+            if content.get("labels") != ref.get("labels"):
+                raise AutounetError(f"{path}: its labels differ from {paths[0]}'s")
+        networks.append(network)
+        sources.append(str(path))
+    content, spec = first
+    plan = from_plain(ConfigurationPlan, content["plan"], f"{paths[0]}: plan")
+    return StageModel(
+        configuration=configuration or content.get("configuration") or plan.name,
+        plan=plan,
+        spec=spec,
+        labels={str(k): str(v) for k, v in content["labels"].items()},
+        channel_names=list(content.get("channel_names") or []),
+        networks=networks,
+        sources=sources,
+        mirror_axes=mirror_axes_of(content.get("augmentation_preset"), plan.network_dims),
+        regions=content.get("regions"),
+    )
+
+
+def fold_dirs(model_dir: Path) -> dict[str, Path]:
+    """``fold name -> folder`` inside a configuration's results folder, or the folder itself for one fold."""
+    model_dir = Path(model_dir)
+    m = _FOLD.match(model_dir.name)
+    if m:
+        return {m.group(1): model_dir}
+    found = {}
+    if model_dir.is_dir():
+        for p in sorted(model_dir.iterdir()):
+            m = _FOLD.match(p.name)
+            if m and p.is_dir():
+                found[m.group(1)] = p
+    return found
+
+
+def _fold_order(name: str) -> tuple[int, int | str]:
+    return (1, name) if name == "all" else (0, int(name))
+
+
+def load_stage(
+    model_dir: str | Path,
+    folds: Sequence[int | str] | None = None,
+    checkpoints: Sequence[str] = ("final",),
+) -> StageModel:
+    """Load the networks of a configuration folder (``folds``: default every cross-validation fold).
+
+    ``checkpoints``: which checkpoint(s) of each fold (``final``, ``best``, ``latest``,
+    ``second_best``); several are ensembled (seed 004 §3.1 averages the two best).
+    """
+    model_dir = Path(model_dir)
+    available = fold_dirs(model_dir)
+    if not available:
+        raise AutounetError(
+            f"{model_dir}: no trained model here (expected fold_K folders, as in W/NAME/results/CONFIG, or one fold_K folder)"
+        )
+    if folds is None:
+        numbered = sorted((f for f in available if f != "all"), key=_fold_order)
+        chosen = numbered or ["all"]
+    else:
+        chosen = [str(f) for f in folds]
+        missing = [f for f in chosen if f not in available]
+        if missing:
+            raise AutounetError(
+                f"{model_dir}: fold(s) {', '.join(missing)} not found (available: {', '.join(sorted(available, key=_fold_order))})"
+            )
+    paths = []
+    for f in chosen:
+        for kind in checkpoints:
+            path = checkpoint_path(available[f], kind)
+            if not path.is_file():
+                hint = ""
+                if kind == "final" and checkpoint_path(available[f], "latest").is_file():
+                    hint = " (training has not finished: resume it, or use --checkpoint latest)"
+                raise AutounetError(f"{path}: not found{hint}")
+            paths.append(path)
+    configuration = model_dir.parent.name if _FOLD.match(model_dir.name) else model_dir.name
+    stage = stage_from_checkpoints(paths, configuration)
+    if stage.plan.previous_stage:
+        results = model_dir.parent.parent if _FOLD.match(model_dir.name) else model_dir.parent
+        previous_dir = results / stage.plan.previous_stage
+        if not fold_dirs(previous_dir):
+            raise AutounetError(
+                f"{model_dir}: this cascade stage needs its first stage {stage.plan.previous_stage} in {previous_dir}, which holds no trained folds"
+            )
+        stage.previous = load_stage(previous_dir, None, checkpoints)
+    return stage
+
+
+def stage_from_network(
+    network: torch.nn.Module,
+    plan: ConfigurationPlan,
+    spec: NetworkSpec,
+    labels: dict[str, str],
+    augmentation: dict | None = None,
+    regions: dict | None = None,
+    previous: StageModel | None = None,
+) -> StageModel:
+    """A one-network :class:`StageModel` from an in-memory network (end-of-training validation)."""
+    return StageModel(
+        configuration=plan.name,
+        plan=plan,
+        spec=spec,
+        labels={str(k): str(v) for k, v in labels.items()},
+        channel_names=[n.name for n in plan.normalization],
+        networks=[network],
+        sources=["in memory"],
+        mirror_axes=mirror_axes_of(augmentation, plan.network_dims),
+        regions=regions,
+        previous=previous,
+    )
