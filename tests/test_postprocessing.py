@@ -91,8 +91,9 @@ def test_decide_adopts_the_foreground_step_when_a_spurious_blob_is_removed():
     assert decision.keep_largest_foreground and fg["adopted"]
     assert fg["dice_without"]["1"] < fg["dice_with"]["1"] == 1.0
     assert fg["cases_changed"] == 1
-    # on top of the foreground step class 1 is already one component: a no-op, adopted (gain 0)
-    assert decision.evidence["classes"]["1"]["gain"] == 0.0 and decision.keep_largest_classes == [1]
+    # on top of the foreground step class 1 is already one component: a no-op, so not adopted
+    assert decision.evidence["classes"]["1"]["gain"] == 0.0 and decision.evidence["classes"]["1"]["cases_changed"] == 0
+    assert decision.keep_largest_classes == []
     np.testing.assert_array_equal(apply_postprocessing(pred, decision), ref)
 
 

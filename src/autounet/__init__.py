@@ -16,6 +16,10 @@ _API = {
     "preprocess": "autounet.api",
     "train": "autounet.api",
     "make_synthetic": "autounet.api",
+    "evaluate": "autounet.api",
+    "select": "autounet.api",
+    "run": "autounet.api",
+    "Predictor": "autounet.inference.predictor",
     "AutounetError": "autounet.errors",
     "DatasetInvalid": "autounet.errors",
 }

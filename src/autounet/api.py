@@ -20,8 +20,9 @@ from autounet.planning.fingerprint import (
     load_fingerprint,
     save_fingerprint,
 )
-from autounet.planning.planner import PlannerOptions, plan_experiment
+from autounet.planning.planner import PlannerOptions
 from autounet.planning.plans import Plans, save_plans
+from autounet.planning.recipes import check_recipe, has_background_info, plan_with_recipe, regions_from_fingerprint
 from autounet.preprocessing.case import PreprocessOptions
 from autounet.preprocessing.run import PreprocessSummary, preprocess_dataset
 from autounet.utils.atomic import atomic_write_json, read_json
@@ -69,12 +70,20 @@ def plan(
     workers: int | None = None,
     force: bool = False,
     options: PlannerOptions | None = None,
+    preset: str | None = None,
+    patch_size: list[int] | None = None,
 ) -> PlanResult:
     """Check, fingerprint and plan a raw dataset into ``W/NAME/``.
 
     The fingerprint is reused when ``W/NAME/fingerprint.json`` was made from the same files
-    (same dataset.json, names, sizes and modification times) unless ``force``.
+    (same dataset.json, names, sizes and modification times) unless ``force``. ``preset``:
+    ``nnunet`` (default, seed 001) or ``brats`` (seed 004's recipe, see
+    :mod:`autounet.planning.recipes`); ``patch_size`` overrides the brats preset's patch (a CPU
+    convenience).
     """
+    from autounet.regions import region_set_for_dataset
+
+    recipe = check_recipe(preset)
     raw = Path(raw)
     ws = Workspace.at(work, name or raw.resolve().name)
     dataset, findings = parse_raw_dataset(raw)
@@ -91,9 +100,11 @@ def plan(
             stored = None
         if stored is not None and stored.source_signature == dataset_signature(dataset):
             fp = stored
+        if fp is not None and recipe == "brats" and not has_background_info(fp):
+            fp = None  # an older fingerprint without the corner values the brats preset needs
     if fp is None:
         report, fp = fingerprint_dataset(raw, workers)
-    plans = plan_experiment(fp, options)
+    plans = plan_with_recipe(fp, recipe, region_set_for_dataset(dataset), options, patch_size)
 
     atomic_write_json(ws.dataset_json, {**dataset.descriptor, "raw_path": str(dataset.root), "layout": dataset.layout})
     if report is not None:
@@ -107,11 +118,13 @@ def plan_from_fingerprint(
     work: str | Path | None,
     name: str,
     options: PlannerOptions | None = None,
+    preset: str | None = None,
+    patch_size: list[int] | None = None,
 ) -> PlanResult:
     """Plan from a fingerprint.json alone (no images needed); writes ``W/NAME/plans.json``."""
     ws = Workspace.at(work, name)
     fp = load_fingerprint(fingerprint)
-    plans = plan_experiment(fp, options)
+    plans = plan_with_recipe(fp, preset, regions_from_fingerprint(fp), options, patch_size)
     if Path(fingerprint).resolve() != ws.fingerprint_json.resolve():
         save_fingerprint(fp, ws.fingerprint_json)
     save_plans(plans, ws.plans_json)
@@ -145,3 +158,26 @@ def train(name: str, configuration: str, fold: int | str, work: str | Path | Non
 def make_synthetic(out: str | Path, **spec: object) -> Path:
     """Write a synthetic MSD-layout dataset; keyword arguments are :class:`SyntheticSpec` fields."""
     return make_synthetic_dataset(out, SyntheticSpec(**spec))
+
+
+def evaluate(pred: str | Path, gt: str | Path, **options: object):
+    """Compare label maps (folders or files); keyword arguments as
+    :func:`autounet.evaluation.evaluate.evaluate_folders` (``labels``, ``regions``, ``empty``, ...)."""
+    from autounet.evaluation.evaluate import evaluate_folders
+
+    return evaluate_folders(pred, gt, **options)
+
+
+def select(name: str, work: str | Path | None = None, configurations: list[str] | None = None) -> dict:
+    """Rank configurations and pair ensembles by cross-validation Dice, decide post-processing;
+    writes and returns ``W/NAME/selection.json``'s content."""
+    from autounet.evaluation.selection import select as select_model
+
+    return select_model(work, name, configurations)
+
+
+def run(raw: str | Path, work: str | Path | None = None, name: str | None = None, **options: object):
+    """The whole pipeline, resumable; keyword arguments are :class:`autounet.pipeline.run.RunOptions` fields."""
+    from autounet.pipeline.run import RunOptions, run_pipeline
+
+    return run_pipeline(raw, work, name, RunOptions(**options))

@@ -9,13 +9,6 @@ from collections.abc import Sequence
 from autounet import __version__
 from autounet.errors import AutounetError, DatasetInvalid
 
-# Commands of DESIGN §1 that later work will build; until then they say so and exit 2.
-NOT_BUILT = {
-    "select": "pick the best configuration / pair ensemble, decide post-processing",
-    "run": "the whole pipeline, resumable",
-    "demo": "make a small synthetic dataset and run the whole pipeline on the CPU",
-}
-
 
 def _work(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", "-w", metavar="W", help="workspace (default: $AUTOUNET_WORK, else ./autounet_work)")
@@ -45,12 +38,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise AutounetError("give either RAW or --fingerprint, not both")
         if not args.name:
             raise AutounetError("--fingerprint needs --name NAME")
-        result = plan_from_fingerprint(args.fingerprint, args.work, args.name)
+        result = plan_from_fingerprint(
+            args.fingerprint, args.work, args.name, preset=args.preset, patch_size=args.patch_size
+        )
     else:
         if not args.raw:
             raise AutounetError("give a raw dataset folder RAW, or --fingerprint F.json --name NAME")
         try:
-            result = plan(args.raw, work=args.work, name=args.name, workers=args.workers, force=args.force)
+            result = plan(
+                args.raw,
+                work=args.work,
+                name=args.name,
+                workers=args.workers,
+                force=args.force,
+                preset=args.preset,
+                patch_size=args.patch_size,
+            )
         except DatasetInvalid:
             from autounet.api import check
 
@@ -113,6 +116,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         loader_threads=args.threads,
         validate=not args.no_validate,
+        attention=True if args.attention else None,
+        residual=True if args.residual else None,
+        drop_block=args.drop_block,
+        focal=True if args.focal else None,
+        deep_supervision_heads=args.deep_supervision_heads,
+        features=args.features,
+        deeper=args.deeper,
+        width_multiplier=args.width_multiplier,
+        foreground_channel=False if args.no_foreground_channel else None,
     )
     if args.validate_only:
         from autounet.inference.validation import validate_only
@@ -120,7 +132,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = validate_only(args.work, args.name, args.configuration, args.fold, args.device)
         print(
             f"{args.configuration} fold {args.fold}: mean foreground Dice {result.evaluation.foreground_mean.get('dice'):.4f} "
-            f"-> {result.folder / 'summary.json'}"
+            f"({' + '.join(result.checkpoints)}) -> {result.folder / 'summary.json'}"
         )
         return 0
     train(args.work, args.name, options)
@@ -133,11 +145,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(
         args.model,
         folds=args.folds,
-        checkpoints=[args.checkpoint],
+        checkpoints=[args.checkpoint] if args.checkpoint else None,
         device=args.device,
         tta=not args.no_tta,
         step=args.step,
+        postprocess=not args.no_postprocessing,
     )
+    if predictor.postprocessing is not None:
+        print(f"post-processing: {predictor.postprocessing.describe()}")
     timings = predictor.predict(args.input, args.output, save_probabilities=args.save_probabilities, png=args.png)
     print(f"{len(timings)} segmentation(s) -> {args.output}")
     print_timings(timings)
@@ -177,6 +192,62 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_select(args: argparse.Namespace) -> int:
+    from autounet.evaluation.selection import format_selection, select
+    from autounet.utils.atomic import read_json
+    from autounet.workspace import Workspace
+
+    data = select(args.work, args.name, args.configs, workers=args.workers)
+    ws = Workspace.at(args.work, args.name)
+    labels = read_json(ws.plans_json).get("labels", {})
+    print(format_selection(data, labels))
+    print(f"wrote {ws.selection_json}")
+    return 0
+
+
+def _cmd_postprocess(args: argparse.Namespace) -> int:
+    from autounet.inference.postprocess import apply_to_folder
+
+    written = apply_to_folder(args.input, args.output, args.source, workers=args.workers)
+    print(f"{len(written)} segmentation(s) post-processed -> {args.output}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from autounet.pipeline.run import RunOptions, run_pipeline
+
+    options = RunOptions(
+        configurations=args.configs,
+        folds=args.folds,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iters_per_epoch,
+        validation_iterations=args.val_iters,
+        max_minutes=args.max_minutes,
+        preset=args.preset,
+        device=args.device,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    result = run_pipeline(args.raw, args.work, args.name, options)
+    print(
+        f"\nfinished in {result.seconds / 60:.1f} min ({len(result.trained)} fold(s) trained, {len(result.skipped)} already complete)"
+    )
+    print(f"predict new cases: autounet predict -i IMAGES -o OUT -m {result.workspace.root}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from autounet.pipeline.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(device=args.device)
+    if args.epochs:
+        settings.epochs = args.epochs
+    if args.iters_per_epoch:
+        settings.iterations_per_epoch = args.iters_per_epoch
+    run_demo(args.dir, settings)
+    return 0
+
+
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     from autounet.api import make_synthetic
 
@@ -199,14 +270,6 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
         + f" to {out}"
     )
     return 0
-
-
-def _not_built(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"autounet {name}: not built yet in autounet {__version__}.", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", "-n", metavar="NAME", help="dataset name in the workspace (default: RAW's folder name)")
     p.add_argument("--fingerprint", metavar="F", help="plan from this fingerprint.json instead of a raw dataset")
     p.add_argument("--force", action="store_true", help="recompute the fingerprint even if it is up to date")
+    p.add_argument(
+        "--preset",
+        choices=["nnunet", "brats"],
+        default="nnunet",
+        help="nnunet (default: the nnU-Net paper's planner) or brats (NVIDIA's BraTS recipe: one 3d_fullres "
+        "configuration, WT/TC/ET regions, foreground channel, deeper encoder, nvidia training preset)",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="--preset brats only: patch size instead of 128^3 (a CPU convenience, e.g. 64 64 64)",
+    )
     _workers(p)
     p.set_defaults(func=_cmd_plan)
 
@@ -276,10 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-f", "--fold", required=True, metavar="FOLD", help="0..4, or 'all' to train on every case")
     _work(p)
-    p.add_argument("--preset", default="paper", help="training preset: paper (default), nvidia, poly, or a JSON file")
+    p.add_argument(
+        "--preset",
+        help="training preset: paper, nvidia, poly, or a JSON file (default: the plan's: paper, nvidia for --preset brats)",
+    )
     p.add_argument(
         "--augmentation",
-        help="augmentation preset (default: the training preset's): paper, extended, nvidia, or a JSON file",
+        help="augmentation preset (default: the plan's, else the training preset's): paper, extended, nvidia, or a JSON file",
     )
     p.add_argument("--epochs", type=int, help="maximum epochs (extends a finished run with --resume)")
     p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
@@ -305,6 +385,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-validate", action="store_true", help="skip the end-of-training prediction of the validation cases"
     )
+    g = p.add_argument_group(
+        "ablation switches (seed 004 Tables 2-3; stored in the checkpoint, so --resume and inference keep them)"
+    )
+    g.add_argument("--attention", action="store_true", help="attention gates on the decoder's skip connections")
+    g.add_argument("--residual", action="store_true", help="residual conv blocks in encoder and decoder")
+    g.add_argument("--drop-block", type=float, metavar="P", help="DropBlock with probability P (block size 5)")
+    g.add_argument(
+        "--focal", action="store_true", help="Focal loss (gamma 2) instead of binary cross-entropy (CE for softmax)"
+    )
+    g.add_argument(
+        "--deep-supervision-heads", type=int, metavar="N", help="extra output heads below full resolution (0: off)"
+    )
+    g.add_argument("--features", type=int, nargs="+", metavar="F", help="features per encoder stage (more: deeper)")
+    g.add_argument("--deeper", action="store_true", help="seed 004's encoder: 64, 96, 128, 192, 256, 384, 512")
+    g.add_argument("--width-multiplier", type=float, metavar="X", help="every stage's features times X")
+    g.add_argument(
+        "--no-foreground-channel",
+        action="store_true",
+        help="drop the one-hot foreground input channel of --preset brats plans (inference drops it too)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -327,9 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--folds", nargs="+", metavar="K", help="folds to ensemble (default: every trained fold)")
     p.add_argument(
         "--checkpoint",
-        default="final",
-        choices=["final", "best", "latest"],
-        help="checkpoint of each fold (default final)",
+        choices=["final", "best", "second_best", "latest"],
+        help="checkpoint of each fold (default: final, or the training preset's choice)",
+    )
+    p.add_argument(
+        "--no-postprocessing", action="store_true", help="with -m W/NAME: do not apply the selected post-processing"
     )
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (2**axes times faster)")
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
@@ -423,10 +525,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="msd", choices=["msd", "nnunetv2"], help="folder layout (default msd)")
     p.set_defaults(func=_cmd_make_synthetic)
 
-    for name, text in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{text} (not built yet)", description=f"{text}. Not built yet in this version.")
-        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_not_built(name))
+    p = sub.add_parser(
+        "select",
+        help="pick the best configuration / pair ensemble from cross-validation, decide post-processing",
+        description="Rank every trained configuration and every pair ensemble (averaged validation probabilities) by "
+        "the mean foreground Dice of cross-validation, pick the best, and decide post-processing on its "
+        "cross-validation predictions. Writes W/NAME/selection.json and prints the ranking.",
+    )
+    p.add_argument("name", metavar="NAME", help="dataset name in the workspace")
+    _work(p)
+    p.add_argument(
+        "-c", "--configs", nargs="+", metavar="CONFIG", help="configurations to consider (default: every trained one)"
+    )
+    _workers(p)
+    p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser(
+        "postprocess",
+        help="apply the selected post-processing to a folder of segmentations",
+        description="Apply the post-processing chosen by `autounet select` for W/NAME to every segmentation in IN, "
+        "writing OUT (IN may equal OUT). The BraTS ET rule needs CASE.npz probabilities beside each file "
+        "(`autounet predict --save-probabilities`).",
+    )
+    p.add_argument("input", metavar="IN", help="folder of segmentations")
+    p.add_argument("output", metavar="OUT", help="output folder")
+    p.add_argument("--from", dest="source", required=True, metavar="W/NAME", help="the dataset's workspace folder")
+    _workers(p)
+    p.set_defaults(func=_cmd_postprocess)
+
+    p = sub.add_parser(
+        "run",
+        help="the whole pipeline: check, plan, preprocess, train every configuration and fold, select (resumable)",
+        description="check -> plan -> preprocess -> train every planned configuration on every fold (a cascade's "
+        "first stage first) -> select -> report. Every step is skipped when complete and resumed when partial: "
+        "re-run the same command after a crash to finish the job.",
+    )
+    p.add_argument("raw", metavar="RAW", help="dataset folder holding dataset.json")
+    _work(p)
+    p.add_argument("--name", "-n", metavar="NAME", help="dataset name in the workspace (default: RAW's folder name)")
+    p.add_argument(
+        "--configs", nargs="+", metavar="CONFIG", help="configurations to train (default: every planned one)"
+    )
+    p.add_argument(
+        "--folds", nargs="+", default=["0", "1", "2", "3", "4"], metavar="K", help="folds (default 0 1 2 3 4)"
+    )
+    p.add_argument("--epochs", type=int, help="maximum epochs per fold (default: the training preset's)")
+    p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
+    p.add_argument("--val-iters", type=int, help="validation batches per epoch (default 50)")
+    p.add_argument("--max-minutes", type=float, help="time limit per fold")
+    p.add_argument("--preset", help="planning preset, e.g. brats (default: the nnU-Net method)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0)
+    _workers(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "demo",
+        help="make a small synthetic dataset and run the whole pipeline on it on the CPU",
+        description="Write a small synthetic dataset, run `autounet run` on it with a tiny budget, predict its "
+        "held-out test cases with the selected model and print their Dice. Resumable; a few minutes on 2 cores.",
+    )
+    p.add_argument("--dir", default="autounet_demo", metavar="DIR", help="demo folder (default ./autounet_demo)")
+    p.add_argument("--epochs", type=int, help="epochs per fold")
+    p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

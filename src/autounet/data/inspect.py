@@ -56,6 +56,8 @@ class CaseStats:
     foreground_source: str  # "label" or "nonzero" (no labelled voxel in this case)
     foreground_intensity: list[dict[str, float]]
     intensity_samples: np.ndarray  # (C, n) float32, n <= INTENSITY_SAMPLES_PER_CASE
+    corner_values: list[float | None] = field(default_factory=list)  # per channel, see corner_values()
+    background_crop_bbox: tuple[tuple[int, int], ...] | None = None  # crop box with the corner values as background
 
     @property
     def shape_after_crop(self) -> tuple[int, int, int]:
@@ -183,6 +185,38 @@ def _constant_background(image: np.ndarray) -> tuple[list[float], float] | None:
     return (values, fraction) if fraction >= BACKGROUND_MIN_FRACTION else None
 
 
+# Voxels within this of a channel's background value count as background (seed 004 preset).
+BACKGROUND_TOLERANCE = 1e-6
+
+
+def corner_values(image: np.ndarray) -> list[float | None]:
+    """Per channel of ``(C, Z, Y, X)``: the value of its 8 corner voxels when they all agree, else None."""
+    out: list[float | None] = []
+    for c in range(image.shape[0]):
+        corners = np.asarray(image[c][np.ix_(*[[0, n - 1] for n in image.shape[1:]])], dtype=np.float64)
+        v = float(corners.flat[0])
+        out.append(v if np.all(np.abs(corners - v) <= BACKGROUND_TOLERANCE) and np.isfinite(v) else None)
+    return out
+
+
+def foreground_mask(image: np.ndarray, background: list[float] | None = None) -> np.ndarray:
+    """Voxels where any channel differs from its background value (0 when ``background`` is None).
+
+    A background of 0 is compared exactly (seed 001's nonzero region); another value within
+    :data:`BACKGROUND_TOLERANCE`.
+    """
+    if background is None or not any(background):
+        return np.any(image != 0, axis=0)
+    mask = np.zeros(image.shape[1:], dtype=bool)
+    for c, v in enumerate(background):
+        if v == 0:
+            mask |= image[c] != 0
+        else:
+            x = image[c] if image.dtype.kind == "f" else image[c].astype(np.float64)
+            mask |= np.abs(x - x.dtype.type(v)) > BACKGROUND_TOLERANCE
+    return mask
+
+
 def _components_per_class(label: np.ndarray) -> dict[int, int]:
     if not label.any():
         return {}
@@ -204,6 +238,7 @@ def _stats(
 ) -> CaseStats:
     nonzero = np.any(image != 0, axis=0)
     fg = lab > 0
+    corners = corner_values(image)
     # The crop box is the image's nonzero box, widened where needed to keep every labelled voxel.
     image_box = bounding_box(nonzero)
     inside = np.zeros_like(fg)
@@ -218,6 +253,9 @@ def _stats(
             )
         )
     bbox = bounding_box(nonzero | fg)
+    background_bbox = bbox
+    if any(v for v in corners):  # a constant non-zero corner value: the box without it as well
+        background_bbox = bounding_box(foreground_mask(image, [v or 0.0 for v in corners]) | fg)
     crop = tuple(slice(a, b) for a, b in bbox)
     img_c, lab_c = image[(slice(None), *crop)], lab[crop]
     fg_c = lab_c > 0
@@ -251,6 +289,8 @@ def _stats(
         foreground_source=source,
         foreground_intensity=per_channel,
         intensity_samples=np.stack(samples) if samples else np.zeros((0, 0), np.float32),
+        corner_values=corners,
+        background_crop_bbox=background_bbox,
     )
 
 
@@ -301,7 +341,8 @@ def inspect_case(task: InspectTask) -> CaseInspection:
                         "nonzero_background",
                         cid,
                         f"{img_what}: {background[1]:.0%} of voxels hold the corner value(s) {values}, not 0; "
-                        "cropping to the nonzero region cannot remove this background",
+                        "cropping to the nonzero region cannot remove this background (`autounet plan --preset brats` "
+                        "treats it as background)",
                     )
                 )
 

@@ -6,10 +6,10 @@ the largest component of that class are removed from predictions. Like the publi
 
 1. "keep the largest foreground component" (all labels > 0 taken as one object) is tried first and
    adopted when the mean over classes of the per-class mean Dice does not decrease (gain ≥
-   ``min_gain``);
+   ``min_gain``) and it changed at least one case (a step that changes nothing has no evidence);
 2. then, on top of that result, "keep the largest component of class c" for every candidate class
    (the seed-001 criterion, :func:`single_component_classes`), adopted when class c's mean Dice
-   does not decrease. Removing components of class c changes no other class's Dice, so the
+   does not decrease and the step changed at least one case. Removing components of class c changes no other class's Dice, so the
    per-class decisions are independent of each other.
 
 Dice follows nnU-Net: a case where a class is absent from both prediction and reference has Dice
@@ -336,7 +336,9 @@ def decide_postprocessing(
     fg = _nanmean(np.stack([c.fg for c in per_case]), axis=0)
     mean_raw, mean_fg = _nanmean(raw), _nanmean(fg)
     fg_gain = mean_fg - mean_raw
-    use_fg = bool(not math.isnan(fg_gain) and fg_gain >= min_gain)
+    # A step that changes no case has no evidence for it: it is not adopted (it would be a no-op).
+    fg_changed = int(sum(c.fg_changed for c in per_case))
+    use_fg = bool(not math.isnan(fg_gain) and fg_gain >= min_gain and fg_changed > 0)
     evidence: dict[str, Any] = {
         "num_cases": len(per_case),
         "min_gain": float(min_gain),
@@ -348,7 +350,7 @@ def decide_postprocessing(
             "mean_without": _plain(mean_raw),
             "mean_with": _plain(mean_fg),
             "gain": _plain(fg_gain),
-            "cases_changed": int(sum(c.fg_changed for c in per_case)),
+            "cases_changed": fg_changed,
             "adopted": use_fg,
         },
         "classes": {},
@@ -363,7 +365,7 @@ def decide_postprocessing(
         with_step = base.copy()
         with_step[k] = cand[j]
         gain = cand[j] - base[k]
-        adopt = bool(not math.isnan(gain) and gain >= min_gain)
+        adopt = bool(not math.isnan(gain) and gain >= min_gain and changed[j] > 0)
         if adopt:
             kept.append(c)
             final[k] = cand[j]

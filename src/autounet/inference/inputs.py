@@ -57,8 +57,8 @@ def _stem(path: Path) -> str:
 def discover_cases(paths: Sequence[str | Path], num_channels: int) -> list[InputCase]:
     """Group input files into cases.
 
-    Files named ``CASE_NNNN`` are read as nnU-Net v2 channel files when every such group has a
-    channel ``_0000``; each must then have exactly channels ``0 .. num_channels - 1``. Other files
+    Files named ``CASE_NNNN`` are read as nnU-Net v2 channel files when any of them is a channel
+    ``_0000``; each group must then have exactly channels ``0 .. num_channels - 1``. Other files
     are one case each (MSD naming; multi-channel images are 4D files).
     """
     files = _image_files(paths)
@@ -70,7 +70,8 @@ def discover_cases(paths: Sequence[str | Path], num_channels: int) -> list[Input
             groups.setdefault(m.group(1), {})[int(m.group(2))] = f
         else:
             singles.append(f)
-    v2 = bool(groups) and all(0 in g for g in groups.values())
+    # nnU-Net v2 naming as soon as one CASE_0000 file is there; groups without one are then errors.
+    v2 = any(0 in g for g in groups.values())
     if not v2:
         singles = files
         groups = {}

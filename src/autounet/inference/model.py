@@ -87,7 +87,7 @@ def stage_from_checkpoints(paths: Sequence[Path], configuration: str | None = No
         raise AutounetError("no checkpoints given")
     networks, sources, first = [], [], None
     for path in paths:
-        content = load_checkpoint(path)
+        content = load_checkpoint(path, mmap=True)  # the optimiser state stays on disk
         spec, network = network_from_checkpoint(content, str(path))
         if first is None:
             first = (content, spec)
@@ -133,15 +133,35 @@ def _fold_order(name: str) -> tuple[int, int | str]:
     return (1, name) if name == "all" else (0, int(name))
 
 
+def inference_checkpoints(fold_dir: Path) -> list[str]:
+    """The checkpoints a fold's training preset names for inference (``inference_checkpoints``,
+    stored in ``checkpoint_final.pt``; seed 004's preset: the two best), else ``["final"]``."""
+    path = checkpoint_path(fold_dir, "final")
+    if not path.is_file():
+        return ["final"]
+    preset = load_checkpoint(path, mmap=True).get("training_preset") or {}
+    return [str(k) for k in preset.get("inference_checkpoints") or ["final"]]
+
+
+def _default_checkpoints(fold_dir: Path) -> list[str]:
+    """The preset's checkpoints that exist (a short run may have no second best), else ``final``."""
+    wanted = inference_checkpoints(fold_dir)
+    found = [k for k in wanted if checkpoint_path(fold_dir, k).is_file()]
+    return found or ["final"]
+
+
 def load_stage(
     model_dir: str | Path,
     folds: Sequence[int | str] | None = None,
-    checkpoints: Sequence[str] = ("final",),
+    checkpoints: Sequence[str] | None = None,
 ) -> StageModel:
     """Load the networks of a configuration folder (``folds``: default every cross-validation fold).
 
     ``checkpoints``: which checkpoint(s) of each fold (``final``, ``best``, ``latest``,
-    ``second_best``); several are ensembled (seed 004 §3.1 averages the two best).
+    ``second_best``); several are ensembled (seed 004 §3.1 averages the two best). None: what
+    each fold's training preset names (``inference_checkpoints`` in its ``checkpoint_final.pt``:
+    ``final``, or ``best`` and ``second_best`` for the nvidia preset, those of them that exist),
+    else ``final``. ``stage.extra["checkpoints"]`` lists the kinds used (of the first fold).
     """
     model_dir = Path(model_dir)
     available = fold_dirs(model_dir)
@@ -160,8 +180,11 @@ def load_stage(
                 f"{model_dir}: fold(s) {', '.join(missing)} not found (available: {', '.join(sorted(available, key=_fold_order))})"
             )
     paths = []
+    used: list[str] = []
     for f in chosen:
-        for kind in checkpoints:
+        kinds = list(checkpoints) if checkpoints is not None else _default_checkpoints(available[f])
+        used = used or kinds
+        for kind in kinds:
             path = checkpoint_path(available[f], kind)
             if not path.is_file():
                 hint = ""
@@ -171,6 +194,7 @@ def load_stage(
             paths.append(path)
     configuration = model_dir.parent.name if _FOLD.match(model_dir.name) else model_dir.name
     stage = stage_from_checkpoints(paths, configuration)
+    stage.extra["checkpoints"] = used
     if stage.plan.previous_stage:
         results = model_dir.parent.parent if _FOLD.match(model_dir.name) else model_dir.parent
         previous_dir = results / stage.plan.previous_stage

@@ -13,9 +13,11 @@ background threads while the network predicts the current case.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autounet.data.geometry import Geometry
-from autounet.data.image_io import read_image, write_image
+from autounet.data.geometry import SPACING_2D_IMAGES, Geometry
+from autounet.data.image_io import image_suffix, read_image, write_image
+from autounet.data.nifti_scan import nonfinite_per_volume
 from autounet.errors import AutounetError
 from autounet.inference.inputs import InputCase, discover_cases
 from autounet.inference.model import StageModel, load_stage
+from autounet.inference.postprocess import Postprocessing
 from autounet.inference.sliding_window import fits_on_device, predict_slices, predict_volume
 from autounet.preprocessing.case import label_values, preprocess_case, revert_map, revert_probabilities
 from autounet.preprocessing.resample import resample_volume
@@ -59,7 +63,6 @@ class Prepared:
     case_id: str
     images: list[np.ndarray]  # (C, z, y, x) per stage, network order
     properties: list[CaseProperties]
-    raw_image: np.ndarray | None = None  # kept only when a picture is wanted
     seconds: float = 0.0
 
 
@@ -97,6 +100,11 @@ def prepare(stage: StageModel, case_id: str, image: np.ndarray, geometry: Geomet
         raise AutounetError(f"{case_id}: the image holds NaN or infinite intensities")
     images, props = [], []
     for s in _stages(stage):
+        if geometry.spatial_dims == 2 and max(s.plan.spacing) < SPACING_2D_IMAGES / 2:
+            raise AutounetError(
+                f"{case_id}: a 2D image, but the model was trained on 3D volumes (it would be resampled to "
+                f"{SPACING_2D_IMAGES:g} mm / {min(s.plan.spacing):g} mm slices)"
+            )
         if image.shape[0] != s.image_channels:
             raise AutounetError(
                 f"{case_id}: the image has {image.shape[0]} channel(s), the model expects {s.image_channels}"
@@ -206,6 +214,26 @@ def finalize(
     return Prediction(seg, kept, props.geometry)
 
 
+TWO_FILE_SUFFIXES = (".mhd", ".nhdr")  # a header that names a separate data file
+
+
+def write_segmentation(path: Path, segmentation: np.ndarray, geometry: Geometry) -> None:
+    """Write a label map atomically. A header + data file pair (``.mhd``, ``.nhdr``) is written
+    under its final names in a temporary folder beside ``path`` (the header names its data file),
+    then the data file is moved into place and the header last."""
+    path = Path(path)
+    if image_suffix(path) not in TWO_FILE_SUFFIXES:
+        atomic_write(path, lambda p: write_image(p, segmentation, geometry))
+        return
+    with tempfile.TemporaryDirectory(prefix=".tmp.", dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        write_image(staged, segmentation, geometry)
+        for f in Path(tmp).iterdir():
+            if f.name != path.name:
+                os.replace(f, path.parent / f.name)
+        os.replace(staged, path)
+
+
 def write_prediction(
     out_dir: Path,
     case: str,
@@ -218,7 +246,7 @@ def write_prediction(
     """Write ``CASE<suffix>`` (and ``CASE.npz`` with the probabilities), each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{case}{suffix}"
-    atomic_write(path, lambda p: write_image(p, prediction.segmentation, prediction.geometry))
+    write_segmentation(path, prediction.segmentation, prediction.geometry)
     if save_probabilities and prediction.probabilities is not None:
         save_probability_file(out_dir / f"{case}{PROBABILITIES_SUFFIX}", prediction.probabilities, label_list, kind)
     return path
@@ -249,74 +277,174 @@ def load_probability_file(path: str | Path) -> tuple[np.ndarray, list[int], str]
         raise AutounetError(f"{path}: not a readable probability file ({exc})") from None
 
 
-class Predictor:
-    """Segments raw images with a trained configuration (an ensemble of its folds).
+def labels_from_probabilities(stage: StageModel, probabilities: np.ndarray) -> np.ndarray:
+    """Label values from probabilities in the original grid: argmax of the classes, or the
+    thresholded regions (seed 004 §2.5)."""
+    if stage.regions:
+        from autounet.regions import RegionSet, regions_to_labels
+        from autounet.utils.plain_data import from_plain
 
-    ``model_dir``: ``W/NAME/results/CONFIG`` or one of its ``fold_K`` folders. ``folds``: default
-    every trained cross-validation fold. ``checkpoints``: which checkpoint(s) of each fold.
+        return regions_to_labels(probabilities, from_plain(RegionSet, stage.regions, "regions"))
+    values = np.asarray(stage.label_values)
+    return values.astype(np.uint8 if values.max() < 256 else np.uint16)[np.argmax(probabilities, axis=0)]
+
+
+def _check_members(members: Sequence[StageModel]) -> None:
+    first = members[0]
+    for m in members[1:]:
+        if m.labels != first.labels or m.activation != first.activation or m.image_channels != first.image_channels:
+            raise AutounetError(
+                f"{m.configuration} and {first.configuration} cannot be ensembled: their labels, outputs or channels differ"
+            )
+
+
+def resolve_model(
+    model: str | Path,
+    folds: Sequence[int | str] | None,
+    checkpoints: Sequence[str] | None,
+    postprocess: bool,
+) -> tuple[list[StageModel], Postprocessing | None]:
+    """The models and post-processing behind ``-m``: a configuration folder, one fold, or a
+    dataset workspace ``W/NAME`` (its ``selection.json``: best configuration or pair, all its folds,
+    its post-processing)."""
+    model = Path(model)
+    selection = model / "selection.json"
+    if not selection.is_file():
+        if (model / "plans.json").is_file():
+            raise AutounetError(
+                f"{model}: no selection.json yet: run `autounet select {model.name} --work {model.parent}`"
+            )
+        kwargs = {} if checkpoints is None else {"checkpoints": checkpoints}
+        return [load_stage(model, folds, **kwargs)], None
+    from autounet.utils.atomic import read_json
+
+    data = read_json(selection)
+    winner = data["winner"]
+    chosen_folds = folds if folds is not None else winner.get("folds")
+    members = []
+    for config in winner["members"]:
+        kwargs = {} if checkpoints is None else {"checkpoints": checkpoints}
+        members.append(load_stage(model / "results" / config, chosen_folds, **kwargs))
+    pp = None
+    if postprocess and data.get("postprocessing"):
+        pp = Postprocessing.from_plain(data["postprocessing"], f"{selection}: postprocessing")
+    return members, pp
+
+
+class Predictor:
+    """Segments raw images with trained models.
+
+    ``model_dir``: ``W/NAME/results/CONFIG`` (an ensemble of its folds), one of its ``fold_K``
+    folders, or the dataset's workspace ``W/NAME`` (the model ``autounet select`` chose, with its
+    post-processing unless ``postprocess`` is False). ``folds``: default every trained fold (or
+    the selection's). ``checkpoints``: which checkpoint(s) of each fold (default: ``final``, or
+    what the training preset says, e.g. the two best for the BraTS recipe).
     """
 
     def __init__(
         self,
-        model_dir: str | Path,
+        model_dir: str | Path | None = None,
         folds: Sequence[int | str] | None = None,
-        checkpoints: Sequence[str] = ("final",),
+        checkpoints: Sequence[str] | None = None,
         device: str | torch.device | None = None,
         tta: bool = True,
         step: float = 0.5,
-        postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
-        stage: StageModel | None = None,
+        postprocess: bool = True,
+        members: Sequence[StageModel] | None = None,
+        postprocessing: Postprocessing | None = None,
     ):
         if not 0 < step <= 1:
             raise AutounetError(f"--step must be in (0, 1], got {step}")
         self.device = resolve_device(device)
-        self.stage = (stage or load_stage(model_dir, folds, checkpoints)).to(self.device)
+        if members is None:
+            if model_dir is None:
+                raise AutounetError("give a model folder")
+            members, postprocessing = resolve_model(model_dir, folds, checkpoints, postprocess)
+        _check_members(members)
+        self.members = [m.to(self.device) for m in members]
+        self.postprocessing = postprocessing if postprocess else None
         self.amp_dtype = half_precision(self.device)
-        self.tta, self.step, self.postprocess = tta, step, postprocess
+        self.tta, self.step = tta, step
+
+    @property
+    def stage(self) -> StageModel:
+        return self.members[0]
 
     @property
     def num_channels(self) -> int:
         return self.stage.image_channels
 
+    def _prepare(self, case_id: str, image: np.ndarray, geometry: Geometry) -> list[Prepared]:
+        return [prepare(m, case_id, image, geometry) for m in self.members]
+
+    def _network(self, prepared: list[Prepared]) -> list[torch.Tensor]:
+        out = []
+        for m, p in zip(self.members, prepared):
+            out.append(model_probabilities(m, p, self.device, self.amp_dtype, self.tta, self.step).cpu())
+        return out
+
+    def _finalize(self, probs: list[torch.Tensor], prepared: list[Prepared], keep_probabilities: bool) -> Prediction:
+        pp = self.postprocessing
+        need = keep_probabilities or len(self.members) > 1 or (pp is not None and pp.needs_probabilities)
+        if not need:
+            out = finalize(self.stage, probs[0], prepared[0].properties[-1], False)
+        else:
+            total = None
+            for m, pr, prep in zip(self.members, probs, prepared):
+                maps = finalize(m, pr, prep.properties[-1], True)
+                total = maps.probabilities if total is None else total + maps.probabilities
+            total /= len(self.members)
+            out = Prediction(labels_from_probabilities(self.stage, total), total, maps.geometry)
+        if pp is not None:
+            out.segmentation = pp.apply(out.segmentation, out.probabilities)
+        if not keep_probabilities:
+            out.probabilities = None
+        return out
+
     def predict_array(
         self, image: np.ndarray, geometry: Geometry, case_id: str = "case", keep_probabilities: bool = False
     ) -> Prediction:
         """Segment one image ``(C, Z, Y, X)`` with its geometry."""
-        prepared = prepare(self.stage, case_id, image, geometry)
-        probs = model_probabilities(self.stage, prepared, self.device, self.amp_dtype, self.tta, self.step)
-        out = finalize(self.stage, probs, prepared.properties[-1], keep_probabilities)
-        if self.postprocess is not None:
-            out.segmentation = self.postprocess(out.segmentation)
-        return out
+        prepared = self._prepare(case_id, image, geometry)
+        return self._finalize(self._network(prepared), prepared, keep_probabilities)
 
-    def _load(self, case: InputCase, keep_raw: bool) -> Prepared:
+    def _load(self, case: InputCase, keep_raw: bool) -> tuple[list[Prepared], np.ndarray | None, float]:
+        t = time.perf_counter()
         image, geometry = read_image(case.files)
-        prepared = prepare(self.stage, case.case_id, image, geometry)
-        prepared.raw_image = image if keep_raw else None
-        return prepared
+        for f in case.files:
+            # ITK 5 reads NaN/Inf voxels of NIfTI files as 0: look at the bytes (see data/nifti_scan.py).
+            bad = nonfinite_per_volume(f)
+            if bad and any(bad):
+                raise AutounetError(f"{case.case_id}: {f} holds {sum(bad)} NaN or infinite voxel(s)")
+        prepared = self._prepare(case.case_id, image, geometry)
+        return prepared, (image if keep_raw else None), time.perf_counter() - t
 
     def _export(
         self,
         case: InputCase,
-        probs: torch.Tensor,
-        prepared: Prepared,
+        probs: list[torch.Tensor],
+        prepared: list[Prepared],
+        raw_image: np.ndarray | None,
         out_dir: Path,
         save_probabilities: bool,
         png: bool,
     ) -> tuple[Path, float]:
         t = time.perf_counter()
-        prediction = finalize(self.stage, probs, prepared.properties[-1], save_probabilities)
-        if self.postprocess is not None:
-            prediction.segmentation = self.postprocess(prediction.segmentation)
-        labels = self.stage.label_values
+        prediction = self._finalize(probs, prepared, save_probabilities)
         path = write_prediction(
-            out_dir, case.case_id, case.suffix, prediction, labels, self.stage.activation, save_probabilities
+            out_dir,
+            case.case_id,
+            case.suffix,
+            prediction,
+            self.stage.label_values,
+            self.stage.activation,
+            save_probabilities,
         )
-        if png and prepared.raw_image is not None:
+        if png and raw_image is not None:
             from autounet.visualization import render_overlay
 
             render_overlay(
-                prepared.raw_image,
+                raw_image,
                 prediction.geometry.spacing,
                 prediction.segmentation,
                 out_dir / f"{case.case_id}.png",
@@ -332,16 +460,19 @@ class Predictor:
         save_probabilities: bool = False,
         png: bool = False,
     ) -> list[CaseTiming]:
-        """Segment every case of ``inputs`` (folders and/or files) into ``output_dir``."""
+        """Segment every case of ``inputs`` (folders and/or files) into ``output_dir``.
+
+        Reading and preprocessing of the next case and the export of the previous one run in
+        background threads while the network predicts the current case.
+        """
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         cases = discover_cases(inputs, self.num_channels)
         out_dir = Path(output_dir)
         for c in cases:
-            if any(Path(f).resolve().parent == out_dir.resolve() and Path(f).name == c.output_name() for f in c.files):
-                raise AutounetError(
-                    f"{c.case_id}: the output would overwrite the input {c.files[0]}; choose another -o"
-                )
+            for f in c.files:
+                if Path(f).resolve() == (out_dir / c.output_name()).resolve():
+                    raise AutounetError(f"{c.case_id}: the output would overwrite the input {f}; choose another -o")
         out_dir.mkdir(parents=True, exist_ok=True)
         timings: list[CaseTiming] = []
         with (
@@ -349,25 +480,24 @@ class Predictor:
             ThreadPoolExecutor(1, thread_name_prefix="export") as writer,
         ):
             upcoming: Future | None = reader.submit(self._load, cases[0], png) if cases else None
-            pending: tuple[InputCase, Future, float, float, list[int]] | None = None
+            pending: tuple | None = None
             for i, case in enumerate(progress(cases, total=len(cases), desc="predict")):
-                prepared = upcoming.result()
+                prepared, raw_image, pre_s = upcoming.result()
                 upcoming = reader.submit(self._load, cases[i + 1], png) if i + 1 < len(cases) else None
                 t = time.perf_counter()
-                probs = model_probabilities(self.stage, prepared, self.device, self.amp_dtype, self.tta, self.step)
-                probs = probs.cpu()
+                probs = self._network(prepared)
                 network_s = time.perf_counter() - t
                 if pending is not None:
                     timings.append(_finish(pending))
-                future = writer.submit(self._export, case, probs, prepared, out_dir, save_probabilities, png)
-                pending = (case, future, prepared.seconds, network_s, list(prepared.properties[-1].original_shape))
-                del probs, prepared
+                future = writer.submit(self._export, case, probs, prepared, raw_image, out_dir, save_probabilities, png)
+                pending = (case, future, pre_s, network_s, list(prepared[0].properties[-1].original_shape))
+                del probs, prepared, raw_image
             if pending is not None:
                 timings.append(_finish(pending))
         return timings
 
 
-def _finish(pending: tuple[InputCase, Future, float, float, list[int]]) -> CaseTiming:
+def _finish(pending: tuple) -> CaseTiming:
     case, future, pre_s, net_s, shape = pending
     path, export_s = future.result()
     return CaseTiming(case.case_id, path, pre_s, net_s, export_s, shape)

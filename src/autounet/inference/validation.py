@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,11 @@ class ValidationResult:
     folder: Path
     evaluation: EvaluationResult
     seconds: float
+    checkpoint: dict = field(default_factory=dict)  # which checkpoints, and the run's epoch and step
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return list(self.checkpoint.get("checkpoints") or [])
 
 
 def validation_dir(fold_dir: Path) -> Path:
@@ -133,8 +138,9 @@ def validate_fold(
 
     with ThreadPoolExecutor(1, thread_name_prefix="export") as writer:
         pending: Future | None = None
+        channels = plan.image_channels + (1 if plan.foreground_channel else 0)  # without a dropped one
         for case in progress(cases, total=len(cases), desc="validation"):
-            image = np.load(case_paths(folder, case)["image"], mmap_mode="r")
+            image = np.load(case_paths(folder, case)["image"], mmap_mode="r")[:channels]
             previous = None
             if previous_dir is not None:
                 previous = np.load(previous_stage_path(previous_dir, case), mmap_mode="r")
@@ -152,7 +158,7 @@ def validate_fold(
     data["configuration"] = stage.configuration
     atomic_write_json(out_dir / SUMMARY, data)
     write_cv_summary(fold_dir.parent)
-    return ValidationResult(out_dir, evaluation, time.time() - start)
+    return ValidationResult(out_dir, evaluation, time.time() - start, dict(checkpoint_info or {}))
 
 
 def validation_cases(ws: Workspace, plan_identifier: str, fold: int | str) -> list[str]:
@@ -177,10 +183,14 @@ def validate_only(
     configuration: str,
     fold: int | str,
     device: str | None = None,
-    checkpoints: Sequence[str] = ("final",),
+    checkpoints: Sequence[str] | None = None,
     tta: bool = True,
 ) -> ValidationResult:
-    """Redo a trained fold's validation step (``autounet train --validate-only``)."""
+    """Redo a trained fold's validation step (``autounet train --validate-only``).
+
+    ``checkpoints``: default those the fold's training preset uses for inference (as training's
+    own end-of-training validation does): ``final``, or the two best (seed 004).
+    """
     from autounet.inference.model import load_stage
     from autounet.inference.next_stage import next_stage_writer
     from autounet.inference.predictor import half_precision, resolve_device
@@ -199,8 +209,13 @@ def validate_only(
     stage = load_stage(fold_dir, None, checkpoints)
     stage.previous = None  # validation reads the stored first-stage predictions instead
     stage.to(dev)
-    training = load_checkpoint(checkpoint_path(fold_dir, checkpoints[0]))["training"]
+    used = list(stage.extra.get("checkpoints") or checkpoints or ["final"])
+    # the run's end (as training's own validation records it), else the checkpoint's
+    source = checkpoint_path(fold_dir, "final")
+    if not source.is_file():
+        source = checkpoint_path(fold_dir, used[0])
+    training = load_checkpoint(source, mmap=True)["training"]
     cases = validation_cases(ws, stage.plan.data_identifier, fold)
     writer = next_stage_writer(ws, load_plans(ws.plans_json), configuration)
-    info = {"checkpoints": list(checkpoints), "epoch": training["epoch"], "step": training["step"]}
+    info = {"checkpoints": used, "epoch": training["epoch"], "step": training["step"]}
     return validate_fold(ws, stage, fold_dir, cases, dev, half_precision(dev), info, tta, writer)

@@ -91,27 +91,91 @@ def default_deep_supervision_heads(num_stages: int) -> int:
     return max(0, num_stages - 3)
 
 
+SPEC_OVERRIDES = (
+    "num_outputs",
+    "in_channels",
+    "features_per_stage",
+    "deep_supervision_heads",
+    "downsampling",
+    "residual_encoder",
+    "residual_decoder",
+    "attention_gates",
+    "drop_block_prob",
+    "drop_block_size",
+    "width_multiplier",
+)
+
+
+def _extra_pool(size: list[int]) -> list[int]:
+    """The next 2x down-sampling of the deepened encoder: axes with >= 2 voxels left after it, no remainder."""
+    return [2 if s >= 2 * 2 and s % 2 == 0 else 1 for s in size]
+
+
+def max_stages(plan: ConfigurationPlan) -> int:
+    """How many stages the plan's patch allows when the encoder is deepened (see :func:`spec_from_plan`)."""
+    size = list(plan.patch_size)
+    for k in plan.pool_op_kernel_sizes:
+        size = [s // p for s, p in zip(size, k)]
+    stages = len(plan.conv_kernel_sizes)
+    while True:
+        k = _extra_pool(size)
+        if k == [1] * len(k):
+            return stages
+        size = [s // p for s, p in zip(size, k)]
+        stages += 1
+
+
 def spec_from_plan(
     plan: ConfigurationPlan,
     num_outputs: int | None = None,
     in_channels: int | None = None,
     features_per_stage: list[int] | None = None,
     deep_supervision_heads: int | None = None,
-    downsampling: str = "pool",
-    residual_encoder: bool = False,
-    residual_decoder: bool = False,
-    attention_gates: bool = False,
-    drop_block_prob: float = 0.0,
-    drop_block_size: int = 5,
-    width_multiplier: float = 1.0,
+    downsampling: str | None = None,
+    residual_encoder: bool | None = None,
+    residual_decoder: bool | None = None,
+    attention_gates: bool | None = None,
+    drop_block_prob: float | None = None,
+    drop_block_size: int | None = None,
+    width_multiplier: float | None = None,
 ) -> NetworkSpec:
     """The network for a configuration of plans.json, with optional overrides.
+
+    Each argument left None takes the plan's ``network`` entry (the recipe's choices, e.g. seed
+    004's encoder), else the default: the plan's features, max pooling, deep supervision on all
+    but the two lowest levels, no ablation switch; ``num_outputs`` is the number of regions for a
+    region plan, else of classes; ``in_channels`` the plan's ``num_input_channels``.
 
     ``features_per_stage`` may be longer than the plan's stages (seed 004's deeper encoder):
     the extra stages are added with 2x down-sampling along axes whose feature map allows it.
     ``width_multiplier`` scales every stage's features (rounded, at least 1): the "wider" encoder
     of seed 004 Table 3. The other switches are the :class:`NetworkSpec` fields of the same name.
     """
+    stored = dict(plan.network or {})
+    unknown = sorted(set(stored) - set(SPEC_OVERRIDES))
+    if unknown:
+        raise AutounetError(
+            f"plan {plan.name}: unknown network setting(s) {unknown}; known: {', '.join(SPEC_OVERRIDES)}"
+        )
+
+    def pick(value, key: str, default):
+        if value is not None:
+            return value
+        return stored[key] if stored.get(key) is not None else default
+
+    default_outputs = len(plan.regions["regions"]) if plan.regions else plan.num_classes
+    num_outputs = pick(num_outputs, "num_outputs", default_outputs)
+    in_channels = pick(in_channels, "in_channels", plan.num_input_channels)
+    features_per_stage = pick(features_per_stage, "features_per_stage", None)
+    deep_supervision_heads = pick(deep_supervision_heads, "deep_supervision_heads", None)
+    downsampling = pick(downsampling, "downsampling", "pool")
+    residual_encoder = pick(residual_encoder, "residual_encoder", False)
+    residual_decoder = pick(residual_decoder, "residual_decoder", False)
+    attention_gates = pick(attention_gates, "attention_gates", False)
+    drop_block_prob = pick(drop_block_prob, "drop_block_prob", 0.0)
+    drop_block_size = pick(drop_block_size, "drop_block_size", 5)
+    width_multiplier = pick(width_multiplier, "width_multiplier", 1.0)
+
     pools = [list(k) for k in plan.pool_op_kernel_sizes]
     convs = [list(k) for k in plan.conv_kernel_sizes]
     features = list(features_per_stage) if features_per_stage else list(plan.features_per_stage)
@@ -128,17 +192,20 @@ def spec_from_plan(
         for k in pools:
             size = [s // p for s, p in zip(size, k)]
         while len(convs) < len(features):
-            k = [2 if s >= 2 * 2 and s % 2 == 0 else 1 for s in size]  # >= 2 voxels after pooling, no remainder
+            k = _extra_pool(size)
             if k == [1] * len(k):
-                raise AutounetError(f"the patch {plan.patch_size} cannot be down-sampled {len(features) - 1} times")
+                raise AutounetError(
+                    f"the patch {plan.patch_size} cannot be down-sampled {len(features) - 1} times "
+                    f"(at most {max_stages(plan)} stages)"
+                )
             pools.append(k)
             convs.append([3] * len(k))
             size = [s // p for s, p in zip(size, k)]
         notes.append(f"encoder deepened to {len(features)} stages")
     spec = NetworkSpec(
         dims=plan.network_dims,
-        in_channels=in_channels if in_channels is not None else plan.num_input_channels,
-        num_outputs=num_outputs if num_outputs is not None else plan.num_classes,
+        in_channels=int(in_channels),
+        num_outputs=int(num_outputs),
         features_per_stage=features,
         conv_kernel_sizes=convs,
         pool_kernel_sizes=pools,
@@ -149,7 +216,7 @@ def spec_from_plan(
         residual_encoder=residual_encoder,
         residual_decoder=residual_decoder,
         attention_gates=attention_gates,
-        drop_block_prob=drop_block_prob,
+        drop_block_prob=float(drop_block_prob),
         drop_block_size=drop_block_size,
         notes=notes,
     )

@@ -51,6 +51,12 @@ class CaseFingerprint:
     foreground_source: str  # "label", or "nonzero" when the case has no labelled voxel
     foreground_intensity: list[dict[str, float]]  # per channel: mean, std, min, max
     orientation: str
+    # Per channel: the value of the 8 corner voxels when they all agree, else null (None: not
+    # recorded, an older fingerprint). The brats preset treats such a value as background.
+    corner_values: list[float | None] | None = None
+    # Crop box when voxels equal to the corner values count as zero (equals crop_bbox when no
+    # corner value is non-zero).
+    background_crop_bbox: list[list[int]] | None = None
 
 
 @dataclass
@@ -119,6 +125,10 @@ def build_fingerprint(dataset: RawDataset, inspections: list[CaseInspection], si
                 foreground_source=st.foreground_source,
                 foreground_intensity=st.foreground_intensity,
                 orientation=st.geometry.orientation(),
+                corner_values=list(st.corner_values),
+                background_crop_bbox=[list(b) for b in st.background_crop_bbox]
+                if st.background_crop_bbox is not None
+                else None,
             )
         )
     # Pool foreground samples from cases that have labelled voxels; fall back to the nonzero

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autounet.errors import AutounetError
 from autounet.utils.atomic import atomic_write_json
@@ -77,10 +78,28 @@ class ConfigurationPlan:
     in_plane_augmentation: bool  # spatial augmentation slice-wise (3D patch edge ratio > 2)
     normalization: list[ChannelNormalization]
     resampling: ResamplingPlan
-    num_input_channels: int  # image channels (the cascade adds the previous stage's classes)
+    num_input_channels: int  # network input channels: image channels (+1 foreground channel) (+ the cascade's classes)
     num_classes: int  # including background
     previous_stage: str | None = None
     next_stage: str | None = None
+    # Region-based training (seed 004 §2.4): a plain RegionSet (regions.RegionSet), one sigmoid
+    # output per region; None: softmax over the classes.
+    regions: dict[str, Any] | None = None
+    # Seed 004 §2.2: an extra input channel, 1 inside the (hole-filled) nonzero mask, 0 outside.
+    foreground_channel: bool = False
+    # Per image channel, the intensity that counts as "zero" for cropping and the nonzero mask:
+    # a number (the same in every case), or null (each case's own: the value of its 8 corners
+    # when they agree, else 0). None: 0 for every channel (seed 001).
+    background: list[float | None] | None = None
+    # Keyword overrides of networks.spec.spec_from_plan (plain data), e.g. seed 004's encoder.
+    network: dict[str, Any] = field(default_factory=dict)
+    training_preset: str = "paper"  # used by `autounet train` without --preset
+    augmentation_preset: str | None = None  # None: the training preset's
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the raw image (what preprocessing reads)."""
+        return len(self.normalization)
 
 
 @dataclass
@@ -94,6 +113,7 @@ class Plans:
     configurations: dict[str, ConfigurationPlan]
     notes: list[str] = field(default_factory=list)
     schema_version: int = PLANS_SCHEMA_VERSION
+    recipe: str = "nnunet"  # planning preset: "nnunet" (seed 001) or "brats" (seed 004)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:

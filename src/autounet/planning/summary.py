@@ -14,6 +14,7 @@ def format_plans(plans: Plans) -> str:
     header = ("configuration", "spacing mm", "median shape", "patch", "batch", "pools", "features", "dice")
     rows = [header]
     for c in plans.configurations.values():
+        features = (c.network or {}).get("features_per_stage") or c.features_per_stage
         spacing = c.spacing[1:] if c.network_dims == 2 else c.spacing
         median = c.median_shape[1:] if c.network_dims == 2 else c.median_shape
         rows.append(
@@ -24,7 +25,8 @@ def format_plans(plans: Plans) -> str:
                 _x(c.patch_size),
                 str(c.batch_size),
                 ",".join(map(str, c.num_pool_per_axis)),
-                f"{c.features_per_stage[0]}..{c.features_per_stage[-1]}",
+                f"{features[0]}..{features[-1]}"
+                + (f" ({len(features)} stages)" if features != c.features_per_stage else ""),
                 "batch" if c.batch_dice else "sample",
             )
         )
@@ -34,7 +36,12 @@ def format_plans(plans: Plans) -> str:
     norm = ", ".join(
         f"{n.name}: {n.scheme}" + (" in nonzero mask" if n.use_nonzero_mask else "") for n in first.normalization
     )
-    lines.append(f"normalisation: {norm}")
+    lines.append(f"normalisation: {norm}" + ("; plus a one-hot foreground channel" if first.foreground_channel else ""))
+    if first.regions:
+        regions = ", ".join(f"{r['name']} {{{', '.join(map(str, r['labels']))}}}" for r in first.regions["regions"])
+        lines.append(f"regions (sigmoid outputs): {regions}")
+    if plans.recipe != "nnunet":
+        lines.append(f"recipe: {plans.recipe} (training preset {first.training_preset})")
     lines.append("axes (network order) = raw (z, y, x) permuted by " + str(first.transpose_forward))
     lines.extend(f"note: {n}" for n in plans.notes)
     return "\n".join(lines)

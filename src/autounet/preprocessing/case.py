@@ -5,6 +5,10 @@ every labelled voxel when a label is given), permute the axes into network order
 the configuration's target spacing (cubic spline for images, nearest neighbour or one-hot linear
 for labels, the coarse axis on its own for anisotropic data), normalise per channel.
 
+Seed 004 (the ``brats`` preset) adds two plan fields: ``background`` (per channel, the value that
+counts as zero for cropping and the nonzero mask; those voxels are 0 after normalisation) and
+``foreground_channel`` (the resampled nonzero mask appended as an extra 1/0 input channel).
+
 Backward (:func:`revert_probabilities`, :func:`revert_segmentation`): resample network-space
 results to the cropped shape, permute back and place them into the original image grid, whose
 geometry the case's properties keep.
@@ -17,11 +21,13 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from autounet.data.geometry import Geometry
+from autounet.data.inspect import corner_values, foreground_mask
 from autounet.errors import AutounetError
 from autounet.planning.plans import ConfigurationPlan
-from autounet.preprocessing.crop import bounding_box, box_slices, nonzero_mask, uncrop
+from autounet.preprocessing.crop import bounding_box, box_slices, uncrop
 from autounet.preprocessing.locations import sample_class_locations
 from autounet.preprocessing.normalize import normalize
 from autounet.preprocessing.resample import (
@@ -81,6 +87,10 @@ def preprocess_key(plan: ConfigurationPlan, values: list[int], options: Preproce
         "label_values": values,
         "options": asdict(options),
     }
+    if plan.background is not None:  # only when set, so that other plans keep their keys
+        relevant["background"] = plan.background
+    if plan.foreground_channel:
+        relevant["foreground_channel"] = True
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -108,6 +118,19 @@ def _class_indices(label: np.ndarray, values: list[int], case_id: str) -> np.nda
     return lut[lab]
 
 
+def case_background(image: np.ndarray, background: list[float | None] | None) -> list[float] | None:
+    """Background value per channel of ``image`` for a plan's ``background`` (None: 0 everywhere).
+
+    A None entry takes this case's own value: that of its 8 corners when they agree, else 0.
+    """
+    if background is None:
+        return None
+    if len(background) != image.shape[0]:
+        raise AutounetError(f"the plan gives {len(background)} background value(s) for {image.shape[0]} channel(s)")
+    corners = corner_values(image) if any(v is None for v in background) else [None] * image.shape[0]
+    return [float(v) if v is not None else float(c or 0.0) for v, c in zip(background, corners)]
+
+
 def preprocess_case(
     case_id: str,
     image: np.ndarray,
@@ -122,13 +145,16 @@ def preprocess_case(
         raise AutounetError(
             f"{case_id}: image has {image.shape[0]} channel(s), the plan expects {len(plan.normalization)}"
         )
-    # 1. crop to the nonzero region (and every labelled voxel)
-    nonzero = np.any(image != 0, axis=0)
+    # 1. crop to the nonzero region (and every labelled voxel); "zero" is the plan's background
+    background = case_background(image, plan.background)
+    nonzero = foreground_mask(image, background)
     box = bounding_box(nonzero | (label > 0) if label is not None else nonzero)
     crop = box_slices(box)
     image_c = image[(slice(None), *crop)]
     use_mask = any(n.use_nonzero_mask for n in plan.normalization)
-    mask_c = nonzero_mask(image_c, fill_holes=True) if use_mask else None
+    need_mask = use_mask or plan.background is not None or plan.foreground_channel
+    mask_c = ndimage.binary_fill_holes(nonzero[crop]) if need_mask else None  # seed 001 §2.2: holes filled
+    del nonzero
     seg_c = _class_indices(label[crop], values, case_id) if label is not None else None
 
     # 2. network axis order
@@ -153,8 +179,14 @@ def preprocess_case(
         seg_r = np.ascontiguousarray(seg_r)
     mask_r = resample_labels_nearest(mask_t, new_shape) if mask_t is not None else None
 
-    # 4. normalise
+    # 4. normalise (background 0: seed 004 §2.2), then the one-hot foreground channel
     applied = normalize(image_r, mask_r, plan.normalization)
+    if plan.background is not None:
+        for c, n in enumerate(plan.normalization):
+            if not n.use_nonzero_mask:
+                image_r[c][~mask_r] = 0
+    if plan.foreground_channel:
+        image_r = np.concatenate([image_r, mask_r[None].astype(image_r.dtype)])
     image_r = image_r.astype(options.image_dtype, copy=False)
 
     if seg_r is not None:

@@ -19,7 +19,7 @@ from autounet.utils.atomic import atomic_write
 
 CHECKPOINT_FORMAT = "autounet-checkpoint"
 CHECKPOINT_VERSION = 1
-NAMES = ("latest", "best", "final")
+NAMES = ("latest", "best", "second_best", "final")
 
 
 def checkpoint_path(fold_dir: Path, kind: str) -> Path:
@@ -34,13 +34,16 @@ def save_checkpoint(path: Path, content: dict[str, Any]) -> None:
     atomic_write(path, lambda p: torch.save(payload, p))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint as data only; one clear error if it is missing, foreign or unsafe."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint as data only; one clear error if it is missing, foreign or unsafe.
+
+    ``mmap``: map the tensors instead of reading them (cheap when only the plain data is wanted).
+    """
     path = Path(path)
     if not path.is_file():
         raise AutounetError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).strip().splitlines()]
         unsafe = next((line for line in lines if "GLOBAL" in line), None)

@@ -1,5 +1,6 @@
 """Assemble the training building blocks of one configuration from its workspace: the network,
-the loss, the sampler and the augmenter, all configured by the plan and an augmentation preset."""
+the loss, the sampler and the augmenter, all configured by the plan and an augmentation preset
+(the loss by the plan's training preset: region plans train sigmoid outputs on region targets)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from autounet.networks.unet import UNet
 from autounet.planning.plans import ConfigurationPlan, load_plans
 from autounet.training.augmentation.pipeline import Augmenter
 from autounet.training.augmentation.preset import AugmentationPreset, load_augmentation_preset
-from autounet.training.losses import DeepSupervisionLoss, DiceCELoss
+from autounet.training.losses import DeepSupervisionLoss
 from autounet.training.sampler import PatchSampler, SamplerSettings
+from autounet.training.schedule import load_training_preset
+from autounet.training.setup import RegionTargets, build_losses, region_set, stored_channels
 from autounet.workspace import Workspace
 
 
@@ -29,6 +32,7 @@ class TrainingComponents:
     augmenter: Augmenter
     preset: AugmentationPreset
     device: torch.device
+    targets: RegionTargets | None = None  # region plans: class indices -> region maps
 
 
 def preprocessed_cases(folder: Path) -> list[str]:
@@ -39,15 +43,17 @@ def build_components(
     work: str | Path | None,
     name: str,
     configuration: str,
-    preset: str | Path = "paper",
+    preset: str | Path | None = None,
     device: str | torch.device | None = None,
     cases: list[str] | None = None,
     seed: int = 0,
     previous_stage_dir: Path | None = None,
 ) -> TrainingComponents:
-    """Network, loss (Dice + CE with deep supervision), sampler and augmenter for a configuration."""
+    """Network, loss (Dice + CE, or BCE + Dice per region, with deep supervision), sampler and
+    augmenter for a configuration; ``preset``: augmentation preset (default: the plan's, else paper)."""
     ws = Workspace.at(work, name)
-    plan = load_plans(ws.plans_json).configuration(configuration)
+    plans = load_plans(ws.plans_json)
+    plan = plans.configuration(configuration)
     folder = ws.preprocessed_dir(plan.data_identifier)
     cases = cases if cases is not None else preprocessed_cases(folder)
     if not cases:
@@ -55,9 +61,14 @@ def build_components(
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    aug_preset = load_augmentation_preset(preset)
+    aug_preset = load_augmentation_preset(preset or plan.augmentation_preset or "paper")
     augmenter = Augmenter(
-        aug_preset, plan.patch_size, plan.in_plane_augmentation, image_channels=len(plan.normalization), device=device
+        aug_preset,
+        plan.patch_size,
+        plan.in_plane_augmentation,
+        image_channels=plan.image_channels,
+        device=device,
+        passthrough_channels=1 if plan.foreground_channel else 0,
     )
     settings = SamplerSettings(
         patch_size=tuple(plan.patch_size),
@@ -69,13 +80,16 @@ def build_components(
         previous_stage_dir=previous_stage_dir,
         p_remove_component=aug_preset.cascade.p_remove_component,
         max_component_fraction=aug_preset.cascade.max_component_fraction,
+        stored_channels=stored_channels(plan),
     )
     sampler = PatchSampler(folder, cases, settings, seed=seed)
     torch.manual_seed(seed)
     spec = spec_from_plan(plan)
     network = UNet(spec).to(device)
-    loss = DeepSupervisionLoss(DiceCELoss(batch_dice=plan.batch_dice))
-    return TrainingComponents(plan, spec, network, loss, sampler, augmenter, aug_preset, device)
+    loss, _ = build_losses(plan, load_training_preset(plan.training_preset))
+    regions = region_set(plan)
+    targets = RegionTargets(regions, plans.labels, device) if regions is not None else None
+    return TrainingComponents(plan, spec, network, loss, sampler, augmenter, aug_preset, device, targets)
 
 
 def training_step(
@@ -83,7 +97,7 @@ def training_step(
 ) -> float:
     """One optimiser step on an augmented batch; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss = c.loss(c.network(image), seg)
+    loss = c.loss(c.network(image), c.targets(seg) if c.targets is not None else seg)
     loss.backward()
     optimizer.step()
     return float(loss.detach())

@@ -70,8 +70,21 @@ class CrossEntropyLoss:
         return F.cross_entropy(logits.float(), target[:, 0].long())
 
 
+class FocalLoss:
+    """Multi-class focal loss (Lin et al.) on softmax outputs: mean of ``-(1 - p_t)^gamma log p_t``."""
+
+    def __init__(self, gamma: float = 2.0):
+        self.gamma = gamma
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float(), target[:, 0].long(), reduction="none")
+        p_t = torch.exp(-ce)
+        return ((1 - p_t) ** self.gamma * ce).mean()
+
+
 class DiceCELoss:
-    """``L_dice + L_CE`` (seed 001 eq. 1)."""
+    """``L_dice + L_CE`` (seed 001 eq. 1); with ``focal``, Focal loss (gamma 2) instead of CE
+    (seed 004 Table 2's ablation, for softmax outputs)."""
 
     def __init__(
         self,
@@ -80,9 +93,11 @@ class DiceCELoss:
         dice_weight: float = 1.0,
         ce_weight: float = 1.0,
         reduce: Reduce | None = None,
+        focal: bool = False,
+        gamma: float = 2.0,
     ):
         self.dice = DiceLoss(batch_dice, include_background, reduce)
-        self.ce = CrossEntropyLoss()
+        self.ce = FocalLoss(gamma) if focal else CrossEntropyLoss()
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ class SamplerSettings:
     previous_stage_dir: Path | None = None  # CASE_previous.npy: previous stage's class indices
     p_remove_component: float = 0.0
     max_component_fraction: float = 0.15
+    stored_channels: int | None = None  # read only the first N channels of the stored image (None: all)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class PatchSampler:
         forced = self._forced(rng)
         images, segs, ids, fg = [], [], [], np.zeros(s.batch_size, bool)
         margin = [(q - p) // 2 for q, p in zip(s.sample_size, s.patch_size)]
+        channels = slice(None) if s.stored_channels is None else slice(0, s.stored_channels)
         for i in range(s.batch_size):
             case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
             image, seg, locations, classes, previous = self._case(case_id)
@@ -174,13 +176,13 @@ class PatchSampler:
                 plane = seg.shape[1:]
                 starts = self._placement(plane, voxel[1:] if voxel is not None else None, rng)
                 box = [st - m for st, m in zip(starts, margin)]
-                img = self._read(image, (slice(None), z), box, np.float32)
+                img = self._read(image, (channels, z), box, np.float32)
                 lab = self._read(seg, (z,), box, np.uint8)
                 prev = self._read(previous, (z,), box, np.uint8) if previous is not None else None
             else:
                 starts = self._placement(seg.shape, voxel, rng)
                 box = [st - m for st, m in zip(starts, margin)]
-                img = self._read(image, (slice(None),), box, np.float32)
+                img = self._read(image, (channels,), box, np.float32)
                 lab = self._read(seg, (), box, np.uint8)
                 prev = self._read(previous, (), box, np.uint8) if previous is not None else None
             if prev is not None:

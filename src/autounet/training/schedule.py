@@ -8,7 +8,7 @@ continues exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ from autounet.errors import AutounetError
 
 SCHEDULES = ("plateau", "warmup_cosine", "poly")
 OPTIMIZERS = ("adam", "sgd")
+BEST_METRICS = ("ema", "raw")
+INFERENCE_CHECKPOINTS = ("final", "best", "second_best", "latest")
 
 
 @dataclass
@@ -55,8 +57,16 @@ class TrainingPreset:
     grad_clip_norm: float  # 0: no clipping
     augmentation: str  # augmentation preset name or JSON path
     deep_supervision_normalized: bool
-    best_dice_ema: float  # checkpoint_best follows this moving average of the validation Dice
+    best_dice_ema: float  # moving-average factor of the validation Dice (best_metric "ema")
     schema_version: int = 1
+    # checkpoint_best.pt (and checkpoint_second_best.pt when 2) follow the epoch's mean validation
+    # Dice: its moving average ("ema", seed 001's public code) or the raw value ("raw", seed 004 §3.2)
+    best_checkpoints: int = 1
+    best_metric: str = "ema"
+    # what inference and the end-of-training validation use by default: each fold's "final", or
+    # its two best averaged (seed 004 §3.2: ["best", "second_best"])
+    inference_checkpoints: list[str] = field(default_factory=lambda: ["final"])
+    focal_loss: bool = False  # Focal (gamma 2) instead of (binary) cross-entropy, seed 004 Table 2
 
     def validate(self) -> None:
         if self.optimizer.name not in OPTIMIZERS:
@@ -73,6 +83,21 @@ class TrainingPreset:
         for key in ("train_ema", "val_ema"):
             if not 0 <= getattr(self.schedule, key) < 1:
                 raise AutounetError(f"training preset {self.name}: schedule.{key} must be in [0, 1)")
+        if self.best_checkpoints not in (1, 2):
+            raise AutounetError(f"training preset {self.name}: best_checkpoints must be 1 or 2")
+        if self.best_metric not in BEST_METRICS:
+            raise AutounetError(f"training preset {self.name}: best_metric must be one of {BEST_METRICS}")
+        bad = [c for c in self.inference_checkpoints if c not in INFERENCE_CHECKPOINTS]
+        if (
+            not self.inference_checkpoints
+            or bad
+            or len(set(self.inference_checkpoints)) < len(self.inference_checkpoints)
+        ):
+            raise AutounetError(
+                f"training preset {self.name}: inference_checkpoints must list distinct names of {INFERENCE_CHECKPOINTS}"
+            )
+        if "second_best" in self.inference_checkpoints and self.best_checkpoints < 2:
+            raise AutounetError(f"training preset {self.name}: second_best needs best_checkpoints 2")
 
 
 def training_preset_names() -> list[str]:

@@ -1,10 +1,13 @@
 """`autounet train`: one fold of one configuration, orchestrating the building blocks.
 
 Per epoch: training iterations fed by the background sampler and the on-device augmenter, then
-validation on fixed patches of the fold's validation cases (loss and per-class Dice). Mixed
-precision on CUDA, gradient clipping, a stop with a clear message on a non-finite loss. After
-every epoch ``checkpoint_latest.pt``, ``checkpoint_best.pt`` (moving average of validation Dice),
-``log.jsonl`` and ``progress.png`` are written atomically; ``checkpoint_final.pt`` at the end.
+validation on fixed patches of the fold's validation cases (loss and per-class Dice, or
+per-region Dice of sigmoid > 0.5 for region plans). Mixed precision on CUDA, gradient clipping, a
+stop with a clear message on a non-finite loss. After every epoch ``checkpoint_latest.pt``,
+``checkpoint_best.pt`` (and ``checkpoint_second_best.pt`` when the training preset keeps two: seed
+004 §3.2), ``log.jsonl`` and ``progress.png`` are written atomically; ``checkpoint_final.pt`` at
+the end. Without ``--preset`` the plan's training preset is used (``nvidia`` for the brats
+recipe), so a pipeline needs no recipe knowledge.
 Each batch is a pure function of (seed, step), so ``--resume`` continues exactly. Under
 ``torchrun`` the batch is split across processes (DDP), batch Dice is summed over them,
 validation is sharded, and only rank 0 writes.
@@ -24,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from autounet.errors import AutounetError
-from autounet.networks.spec import NetworkSpec, spec_from_plan
+from autounet.networks.spec import NetworkSpec
 from autounet.networks.unet import UNet
 from autounet.planning.plans import ConfigurationPlan, Plans, load_plans
 from autounet.preprocessing.store import case_paths
@@ -34,9 +37,18 @@ from autounet.training.checkpoint import checkpoint_path, load_checkpoint, rng_s
 from autounet.training.distributed import Distributed, all_reduce_sum, barrier, differentiable_sum, init_distributed
 from autounet.training.loader import BatchLoader, default_loader_threads
 from autounet.training.logbook import format_epoch, plot_progress, write_log
-from autounet.training.losses import DeepSupervisionLoss, DiceCELoss
+from autounet.training.losses import DeepSupervisionLoss, one_hot
 from autounet.training.sampler import PatchSampler, SamplerSettings, previous_stage_path
 from autounet.training.schedule import Schedule, TrainingPreset, load_training_preset, make_optimizer
+from autounet.training.setup import (
+    RegionTargets,
+    apply_loss_options,
+    build_spec,
+    has_network_overrides,
+    model_setup,
+    run_plan,
+    stored_channels,
+)
 from autounet.training.splits import fold_cases, load_or_create_splits
 from autounet.utils.atomic import read_json
 from autounet.utils.plain_data import from_plain, to_plain
@@ -50,8 +62,8 @@ class TrainOptions:
 
     configuration: str
     fold: int | str
-    preset: str = "paper"
-    augmentation: str | None = None
+    preset: str | None = None  # None: the plan's training preset ("paper", "nvidia" for --preset brats)
+    augmentation: str | None = None  # None: the plan's, else the training preset's
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     validation_iterations: int | None = None
@@ -63,6 +75,16 @@ class TrainOptions:
     resume: bool = False
     loader_threads: int | None = None
     validate: bool = True  # predict the validation cases in full at the end
+    # seed 004 ablation switches (Tables 2-3); None keeps the plan's network / the preset's loss
+    attention: bool | None = None  # attention gates in the decoder
+    residual: bool | None = None  # residual blocks (encoder and decoder)
+    drop_block: float | None = None  # DropBlock probability (block size 5); 0: off
+    focal: bool | None = None  # Focal loss (gamma 2) instead of (binary) cross-entropy
+    deep_supervision_heads: int | None = None  # extra output heads; 0: no deep supervision
+    features: list[int] | None = None  # features per encoder stage (longer: a deeper encoder)
+    deeper: bool = False  # seed 004's 64, 96, 128, 192, 256, 384, 512 encoder
+    width_multiplier: float | None = None  # every stage's features times this
+    foreground_channel: bool | None = None  # False: drop the one-hot foreground input channel
 
 
 @dataclass
@@ -83,6 +105,9 @@ class RunState:
     log: list[dict[str, Any]] = field(default_factory=list)
     ema_dice: float | None = None
     best_ema_dice: float = -math.inf
+    best_scores: list[float] = field(
+        default_factory=list
+    )  # of checkpoint_best (, _second_best), by the preset's metric
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -170,7 +195,8 @@ class Run:
     scaler: torch.amp.GradScaler | None
     amp_dtype: torch.dtype | None
     loss: DeepSupervisionLoss
-    validation_loss: DiceCELoss
+    validation_loss: Any
+    targets: RegionTargets | None  # region plans: class indices -> region maps on the device
     augmenter: Augmenter
     train_sampler: PatchSampler
     val_sampler: PatchSampler
@@ -197,12 +223,14 @@ def _checkpoint_content(run: Run, state: RunState, kind: str) -> dict[str, Any]:
         "channel_names": list(run.plans.channel_names),
         "training_preset": to_plain(run.preset),
         "augmentation_preset": to_plain(run.augmentation),
+        "regions": to_plain(run.plan.regions) if run.plan.regions else None,
         "training": {
             "epoch": state.epoch,
             "step": state.step,
             "log": state.log,
             "ema_dice": state.ema_dice,
             "best_ema_dice": state.best_ema_dice,
+            "best_scores": list(state.best_scores),
             "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
@@ -226,7 +254,7 @@ def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tupl
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
     ws = Workspace.at(work, name)
     plans = load_plans(ws.plans_json)
-    plan = plans.configuration(options.configuration)
+    planned = plans.configuration(options.configuration)
     fold_dir = ws.fold_dir(options.configuration, options.fold)
     latest = checkpoint_path(fold_dir, "latest")
     stored = load_checkpoint(latest) if (options.resume and latest.is_file()) else None
@@ -235,11 +263,21 @@ def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tupl
             f"{fold_dir} already holds a run (checkpoint_latest.pt): add --resume to continue it, or remove the folder to start over"
         )
 
-    preset = (
-        load_training_preset(options.preset)
-        if stored is None
-        else from_plain(TrainingPreset, stored["training_preset"])
-    )
+    if stored is None:
+        preset = apply_loss_options(load_training_preset(options.preset or planned.training_preset), options)
+        plan = run_plan(planned, options.foreground_channel)
+    else:
+        preset = from_plain(TrainingPreset, stored["training_preset"], f"{latest}: training_preset")
+        stored_plan = from_plain(ConfigurationPlan, stored["plan"], f"{latest}: plan")
+        if options.foreground_channel is not None and options.foreground_channel != stored_plan.foreground_channel:
+            raise AutounetError(f"{latest}: --no-foreground-channel cannot change when a run is resumed")
+        if options.focal is not None and options.focal != preset.focal_loss:
+            raise AutounetError(f"{latest}: --focal cannot change when a run is resumed")
+        plan = run_plan(planned, stored_plan.foreground_channel)
+        if to_plain(plan) != to_plain(stored_plan):
+            raise AutounetError(
+                f"{latest}: the plans of {options.configuration} changed since this run started; start a new run (remove {fold_dir})"
+            )
     changes = {}
     if options.epochs is not None:
         changes["max_epochs"] = options.epochs
@@ -252,13 +290,11 @@ def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tupl
     preset = replace(preset, **changes)
     preset.validate()
     if stored is None:
-        augmentation = load_augmentation_preset(options.augmentation or preset.augmentation)
+        augmentation = load_augmentation_preset(
+            options.augmentation or planned.augmentation_preset or preset.augmentation
+        )
     else:
         augmentation = from_plain(AugmentationPreset, stored["augmentation_preset"])
-        if to_plain(plan) != stored["plan"]:
-            raise AutounetError(
-                f"{latest}: the plans of {options.configuration} changed since this run started; start a new run (remove {fold_dir})"
-            )
 
     folder = ws.preprocessed_dir(plan.data_identifier)
     cases = _complete_cases(folder, name, options.configuration)
@@ -276,7 +312,12 @@ def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tupl
     batch_size = options.batch_size or (stored["training"]["batch_size"] if stored else plan.batch_size)
     local_batch = _local_batch(batch_size, info)
     augmenter = Augmenter(
-        augmentation, plan.patch_size, plan.in_plane_augmentation, image_channels=len(plan.normalization), device=device
+        augmentation,
+        plan.patch_size,
+        plan.in_plane_augmentation,
+        image_channels=plan.image_channels,
+        device=device,
+        passthrough_channels=1 if plan.foreground_channel else 0,
     )
     common = dict(
         patch_size=tuple(plan.patch_size),
@@ -285,6 +326,7 @@ def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tupl
         foreground_value=augmentation.foreground.value,
         num_classes=plan.num_classes,
         previous_stage_dir=previous,
+        stored_channels=stored_channels(plan),
     )
     train_sampler = PatchSampler(
         folder,
@@ -301,16 +343,25 @@ def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tupl
         folder, val_cases, SamplerSettings(sample_size=tuple(plan.patch_size), **common), seed=options.seed + 1
     )
 
+    reduce = differentiable_sum if info.enabled else None
+    setup = model_setup(
+        plan, preset, replace(options, focal=None, foreground_channel=None), plans.labels, device, reduce
+    )
+    spec = setup.spec
+    if stored is not None:
+        stored_spec = from_plain(NetworkSpec, stored["network_spec"], f"{latest}: network_spec")
+        if has_network_overrides(options) and build_spec(plan, options) != stored_spec:
+            raise AutounetError(
+                f"{latest}: the network switches differ from the stored run's; resume without them or start a new run"
+            )
+        spec = stored_spec
     torch.manual_seed(options.seed)
-    spec = spec_from_plan(plan)
     network = UNet(spec).to(device)
     model = network
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None
         )
-    reduce = differentiable_sum if info.enabled else None
-    loss = DeepSupervisionLoss(DiceCELoss(plan.batch_dice, reduce=reduce), normalize=preset.deep_supervision_normalized)
     optimizer = make_optimizer(network.parameters(), preset.optimizer)
     schedule = Schedule(preset.schedule, preset.optimizer.lr, preset.max_epochs, preset.iterations_per_epoch)
     amp_dtype, scaler = _amp(device)
@@ -327,8 +378,9 @@ def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tupl
         schedule=schedule,
         scaler=scaler,
         amp_dtype=amp_dtype,
-        loss=loss,
-        validation_loss=DiceCELoss(plan.batch_dice),
+        loss=setup.loss,
+        validation_loss=setup.validation_loss,
+        targets=setup.targets,
         augmenter=augmenter,
         train_sampler=train_sampler,
         val_sampler=val_sampler,
@@ -346,8 +398,6 @@ def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tupl
 
 def _restore(run: Run, stored: dict[str, Any]) -> RunState:
     t = stored["training"]
-    if from_plain(NetworkSpec, stored["network_spec"]) != run.spec:
-        raise AutounetError(f"{run.fold_dir}: the network of the stored run differs from the plan's; start a new run")
     run.network.load_state_dict(stored["state_dict"])
     run.optimizer.load_state_dict(t["optimizer"])
     for group in run.optimizer.param_groups:  # an --lr override applies from now on
@@ -356,8 +406,16 @@ def _restore(run: Run, stored: dict[str, Any]) -> RunState:
     if run.scaler is not None and t["scaler"] is not None:
         run.scaler.load_state_dict(t["scaler"])
     set_rng_state(t["rng"])
+    best = t.get("best_scores")
+    if best is None:  # a checkpoint from before two best checkpoints existed
+        best = [t["best_ema_dice"]] if math.isfinite(t["best_ema_dice"]) else []
     return RunState(
-        epoch=t["epoch"], step=t["step"], log=list(t["log"]), ema_dice=t["ema_dice"], best_ema_dice=t["best_ema_dice"]
+        epoch=t["epoch"],
+        step=t["step"],
+        log=list(t["log"]),
+        ema_dice=t["ema_dice"],
+        best_ema_dice=t["best_ema_dice"],
+        best_scores=[float(v) for v in best],
     )
 
 
@@ -408,7 +466,7 @@ def _train_epoch(run: Run, state: RunState, epoch: int, deadline: float | None) 
         run.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             output = run.model(image)
-        loss = run.loss(output, seg)
+        loss = run.loss(output, run.targets(seg) if run.targets is not None else seg)
         _stop_if_nonfinite(run, loss, epoch, i, state)
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
@@ -437,43 +495,77 @@ def _train_epoch(run: Run, state: RunState, epoch: int, deadline: float | None) 
     return float(summed[0] / max(1.0, float(summed[1]))), waited, done, cut
 
 
+def _masks(run: Run, logits: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss target and boolean (prediction, truth) maps ``(B, K, *S)`` per foreground class or region."""
+    if run.targets is not None:  # regions: sigmoid > 0.5
+        target = run.targets(seg)
+        return target, logits > 0, target > 0.5
+    k = logits.shape[1]
+    pred = one_hot(logits.argmax(1, keepdim=True), k)[:, 1:] > 0
+    return seg, pred, one_hot(seg, k)[:, 1:] > 0
+
+
 @torch.no_grad()
 def _validate(run: Run) -> tuple[float | None, dict[str, float | None]]:
-    """Loss and per-class Dice over the fixed validation patches (sharded across processes)."""
+    """Loss and Dice per foreground class (label value) or region (name) over the fixed validation
+    patches (sharded across processes)."""
     n = run.preset.validation_iterations
     if n == 0 or not run.val_cases:
         return None, {}
     run.model.eval()
-    k = run.plan.num_classes
-    sums = torch.zeros(2 + 3 * (k - 1), dtype=torch.float64, device=run.device)  # loss, count, tp, fp, fn
+    names = run.plan.regions and [r["name"] for r in run.plan.regions["regions"]]
+    names = names or sorted(run.plans.labels, key=int)[1:]
+    k = len(names)
+    sums = torch.zeros(2 + 3 * k, dtype=torch.float64, device=run.device)  # loss, count, tp, fp, fn
     for index in range(run.info.rank, n, run.info.world_size):
         batch = run.val_sampler.batch(index)
         image = torch.from_numpy(batch.image).to(run.device)
         seg = torch.from_numpy(batch.seg).to(run.device)
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             logits = run.network(image)
-        sums[0] += float(run.validation_loss(logits, seg))
+        target, pred, truth = _masks(run, logits.float(), seg)
+        sums[0] += float(run.validation_loss(logits, target))
         sums[1] += 1
-        pred, truth = logits.argmax(1), seg[:, 0].long()
-        for c in range(1, k):
-            p, t = pred == c, truth == c
-            sums[2 + (c - 1)] += (p & t).sum()
-            sums[2 + (k - 1) + (c - 1)] += (p & ~t).sum()
-            sums[2 + 2 * (k - 1) + (c - 1)] += (~p & t).sum()
+        axes = [0, *range(2, pred.ndim)]
+        sums[2 : 2 + k] += (pred & truth).sum(axes)
+        sums[2 + k : 2 + 2 * k] += (pred & ~truth).sum(axes)
+        sums[2 + 2 * k :] += (~pred & truth).sum(axes)
     all_reduce_sum(sums, run.info)
-    tp, fp, fn = sums[2 : 1 + k], sums[1 + k : 2 * k], sums[2 * k :]
+    tp, fp, fn = sums[2 : 2 + k], sums[2 + k : 2 + 2 * k], sums[2 + 2 * k :]
     dice = _class_dice(tp, fp, fn)
-    names = sorted(run.plans.labels, key=int)[1:]
     return float(sums[0] / sums[1].clamp_min(1)), dict(zip(names, dice))
 
 
-def _save(run: Run, state: RunState, improved: bool) -> None:
+def _rank(run: Run, state: RunState, score: float | None) -> int | None:
+    """Where ``score`` enters the kept best checkpoints (0: best, 1: second best), or None; updates the state."""
+    keep = run.preset.best_checkpoints
+    if score is None:
+        return None
+    rank = sum(1 for s in state.best_scores if s >= score)  # ties: the earlier checkpoint stays ahead
+    if rank >= keep:
+        return None
+    state.best_scores.insert(rank, float(score))
+    del state.best_scores[keep:]
+    return rank
+
+
+def _save(run: Run, state: RunState, rank: int | None) -> None:
+    """``checkpoint_latest.pt``; ``checkpoint_best.pt`` when the epoch ranks first (the previous
+    best moves to ``checkpoint_second_best.pt`` when the preset keeps two), or
+    ``checkpoint_second_best.pt`` when it ranks second."""
     if not run.info.is_main:
         return
     content = _checkpoint_content(run, state, "latest")
     save_checkpoint(checkpoint_path(run.fold_dir, "latest"), content)
-    if improved:
-        save_checkpoint(checkpoint_path(run.fold_dir, "best"), {**content, "kind": "best"})
+    best, second = checkpoint_path(run.fold_dir, "best"), checkpoint_path(run.fold_dir, "second_best")
+    # for inference only: without the optimiser state (2/3 of an Adam checkpoint's size)
+    weights = {**content, "training": {**content["training"], "optimizer": None}}
+    if rank == 0:
+        if run.preset.best_checkpoints > 1 and best.is_file():
+            os.replace(best, second)
+        save_checkpoint(best, {**weights, "kind": "best"})
+    elif rank == 1:
+        save_checkpoint(second, {**weights, "kind": "second_best"})
     write_log(run.fold_dir / "log.jsonl", state.log)
     plot_progress(run.fold_dir / "progress.png", state.log)
 
@@ -483,22 +575,30 @@ def _final_validation(run: Run, state: RunState) -> None:
     stores its next stage's inputs from these predictions (not for fold 'all')."""
     if run.options.fold == "all" or not run.val_cases or not run.options.validate:
         return
-    from autounet.inference.model import stage_from_network
+    from autounet.inference.model import load_stage, stage_from_network
     from autounet.inference.next_stage import next_stage_writer
     from autounet.inference.validation import validate_fold
 
-    stage = stage_from_network(
-        run.network, run.plan, run.spec, run.plans.labels, to_plain(run.augmentation), regions=None
-    )
-    info = {"checkpoints": ["final"], "epoch": state.epoch, "step": state.step}
+    if list(run.preset.inference_checkpoints) == ["final"]:
+        stage = stage_from_network(
+            run.network, run.plan, run.spec, run.plans.labels, to_plain(run.augmentation), regions=run.plan.regions
+        )
+        used = ["final"]
+    else:  # the checkpoints inference will use (seed 004: the two best), read back from disk
+        stage = load_stage(run.fold_dir)
+        stage.previous = None  # validation reads the stored first-stage predictions instead
+        stage.to(run.device)
+        used = list(stage.extra.get("checkpoints", run.preset.inference_checkpoints))
+    info = {"checkpoints": used, "epoch": state.epoch, "step": state.step}
     writer = next_stage_writer(run.ws, run.plans, run.options.configuration)
     result = validate_fold(
         run.ws, stage, run.fold_dir, run.val_cases, run.device, run.amp_dtype, info, on_probabilities=writer
     )
     dice = result.evaluation.foreground_mean.get("dice")
+    what = "region" if run.plan.regions else "foreground"
     print(
-        f"{run.options.configuration} fold {run.options.fold}: {len(run.val_cases)} validation cases predicted in full in "
-        f"{result.seconds:.1f} s; mean foreground Dice {dice:.4f} -> {result.folder / 'summary.json'}"
+        f"{run.options.configuration} fold {run.options.fold}: {len(run.val_cases)} validation cases predicted in full "
+        f"({' + '.join(used)}) in {result.seconds:.1f} s; mean {what} Dice {dice:.4f} -> {result.folder / 'summary.json'}"
     )
 
 
@@ -534,9 +634,10 @@ def train(work: str | Path | None, name: str, options: TrainOptions) -> TrainRes
         if mean_dice is not None:
             a = run.preset.best_dice_ema
             state.ema_dice = mean_dice if state.ema_dice is None else a * state.ema_dice + (1 - a) * mean_dice
-        improved = state.ema_dice is not None and state.ema_dice > state.best_ema_dice
-        if improved:
+        if state.ema_dice is not None and state.ema_dice > state.best_ema_dice:
             state.best_ema_dice = state.ema_dice
+        score = state.ema_dice if run.preset.best_metric == "ema" else mean_dice
+        rank = _rank(run, state, score)
         seconds = time.time() - epoch_start
         state.epoch += 1
         entry = {
@@ -556,7 +657,7 @@ def train(work: str | Path | None, name: str, options: TrainOptions) -> TrainRes
             "partial": cut,
         }
         state.log.append(entry)
-        _save(run, state, improved)
+        _save(run, state, rank)
         if run.info.is_main:
             print(format_epoch(entry), flush=True)
         last_epoch_seconds = seconds

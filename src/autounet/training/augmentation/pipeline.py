@@ -17,8 +17,9 @@ class Augmenter:
 
     ``in_plane``: 3D patches whose longest edge is more than twice the shortest are rotated,
     scaled and deformed in-plane only (slice-wise), as seed 001 §2.3 prescribes.
-    ``image_channels``: channels after these (the previous cascade stage's one-hot maps) get no
-    intensity augmentation but random morphology instead.
+    ``image_channels``: channels after these get no intensity augmentation; the next
+    ``passthrough_channels`` (seed 004's one-hot foreground channel) only the spatial transform,
+    the rest (the previous cascade stage's one-hot maps) random morphology too.
     """
 
     def __init__(
@@ -28,12 +29,14 @@ class Augmenter:
         in_plane: bool = False,
         image_channels: int | None = None,
         device: str | torch.device = "cpu",
+        passthrough_channels: int = 0,
     ):
         preset.validate()
         self.preset = preset
         self.patch_size = list(patch_size)
         self.in_plane = bool(in_plane) and len(patch_size) == 3
         self.image_channels = image_channels
+        self.passthrough_channels = int(passthrough_channels)
         self.device = torch.device(device)
         self.sample_size = sample_size(self.patch_size, preset, self.in_plane)
 
@@ -48,6 +51,11 @@ class Augmenter:
         image, seg = apply_spatial(image, seg, self.patch_size, self.preset, self.in_plane, gen)
         n = image.shape[1] if self.image_channels is None else self.image_channels
         out = apply_intensity(image[:, :n], self.preset, gen)
-        if n < image.shape[1]:
-            out = torch.cat([out, morphology(image[:, n:], 0, self.preset, gen)], dim=1)
+        m = min(image.shape[1], n + self.passthrough_channels)
+        parts = [out]
+        if m > n:
+            parts.append(image[:, n:m])
+        if m < image.shape[1]:
+            parts.append(morphology(image[:, m:], 0, self.preset, gen))
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else out
         return out.contiguous(), seg.contiguous()

@@ -1,0 +1,367 @@
+"""`autounet select`: choose the best model from cross-validation and decide post-processing.
+
+Seed 001 §2.6: every trained configuration and every pair of them (their validation
+probabilities averaged) is scored by the mean foreground Dice over the cross-validation cases;
+the best is chosen. Only cases validated by every candidate are compared, so the scores are on
+the same cases. Seed 001 §2.5 + DESIGN §4.6: for the winner, "keep the largest connected
+component" is tried (all foreground, then each class that lies in one component in every
+training label) and kept only where it does not lower the cross-validation Dice. Region models
+(seed 004) instead get the ET rule, its threshold and voxel counts grid-searched on the
+cross-validation predictions (§2.5).
+
+Writes ``W/NAME/selection.json`` (schema in docs/formats.md); a pair winner's cross-validation
+segmentations go to ``W/NAME/results/ensembles/A+B/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autounet.data.image_io import read_label, write_image
+from autounet.errors import AutounetError
+from autounet.evaluation.cross_validation import fold_summaries
+from autounet.evaluation.evaluate import EvaluationResult, load_evaluation, summarize
+from autounet.evaluation.metrics import case_metrics
+from autounet.planning.plans import CONFIGURATIONS, load_plans
+from autounet.utils.atomic import atomic_write, atomic_write_json, read_json
+from autounet.utils.parallel import default_workers, map_cases
+from autounet.workspace import Workspace
+
+SELECTION_SCHEMA_VERSION = 1
+ENSEMBLES = "ensembles"
+_FOLD = re.compile(r"^fold_(\d+)$")
+
+
+@dataclass
+class TrainedConfiguration:
+    """A configuration's cross-validation results: which fold validated each case, and scores."""
+
+    name: str
+    case_dirs: dict[str, Path]  # case -> the validation folder holding CASE.nii.gz and CASE.npz
+    folds: list[int]
+    evaluation: EvaluationResult
+    regions: dict | None
+    labels: list[int]
+    complete: bool
+
+
+@dataclass
+class Candidate:
+    name: str
+    members: list[str]
+    evaluation: EvaluationResult
+
+    @property
+    def dice(self) -> float:
+        d = self.evaluation.foreground_mean.get("dice")
+        return float(d) if d is not None and not math.isnan(d) else -1.0
+
+
+def _expected_folds(ws: Workspace) -> int | None:
+    try:
+        return len(read_json(ws.splits_json))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def trained_configurations(ws: Workspace, names: list[str] | None = None) -> list[TrainedConfiguration]:
+    """Configurations with at least one validated fold, in the plan's order."""
+    from autounet.training.checkpoint import checkpoint_path, load_checkpoint
+
+    plans = load_plans(ws.plans_json)
+    wanted = names or [c for c in CONFIGURATIONS if c in plans.configurations]
+    unknown = [n for n in wanted if n not in plans.configurations]
+    if unknown:
+        raise AutounetError(f"configuration(s) {', '.join(unknown)} are not planned for {ws.name}")
+    expected = _expected_folds(ws)
+    found = []
+    for name in wanted:
+        results = ws.results_dir(name)
+        summaries = fold_summaries(results)
+        if not summaries:
+            continue
+        case_dirs, per_case, settings = {}, {}, None
+        for _fold, path in summaries.items():
+            result = load_evaluation(path)
+            settings = settings or result.settings
+            for case, metrics in result.per_case.items():
+                case_dirs[case] = path.parent
+                per_case[case] = metrics
+        first = checkpoint_path(results / f"fold_{min(summaries)}", "final")
+        content = load_checkpoint(first) if first.is_file() else {}
+        labels = sorted(int(v) for v in (content.get("labels") or plans.labels))
+        found.append(
+            TrainedConfiguration(
+                name=name,
+                case_dirs=case_dirs,
+                folds=sorted(summaries),
+                evaluation=summarize(per_case, settings),
+                regions=content.get("regions"),
+                labels=labels,
+                complete=expected is not None and len(summaries) == expected,
+            )
+        )
+    return found
+
+
+def _ensemble_probabilities(case: str, dirs: list[Path]) -> tuple[np.ndarray, str]:
+    from autounet.inference.predictor import load_probability_file
+
+    total, kind = None, None
+    for d in dirs:
+        path = d / f"{case}.npz"
+        if not path.is_file():
+            raise AutounetError(
+                f"{path}: validation probabilities missing (redo the fold with `autounet train --validate-only`)"
+            )
+        probs, _, kind = load_probability_file(path)
+        total = probs if total is None else total + probs
+    return total / len(dirs), kind
+
+
+def _to_labels(probs: np.ndarray, labels: list[int], regions: dict | None) -> np.ndarray:
+    if regions:
+        from autounet.regions import RegionSet, regions_to_labels
+        from autounet.utils.plain_data import from_plain
+
+        return regions_to_labels(probs, from_plain(RegionSet, regions, "regions"))
+    values = np.asarray(labels)
+    return values.astype(np.uint8 if values.max() < 256 else np.uint16)[np.argmax(probs, axis=0)]
+
+
+def _score_ensemble_case(
+    item: tuple[str, list[Path], Path],
+    labels: list[int],
+    regions: dict | None,
+    settings: dict[str, Any],
+    write_to: Path | None = None,
+) -> tuple[str, dict]:
+    """Metrics of one case's pair ensemble (and, with ``write_to``, its segmentation and probabilities)."""
+    case, dirs, reference = item
+    probs, kind = _ensemble_probabilities(case, dirs)
+    seg = _to_labels(probs, labels, regions)
+    ref, geometry = read_label(reference)
+    if ref.shape != seg.shape:
+        raise AutounetError(f"{case}: ensemble prediction shape {seg.shape} differs from the reference {ref.shape}")
+    if write_to is not None:
+        from autounet.inference.predictor import save_probability_file
+
+        _, member_geometry = read_label(dirs[0] / f"{case}.nii.gz")
+        atomic_write(write_to / f"{case}.nii.gz", lambda p: write_image(p, seg, member_geometry))
+        save_probability_file(write_to / f"{case}.npz", probs, labels, kind)
+    metrics = case_metrics(
+        seg,
+        ref,
+        geometry.spacing,
+        settings.get("labels"),
+        settings.get("regions"),
+        settings.get("tolerance_mm", 1.0),
+        settings.get("empty", "nan"),
+    )
+    return case, metrics
+
+
+def _references(ws: Workspace) -> dict[str, Path]:
+    from autounet.inference.validation import reference_labels
+
+    return reference_labels(ws)
+
+
+def _pair_candidate(
+    a: TrainedConfiguration,
+    b: TrainedConfiguration,
+    cases: list[str],
+    references: dict[str, Path],
+    workers: int,
+    write_to: Path | None = None,
+) -> Candidate:
+    items = [(c, [a.case_dirs[c], b.case_dirs[c]], references[c]) for c in cases]
+    settings = a.evaluation.settings
+    fn = functools.partial(
+        _score_ensemble_case, labels=a.labels, regions=a.regions, settings=settings, write_to=write_to
+    )
+    if write_to is not None:
+        write_to.mkdir(parents=True, exist_ok=True)
+    results = map_cases(fn, items, workers, desc=f"ensemble {a.name}+{b.name}")
+    return Candidate(f"{a.name}+{b.name}", [a.name, b.name], summarize(dict(results), settings))
+
+
+def _compatible(a: TrainedConfiguration, b: TrainedConfiguration) -> bool:
+    return (
+        a.labels == b.labels and bool(a.regions) == bool(b.regions) and a.evaluation.settings == b.evaluation.settings
+    )
+
+
+def rank_candidates(
+    configs: list[TrainedConfiguration], references: dict[str, Path], workers: int
+) -> tuple[list[Candidate], list[str]]:
+    """Every configuration and compatible pair, best mean foreground Dice first, on the common cases."""
+    common = sorted(set.intersection(*[set(c.case_dirs) for c in configs]))
+    if not common:
+        raise AutounetError("the trained configurations have no validated case in common")
+    candidates = []
+    for c in configs:
+        per_case = {k: c.evaluation.per_case[k] for k in common}
+        candidates.append(Candidate(c.name, [c.name], summarize(per_case, c.evaluation.settings)))
+    for a, b in itertools.combinations(configs, 2):
+        if _compatible(a, b):
+            candidates.append(_pair_candidate(a, b, common, references, workers))
+    # Best Dice first; on a tie the simpler model (one configuration) wins.
+    candidates.sort(key=lambda c: (-c.dice, len(c.members), c.name))
+    return candidates, common
+
+
+def _components_postprocessing(
+    ws: Workspace, pairs: list[tuple[Path, Path]], labels: list[int], workers: int
+) -> dict[str, Any]:
+    from autounet.evaluation.postprocessing import decide_postprocessing, single_component_classes
+    from autounet.inference.postprocess import Postprocessing
+    from autounet.planning.fingerprint import load_fingerprint
+
+    fingerprint = load_fingerprint(ws.fingerprint_json)
+    classes = [v for v in labels if v != 0]
+    candidates = [
+        c for c in single_component_classes([c.components_per_class for c in fingerprint.cases]) if c in classes
+    ]
+    decision = decide_postprocessing(pairs, classes, candidates, workers=workers)
+    final = decision.evidence["final"]
+    raw = decision.evidence["foreground"]
+    return {
+        **Postprocessing("components", decision=decision).to_plain(),
+        "candidates_from_training_labels": candidates,
+        "dice_before": raw["mean_without"],
+        "dice_after": final["mean"],
+        "per_class_before": raw["dice_without"],
+        "per_class_after": final["dice"],
+    }
+
+
+def _brats_postprocessing(pairs: list[tuple[Path, Path]], regions: dict, workers: int) -> dict[str, Any] | None:
+    from autounet.evaluation.brats_postprocessing import et_labels, grid_search_et_rule
+    from autounet.inference.postprocess import Postprocessing
+    from autounet.regions import RegionSet
+    from autounet.utils.plain_data import from_plain
+
+    region_set = from_plain(RegionSet, regions, "regions")
+    try:
+        et_labels(region_set)
+    except AutounetError:
+        return None  # not a nested tumour region set: the ET rule does not apply
+    rule, table = grid_search_et_rule(pairs, region_set, workers=workers)
+    summary = table.summary()
+    return {
+        **Postprocessing("brats_et", rule=rule, regions=region_set).to_plain(),
+        "grid_search": summary,
+        "dice_before": summary["no_rule_score"],
+        "dice_after": summary["best_score"],
+    }
+
+
+def select(
+    work: str | Path | None, name: str, configurations: list[str] | None = None, workers: int | None = None
+) -> dict[str, Any]:
+    """Rank, choose, decide post-processing; write and return ``selection.json``'s content."""
+    ws = Workspace.at(work, name)
+    workers = workers or default_workers()
+    configs = trained_configurations(ws, configurations)
+    if not configs:
+        raise AutounetError(
+            f"{ws.root}: no configuration has validated folds yet: run `autounet train {name} -c CONFIG -f K` first"
+        )
+    references = _references(ws)
+    ranking, common = rank_candidates(configs, references, workers)
+    best = ranking[0]
+    by_name = {c.name: c for c in configs}
+    members = [by_name[m] for m in best.members]
+    folds = sorted(set.intersection(*[set(m.folds) for m in members]))
+    if len(members) == 1:
+        pairs = [(members[0].case_dirs[c] / f"{c}.nii.gz", references[c]) for c in common]
+        prob_pairs = [(members[0].case_dirs[c] / f"{c}.npz", references[c]) for c in common]
+    else:
+        out = ws.results_dir(ENSEMBLES) / best.name
+        _pair_candidate(members[0], members[1], common, references, workers, write_to=out)
+        pairs = [(out / f"{c}.nii.gz", references[c]) for c in common]
+        prob_pairs = [(out / f"{c}.npz", references[c]) for c in common]
+    if members[0].regions:
+        postprocessing = _brats_postprocessing(prob_pairs, members[0].regions, workers)
+    else:
+        postprocessing = _components_postprocessing(ws, pairs, members[0].labels, workers)
+    data = {
+        "schema_version": SELECTION_SCHEMA_VERSION,
+        "dataset": name,
+        "metric": "mean foreground Dice over the cross-validation cases",
+        "n_cases": len(common),
+        "ranking": [
+            {
+                "name": c.name,
+                "members": c.members,
+                "foreground_dice": c.evaluation.foreground_mean.get("dice"),
+                "per_class": {k: v.get("dice") for k, v in c.evaluation.mean.items()},
+                "n_cases": c.evaluation.n_cases,
+                "complete": all(by_name[m].complete for m in c.members),
+            }
+            for c in ranking
+        ],
+        "winner": {"name": best.name, "members": best.members, "folds": folds},
+        "postprocessing": postprocessing,
+        "predict_command": f"autounet predict -i IMAGES -o OUT -m {ws.root}",
+    }
+    atomic_write_json(ws.selection_json, _json_safe(data))
+    return data
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def format_selection(data: dict[str, Any], label_names: dict[str, str] | None = None) -> str:
+    """The ranking as a table, the winner and the post-processing decision."""
+    label_names = label_names or {}
+    keys = list(data["ranking"][0]["per_class"]) if data["ranking"] else []
+    heads = [f"{k}: {label_names[k]}" if k in label_names else k for k in keys]
+    rows = [["rank", "model", "Dice (CV)", *heads, "cases"]]
+    for i, c in enumerate(data["ranking"], 1):
+        rows.append(
+            [
+                str(i),
+                c["name"],
+                _fmt(c["foreground_dice"]),
+                *[_fmt(c["per_class"].get(k)) for k in keys],
+                str(c["n_cases"]),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    w = data["winner"]
+    lines.append("")
+    lines.append(f"selected: {w['name']} (folds {', '.join(map(str, w['folds']))})")
+    pp = data.get("postprocessing")
+    if pp:
+        from autounet.inference.postprocess import Postprocessing
+
+        described = Postprocessing.from_plain(pp).describe()
+        lines.append(
+            f"post-processing: {described} (CV Dice {_fmt(pp.get('dice_before'))} without, {_fmt(pp.get('dice_after'))} with)"
+        )
+    lines.append(f"predict new cases: {data['predict_command']}")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""The post-processing chosen by `autounet select`, as one object the predictor applies.
+
+Two kinds, both plain data in ``selection.json``:
+
+* ``components`` (seed 001 §2.5): keep the largest foreground component and/or the largest
+  component of some classes, as decided on the cross-validation predictions;
+* ``brats_et`` (seed 004 §2.5): region probabilities -> labels with the chosen ET threshold,
+  then small or uncertain enhancing tumour becomes necrosis. It needs the probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autounet.errors import AutounetError
+from autounet.evaluation.brats_postprocessing import EtRule, brats_postprocess
+from autounet.evaluation.postprocessing import PostprocessingDecision, apply_postprocessing
+from autounet.regions import RegionSet
+from autounet.utils.plain_data import from_plain, to_plain
+
+KINDS = ("components", "brats_et")
+
+
+@dataclass
+class Postprocessing:
+    kind: str
+    decision: PostprocessingDecision | None = None  # kind "components"
+    rule: EtRule | None = None  # kind "brats_et"
+    regions: RegionSet | None = None  # kind "brats_et"
+
+    @property
+    def needs_probabilities(self) -> bool:
+        return self.kind == "brats_et"
+
+    @property
+    def does_something(self) -> bool:
+        if self.kind == "brats_et":
+            return True
+        d = self.decision
+        return d is not None and (d.keep_largest_foreground or bool(d.keep_largest_classes))
+
+    def apply(self, segmentation: np.ndarray, probabilities: np.ndarray | None = None) -> np.ndarray:
+        """Post-process a label map (``probabilities``: the region maps, for ``brats_et``)."""
+        if self.kind == "components":
+            return apply_postprocessing(segmentation, self.decision) if self.decision is not None else segmentation
+        if probabilities is None:
+            raise AutounetError("the ET post-processing needs the region probabilities")
+        return brats_postprocess(probabilities, self.regions, self.rule)
+
+    def describe(self) -> str:
+        if self.kind == "brats_et":
+            r = self.rule
+            return (
+                f"ET threshold {r.et_threshold:g}; ET components < {r.component_voxels} voxels and all ET if < "
+                f"{r.total_voxels} voxels, with mean probability < {r.min_mean_probability:g}, become necrosis"
+            )
+        d = self.decision
+        steps = []
+        if d is not None and d.keep_largest_foreground:
+            steps.append("keep the largest foreground component")
+        if d is not None and d.keep_largest_classes:
+            steps.append("keep the largest component of class(es) " + ", ".join(map(str, d.keep_largest_classes)))
+        return "; ".join(steps) or "none"
+
+    def to_plain(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "decision": to_plain(self.decision) if self.decision is not None else None,
+            "rule": to_plain(self.rule) if self.rule is not None else None,
+            "regions": to_plain(self.regions) if self.regions is not None else None,
+        }
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any], where: str = "postprocessing") -> Postprocessing:
+        kind = data.get("kind")
+        if kind not in KINDS:
+            raise AutounetError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
+        return cls(
+            kind=kind,
+            decision=from_plain(PostprocessingDecision, data["decision"], f"{where}.decision")
+            if data.get("decision")
+            else None,
+            rule=from_plain(EtRule, data["rule"], f"{where}.rule") if data.get("rule") else None,
+            regions=from_plain(RegionSet, data["regions"], f"{where}.regions") if data.get("regions") else None,
+        )
+
+
+def load_selected(workspace: str | Path) -> Postprocessing | None:
+    """The post-processing in ``W/NAME/selection.json`` (None if it chose none)."""
+    from autounet.utils.atomic import read_json
+
+    path = Path(workspace) / "selection.json"
+    if not path.is_file():
+        raise AutounetError(f"{path} not found: run `autounet select` for this dataset first")
+    data = read_json(path).get("postprocessing")
+    return Postprocessing.from_plain(data, f"{path}: postprocessing") if data else None
+
+
+def _brats_file(pair: tuple[Path, Path, Path], pp: Postprocessing) -> Path:
+    from autounet.data.image_io import read_label, write_image
+    from autounet.inference.predictor import load_probability_file
+    from autounet.utils.atomic import atomic_write
+
+    seg_path, probs_path, out = pair
+    seg, geometry = read_label(seg_path)
+    probs, _, kind = load_probability_file(probs_path)
+    if kind != "sigmoid" or probs.shape[1:] != seg.shape:
+        raise AutounetError(f"{probs_path}: not region probabilities on the grid of {seg_path}")
+    result = pp.apply(seg, probs)
+    return atomic_write(out, lambda p: write_image(p, result, geometry))
+
+
+def apply_to_folder(
+    in_dir: str | Path, out_dir: str | Path, workspace: str | Path, workers: int | None = None
+) -> list[Path]:
+    """`autounet postprocess IN OUT --from W/NAME`: apply the selected post-processing to a folder."""
+    import functools
+
+    from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
+    from autounet.evaluation.postprocessing import postprocess_folder
+    from autounet.utils.parallel import default_workers, map_cases
+
+    pp = load_selected(workspace)
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise AutounetError(f"{in_dir}: folder not found")
+    if pp is None or pp.kind == "components":
+        decision = pp.decision if pp is not None and pp.decision is not None else None
+        if decision is None:
+            from autounet.evaluation.postprocessing import PostprocessingDecision
+
+            decision = PostprocessingDecision(False, [], [], {})
+        return postprocess_folder(in_dir, out_dir, decision, workers)
+    files = sorted(
+        p for p in in_dir.iterdir() if p.is_file() and not p.name.startswith(".") and image_suffix(p) in IMAGE_SUFFIXES
+    )
+    items = []
+    for f in files:
+        probs = f.parent / (f.name[: -len(image_suffix(f))] + ".npz")
+        if not probs.is_file():
+            raise AutounetError(f"{f}: the ET post-processing needs {probs.name} (predict with --save-probabilities)")
+        items.append((f, probs, out_dir / f.name))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fn = functools.partial(_brats_file, pp=pp)
+    return map_cases(fn, items, default_workers() if workers is None else workers, "post-processing")

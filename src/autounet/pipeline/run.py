@@ -1,0 +1,186 @@
+"""`autounet run`: check -> plan -> preprocess -> train every configuration and fold -> select -> report.
+
+Resumable at every step: planning reuses an up-to-date fingerprint, preprocessing skips complete
+cases, and each fold is in one of four states, read from its folder:
+
+==========================================  ==============================================
+state                                        action
+==========================================  ==============================================
+``checkpoint_final.pt`` + ``summary.json``   done: skipped
+``checkpoint_final.pt`` only                 validation interrupted: redone (--validate-only)
+``checkpoint_latest.pt``                     training interrupted: resumed exactly
+nothing                                      trained from scratch
+==========================================  ==============================================
+
+A cascade's first stage (``3d_lowres``) is trained on every fold before its second stage.
+Selection is recomputed from the validation results (cheap), then the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autounet.errors import AutounetError
+from autounet.planning.plans import CONFIGURATIONS, Plans
+from autounet.training.checkpoint import checkpoint_path
+from autounet.workspace import Workspace
+
+DEFAULT_FOLDS = (0, 1, 2, 3, 4)
+
+
+@dataclass
+class RunOptions:
+    configurations: list[str] | None = None  # default: every planned configuration
+    folds: list[int | str] = field(default_factory=lambda: list(DEFAULT_FOLDS))
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    validation_iterations: int | None = None
+    max_minutes: float | None = None  # per fold
+    preset: str | None = None  # planning preset (e.g. "brats")
+    device: str | None = None
+    workers: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    workspace: Workspace
+    selection: dict[str, Any]
+    trained: list[str]  # "CONFIG fold K" trained or resumed in this run
+    skipped: list[str]
+    report: Path | None
+    seconds: float
+
+
+def fold_state(fold_dir: Path) -> str:
+    """``done``, ``validate``, ``resume`` or ``new`` (see the module docstring)."""
+    from autounet.inference.validation import is_validated
+
+    if checkpoint_path(fold_dir, "final").is_file():
+        return "done" if is_validated(fold_dir) else "validate"
+    if checkpoint_path(fold_dir, "latest").is_file():
+        return "resume"
+    return "new"
+
+
+def _order(names: Sequence[str], plans: Plans) -> list[str]:
+    """Planned configurations in pipeline order (a cascade's first stage before its second)."""
+    unknown = [n for n in names if n not in plans.configurations]
+    if unknown:
+        raise AutounetError(
+            f"configuration(s) {', '.join(unknown)} are not planned for {plans.dataset_name}; planned: {', '.join(plans.configurations)}"
+        )
+    ordered = [c for c in CONFIGURATIONS if c in names]
+    for name in ordered:
+        previous = plans.configurations[name].previous_stage
+        if previous and previous not in ordered:
+            raise AutounetError(f"{name} needs its first stage {previous}: add it to --configs")
+    return ordered
+
+
+def _check_folds(folds: Sequence[int | str]) -> list[int | str]:
+    out: list[int | str] = []
+    for f in folds:
+        if str(f) == "all":
+            out.append("all")
+            continue
+        try:
+            k = int(f)
+        except (TypeError, ValueError):
+            raise AutounetError(f"fold must be a number 0..4 or 'all', got {f!r}") from None
+        if not 0 <= k < len(DEFAULT_FOLDS):
+            raise AutounetError(f"fold {k} does not exist (folds are 0..{len(DEFAULT_FOLDS) - 1})")
+        out.append(k)
+    return list(dict.fromkeys(out))
+
+
+def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunOptions) -> str:
+    """Bring one fold to ``done``; returns the state it was found in."""
+    from autounet.inference.validation import validate_only
+    from autounet.training.trainer import TrainOptions, train
+
+    fold_dir = ws.fold_dir(configuration, fold)
+    state = fold_state(fold_dir)
+    if state == "done":
+        return state
+    if state == "validate":
+        if fold != "all":
+            validate_only(ws.work, ws.name, configuration, fold, options.device)
+        return state
+    train(
+        ws.work,
+        ws.name,
+        TrainOptions(
+            configuration=configuration,
+            fold=fold,
+            epochs=options.epochs,
+            iterations_per_epoch=options.iterations_per_epoch,
+            validation_iterations=options.validation_iterations,
+            device=options.device,
+            seed=options.seed,
+            max_minutes=options.max_minutes,
+            resume=state == "resume",
+        ),
+    )
+    return state
+
+
+def run_pipeline(
+    raw: str | Path, work: str | Path | None = None, name: str | None = None, options: RunOptions | None = None
+) -> RunResult:
+    """The whole method on one raw dataset, resumably (see the module docstring)."""
+    from autounet import api
+    from autounet.evaluation.selection import format_selection, select
+
+    options = options or RunOptions()
+    start = time.time()
+    folds = _check_folds(options.folds)
+    print(f"[1/5] check and plan {raw}", flush=True)
+    plan_kwargs = {"preset": options.preset} if options.preset else {}
+    planned = api.plan(raw, work=work, name=name, workers=options.workers, **plan_kwargs)
+    ws, plans = planned.workspace, planned.plans
+    if planned.report is not None:
+        for w in planned.report.warnings:
+            print(f"warning: {w}")
+    configurations = _order(options.configurations or list(plans.configurations), plans)
+    print(f"[2/5] preprocess {', '.join(configurations)}", flush=True)
+    summary = api.preprocess(ws.name, work=ws.work, configurations=configurations, workers=options.workers)
+    if summary.failures:
+        raise AutounetError("preprocessing failed for:\n  " + "\n  ".join(summary.failures))
+
+    trained, skipped = [], []
+    jobs = [(c, f) for c in configurations for f in folds]
+    print(
+        f"[3/5] train {len(jobs)} fold(s): {', '.join(configurations)} x folds {', '.join(map(str, folds))}", flush=True
+    )
+    for i, (configuration, fold) in enumerate(jobs, 1):
+        state = fold_state(ws.fold_dir(configuration, fold))
+        label = f"{configuration} fold {fold}"
+        if state == "done":
+            skipped.append(label)
+            print(f"  ({i}/{len(jobs)}) {label}: complete, skipped", flush=True)
+            continue
+        print(
+            f"  ({i}/{len(jobs)}) {label}: "
+            + {"new": "training", "resume": "resuming", "validate": "validating"}[state],
+            flush=True,
+        )
+        train_fold(ws, configuration, fold, options)
+        trained.append(label)
+
+    print("[4/5] select the best model", flush=True)
+    numbered = [f for f in folds if f != "all"]
+    if not numbered:
+        raise AutounetError("selection needs cross-validation folds (0..4), not only 'all'")
+    selection = select(ws.work, ws.name, configurations, workers=options.workers)
+    print(format_selection(selection, plans.labels))
+    print("[5/5] report", flush=True)
+    from autounet.reporting import write_report
+
+    report = write_report(ws)
+    print(f"report: {report}")
+    return RunResult(ws, selection, trained, skipped, report, time.time() - start)
