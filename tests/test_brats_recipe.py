@@ -167,7 +167,7 @@ def test_inference_defaults_to_the_two_best_checkpoints_and_writes_2015_label_va
     reference, ref_geometry = read_image([image])
     assert seg.shape == reference.shape[1:] and geometry.spacing == ref_geometry.spacing
     assert set(np.unique(seg).tolist()) <= {0, 1, 2, 4}  # 2015 values, non-enhancing (3) painted as necrosis
-    again = validate_only(trained, "raw", "3d_fullres", 0, device="cpu")
+    again = validate_only(trained, "raw", "3d_fullres", 0, device="cpu", tta=False)
     assert again.checkpoints == ["best", "second_best"] and set(again.evaluation.mean) == {"WT", "TC", "ET"}
 
 

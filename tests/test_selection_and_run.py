@@ -182,3 +182,76 @@ def test_run_refuses_unknown_configurations_and_folds(tiny_msd, tmp_path, capsys
     assert "not planned" in capsys.readouterr().err
     assert main(["run", str(tiny_msd), "--work", str(tmp_path / "W"), "--folds", "7"]) == 2
     assert "fold 7" in capsys.readouterr().err
+
+
+def test_region_models_get_the_et_rule_grid_searched_and_applied(tmp_path, monkeypatch):
+    """`run --preset brats` on a tiny 5-class dataset: WT/TC/ET selection, the ET rule from the grid
+    search in selection.json, and `predict -m W/NAME` writing labels in the dataset's values."""
+    raw = make_synthetic_dataset(
+        tmp_path / "raw" / "b", SyntheticSpec(cases=5, test_cases=1, shape=(18, 20, 20), channels=2, classes=5, seed=4)
+    )
+    options = RunOptions(configurations=["3d_fullres"], folds=[0, 1], preset="brats", patch_size=[16, 16, 16], **TINY)
+    from autounet.training import trainer
+
+    original = trainer.TrainOptions
+    # a network small enough to train in seconds
+    monkeypatch.setattr(trainer, "TrainOptions", lambda *a, **k: original(*a, **{**k, "features": [4, 8, 8, 8]}))
+    result = run_pipeline(raw, tmp_path / "W", None, options)
+    selection = result.selection
+    assert selection["ranking"][0]["per_class"].keys() == {"WT", "TC", "ET"}
+    pp = selection["postprocessing"]
+    assert pp["kind"] == "brats_et" and pp["dice_after"] >= pp["dice_before"]
+    assert 0.3 - 1e-9 <= pp["rule"]["et_threshold"] <= 0.7 + 1e-9
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(raw / "imagesTs"),
+                "-o",
+                str(out),
+                "-m",
+                str(result.workspace.root),
+                "--save-probabilities",
+            ]
+        )
+        == 0
+    )
+    seg, _ = read_label(next(out.glob("*.nii.gz")))
+    assert set(np.unique(seg)) <= {0, 1, 2, 4}  # 2015 convention back from WT/TC/ET (3 is not painted)
+    # `autounet postprocess` reproduces the prediction's post-processing from the saved probabilities
+    assert (
+        main(
+            [
+                "predict",
+                "-i",
+                str(raw / "imagesTs"),
+                "-o",
+                str(tmp_path / "plain"),
+                "-m",
+                str(result.workspace.root),
+                "--no-postprocessing",
+                "--save-probabilities",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "postprocess",
+                str(tmp_path / "plain"),
+                str(tmp_path / "pp"),
+                "--from",
+                str(result.workspace.root),
+                "-j",
+                "1",
+            ]
+        )
+        == 0
+    )
+    for f in out.glob("*.nii.gz"):
+        # the same up to voxels at a threshold: the saved probabilities are float16
+        differ = np.mean(read_label(tmp_path / "pp" / f.name)[0] != read_label(f)[0])
+        assert differ < 1e-3

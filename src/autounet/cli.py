@@ -116,6 +116,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         loader_threads=args.threads,
         validate=not args.no_validate,
+        validation_tta=not args.no_validation_tta,
         attention=True if args.attention else None,
         residual=True if args.residual else None,
         drop_block=args.drop_block,
@@ -129,7 +130,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.validate_only:
         from autounet.inference.validation import validate_only
 
-        result = validate_only(args.work, args.name, args.configuration, args.fold, args.device)
+        result = validate_only(
+            args.work, args.name, args.configuration, args.fold, args.device, tta=not args.no_validation_tta
+        )
         print(
             f"{args.configuration} fold {args.fold}: mean foreground Dice {result.evaluation.foreground_mean.get('dice'):.4f} "
             f"({' + '.join(result.checkpoints)}) -> {result.folder / 'summary.json'}"
@@ -224,6 +227,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         validation_iterations=args.val_iters,
         max_minutes=args.max_minutes,
         preset=args.preset,
+        patch_size=args.patch_size,
+        width_multiplier=args.width_multiplier,
+        validation_tta=not args.no_validation_tta,
         device=args.device,
         workers=args.workers,
         seed=args.seed,
@@ -384,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-validate", action="store_true", help="skip the end-of-training prediction of the validation cases"
+    )
+    p.add_argument(
+        "--no-validation-tta",
+        action="store_true",
+        help="no mirroring in the end-of-training prediction (faster on CPU)",
     )
     g = p.add_argument_group(
         "ablation switches (seed 004 Tables 2-3; stored in the checkpoint, so --resume and inference keep them)"
@@ -574,6 +585,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-iters", type=int, help="validation batches per epoch (default 50)")
     p.add_argument("--max-minutes", type=float, help="time limit per fold")
     p.add_argument("--preset", help="planning preset, e.g. brats (default: the nnU-Net method)")
+    p.add_argument(
+        "--patch-size", type=int, nargs="+", metavar="N", help="planning override of the 3D patch (as `autounet plan`)"
+    )
+    p.add_argument(
+        "--width-multiplier",
+        type=float,
+        metavar="X",
+        help="every network stage's features times X (as `autounet train`)",
+    )
+    p.add_argument(
+        "--no-validation-tta", action="store_true", help="no mirroring when the folds' validation cases are predicted"
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0)
     _workers(p)

@@ -54,10 +54,18 @@ class Postprocessing:
     def describe(self) -> str:
         if self.kind == "brats_et":
             r = self.rule
-            return (
-                f"ET threshold {r.et_threshold:g}; ET components < {r.component_voxels} voxels and all ET if < "
-                f"{r.total_voxels} voxels, with mean probability < {r.min_mean_probability:g}, become necrosis"
-            )
+            steps = [f"ET threshold {r.et_threshold:g}"]
+            if r.component_voxels > 0:
+                steps.append(
+                    f"ET components < {r.component_voxels} voxels with mean probability < {r.min_mean_probability:g} become necrosis"
+                )
+            if r.total_voxels > 0:
+                steps.append(
+                    f"all ET becomes necrosis when < {r.total_voxels} voxels with mean probability < {r.min_mean_probability:g} remain"
+                )
+            if len(steps) == 1:
+                steps.append("no ET removal (the grid search preferred none)")
+            return "; ".join(steps)
         d = self.decision
         steps = []
         if d is not None and d.keep_largest_foreground:

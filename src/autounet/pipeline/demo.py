@@ -23,8 +23,8 @@ class DemoSettings:
     cases: int = 20
     test_cases: int = 6
     shape: tuple[int, int, int] = (24, 28, 26)
-    epochs: int = 4
-    iterations_per_epoch: int = 8
+    epochs: int = 6
+    iterations_per_epoch: int = 10
     validation_iterations: int = 2
     folds: tuple[int, ...] = (0, 1, 2, 3, 4)
     configurations: tuple[str, ...] = ("2d", "3d_fullres")

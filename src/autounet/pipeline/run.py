@@ -41,9 +41,12 @@ class RunOptions:
     validation_iterations: int | None = None
     max_minutes: float | None = None  # per fold
     preset: str | None = None  # planning preset (e.g. "brats")
+    patch_size: list[int] | None = None  # planning override (a CPU convenience for the brats preset)
     device: str | None = None
     workers: int | None = None
     seed: int = 0
+    width_multiplier: float | None = None  # narrower/wider networks (e.g. a CPU smoke run of the brats preset)
+    validation_tta: bool = True  # mirroring in the end-of-training validation
 
 
 @dataclass
@@ -109,7 +112,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunO
         return state
     if state == "validate":
         if fold != "all":
-            validate_only(ws.work, ws.name, configuration, fold, options.device)
+            validate_only(ws.work, ws.name, configuration, fold, options.device, tta=options.validation_tta)
         return state
     train(
         ws.work,
@@ -124,6 +127,8 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunO
             seed=options.seed,
             max_minutes=options.max_minutes,
             resume=state == "resume",
+            width_multiplier=options.width_multiplier,
+            validation_tta=options.validation_tta,
         ),
     )
     return state
@@ -140,7 +145,7 @@ def run_pipeline(
     start = time.time()
     folds = _check_folds(options.folds)
     print(f"[1/5] check and plan {raw}", flush=True)
-    plan_kwargs = {"preset": options.preset} if options.preset else {}
+    plan_kwargs = {"preset": options.preset, "patch_size": options.patch_size}
     planned = api.plan(raw, work=work, name=name, workers=options.workers, **plan_kwargs)
     ws, plans = planned.workspace, planned.plans
     if planned.report is not None:

@@ -75,6 +75,7 @@ class TrainOptions:
     resume: bool = False
     loader_threads: int | None = None
     validate: bool = True  # predict the validation cases in full at the end
+    validation_tta: bool = True  # mirroring test-time augmentation in that prediction
     # seed 004 ablation switches (Tables 2-3); None keeps the plan's network / the preset's loss
     attention: bool | None = None  # attention gates in the decoder
     residual: bool | None = None  # residual blocks (encoder and decoder)
@@ -592,7 +593,15 @@ def _final_validation(run: Run, state: RunState) -> None:
     info = {"checkpoints": used, "epoch": state.epoch, "step": state.step}
     writer = next_stage_writer(run.ws, run.plans, run.options.configuration)
     result = validate_fold(
-        run.ws, stage, run.fold_dir, run.val_cases, run.device, run.amp_dtype, info, on_probabilities=writer
+        run.ws,
+        stage,
+        run.fold_dir,
+        run.val_cases,
+        run.device,
+        run.amp_dtype,
+        info,
+        tta=run.options.validation_tta,
+        on_probabilities=writer,
     )
     dice = result.evaluation.foreground_mean.get("dice")
     what = "region" if run.plan.regions else "foreground"
