@@ -59,6 +59,19 @@ class Workspace:
     def selection_json(self) -> Path:
         return self.root / "selection.json"
 
+    def raw_path(self) -> Path:
+        """The raw dataset folder this workspace was planned from (``dataset.json``'s ``raw_path``)."""
+        from autounet.utils.atomic import read_json
+
+        if not self.dataset_json.is_file():
+            raise AutounetError(f"{self.dataset_json} not found: run `autounet plan RAW --work {self.work}` first")
+        raw_path = read_json(self.dataset_json).get("raw_path")
+        if not raw_path:
+            raise AutounetError(
+                f"{self.dataset_json} does not name the raw dataset (raw_path); run `autounet plan` again"
+            )
+        return Path(raw_path)
+
     def preprocessed_dir(self, data_identifier: str) -> Path:
         return self.root / "preprocessed" / data_identifier
 

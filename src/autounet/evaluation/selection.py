@@ -127,16 +127,6 @@ def _ensemble_probabilities(case: str, dirs: list[Path]) -> tuple[np.ndarray, st
     return total / len(dirs), kind
 
 
-def _to_labels(probs: np.ndarray, labels: list[int], regions: dict | None) -> np.ndarray:
-    if regions:
-        from autounet.regions import RegionSet, regions_to_labels
-        from autounet.utils.plain_data import from_plain
-
-        return regions_to_labels(probs, from_plain(RegionSet, regions, "regions"))
-    values = np.asarray(labels)
-    return values.astype(np.uint8 if values.max() < 256 else np.uint16)[np.argmax(probs, axis=0)]
-
-
 def _score_ensemble_case(
     item: tuple[str, list[Path], Path],
     labels: list[int],
@@ -145,9 +135,11 @@ def _score_ensemble_case(
     write_to: Path | None = None,
 ) -> tuple[str, dict]:
     """Metrics of one case's pair ensemble (and, with ``write_to``, its segmentation and probabilities)."""
+    from autounet.inference.predictor import labels_from_probabilities
+
     case, dirs, reference = item
     probs, kind = _ensemble_probabilities(case, dirs)
-    seg = _to_labels(probs, labels, regions)
+    seg = labels_from_probabilities(probs, labels, regions)
     ref, geometry = read_label(reference)
     if ref.shape != seg.shape:
         raise AutounetError(f"{case}: ensemble prediction shape {seg.shape} differs from the reference {ref.shape}")

@@ -33,7 +33,14 @@ from autounet.inference.inputs import InputCase, discover_cases
 from autounet.inference.model import StageModel, load_stage
 from autounet.inference.postprocess import Postprocessing
 from autounet.inference.sliding_window import fits_on_device, predict_slices, predict_volume
-from autounet.preprocessing.case import label_values, preprocess_case, revert_map, revert_probabilities
+from autounet.preprocessing.case import (
+    PreprocessOptions,
+    label_values,
+    preprocess_case,
+    preprocess_key,
+    revert_map,
+    revert_probabilities,
+)
 from autounet.preprocessing.resample import resample_volume
 from autounet.preprocessing.store import CaseProperties
 from autounet.utils.atomic import atomic_write
@@ -277,15 +284,15 @@ def load_probability_file(path: str | Path) -> tuple[np.ndarray, list[int], str]
         raise AutounetError(f"{path}: not a readable probability file ({exc})") from None
 
 
-def labels_from_probabilities(stage: StageModel, probabilities: np.ndarray) -> np.ndarray:
-    """Label values from probabilities in the original grid: argmax of the classes, or the
-    thresholded regions (seed 004 §2.5)."""
-    if stage.regions:
+def labels_from_probabilities(probabilities: np.ndarray, labels: Sequence[int], regions: dict | None) -> np.ndarray:
+    """Label values from probabilities: argmax of the classes (``labels`` in class order), or the
+    thresholded regions (``regions``: a plain RegionSet, seed 004 §2.5)."""
+    if regions:
         from autounet.regions import RegionSet, regions_to_labels
         from autounet.utils.plain_data import from_plain
 
-        return regions_to_labels(probabilities, from_plain(RegionSet, stage.regions, "regions"))
-    values = np.asarray(stage.label_values)
+        return regions_to_labels(probabilities, from_plain(RegionSet, regions, "regions"))
+    values = np.asarray(labels)
     return values.astype(np.uint8 if values.max() < 256 else np.uint16)[np.argmax(probabilities, axis=0)]
 
 
@@ -375,7 +382,16 @@ class Predictor:
         return self.stage.image_channels
 
     def _prepare(self, case_id: str, image: np.ndarray, geometry: Geometry) -> list[Prepared]:
-        return [prepare(m, case_id, image, geometry) for m in self.members]
+        """One :class:`Prepared` per member; members whose stages preprocess identically (2d and
+        3d_fullres do) share it instead of preprocessing the case twice."""
+        done: dict[tuple[str, ...], Prepared] = {}
+        out = []
+        for m in self.members:
+            key = tuple(preprocess_key(s.plan, label_values(s.labels), PreprocessOptions()) for s in _stages(m))
+            if key not in done:
+                done[key] = prepare(m, case_id, image, geometry)
+            out.append(done[key])
+        return out
 
     def _network(self, prepared: list[Prepared]) -> list[torch.Tensor]:
         out = []
@@ -394,7 +410,8 @@ class Predictor:
                 maps = finalize(m, pr, prep.properties[-1], True)
                 total = maps.probabilities if total is None else total + maps.probabilities
             total /= len(self.members)
-            out = Prediction(labels_from_probabilities(self.stage, total), total, maps.geometry)
+            labels = labels_from_probabilities(total, self.stage.label_values, self.stage.regions)
+            out = Prediction(labels, total, maps.geometry)
         if pp is not None:
             out.segmentation = pp.apply(out.segmentation, out.probabilities)
         if not keep_probabilities:

@@ -57,12 +57,7 @@ def validation_dir(fold_dir: Path) -> Path:
 
 def reference_labels(ws: Workspace) -> dict[str, Path]:
     """Raw label file of every training case of the workspace's dataset."""
-    if not ws.dataset_json.is_file():
-        raise AutounetError(f"{ws.dataset_json} not found: run `autounet plan` first")
-    raw_path = read_json(ws.dataset_json).get("raw_path")
-    if not raw_path:
-        raise AutounetError(f"{ws.dataset_json} does not name the raw dataset; run `autounet plan` again")
-    dataset = load_raw_dataset(raw_path)
+    dataset = load_raw_dataset(ws.raw_path())
     return {c.case_id: c.label for c in dataset.cases if c.label is not None}
 
 

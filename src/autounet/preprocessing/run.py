@@ -27,7 +27,7 @@ from autounet.preprocessing.store import (
     remove_temporaries,
     write_case,
 )
-from autounet.utils.atomic import atomic_write_json, read_json
+from autounet.utils.atomic import atomic_write_json
 from autounet.utils.lock import exclusive
 from autounet.utils.parallel import default_workers, map_cases
 from autounet.workspace import Workspace
@@ -119,11 +119,7 @@ def _targets(
 
 
 def _raw_dataset(ws: Workspace):
-    if not ws.dataset_json.is_file():
-        raise AutounetError(f"{ws.dataset_json} not found: run `autounet plan RAW --work {ws.work}` first")
-    raw_path = read_json(ws.dataset_json).get("raw_path")
-    if not raw_path:
-        raise AutounetError(f"{ws.dataset_json} does not name the raw dataset (raw_path); run `autounet plan` again")
+    raw_path = ws.raw_path()
     dataset = load_raw_dataset(raw_path)
     if ws.fingerprint_json.is_file():
         signature = load_fingerprint(ws.fingerprint_json).source_signature
