@@ -29,26 +29,30 @@ import torch
 
 
 def interleaved_iterations(
-    c, optimizer, ready_image, ready_seg, iterations: int, threads: int
+    run, ready_image, ready_seg, iterations: int, threads: int
 ) -> tuple[list[float], list[float]]:
     """Seconds per training iteration on a ready in-memory batch and on batches from the real
     pipeline (background sampler + on-device augmentation), interleaved so that both see the
-    same machine state; one warm-up step of each is not counted."""
-    from autounet.training.components import training_step
+    same machine state; one warm-up step of each is not counted. Each step is the trainer's own
+    (autocast, clipping, the preset's optimiser)."""
     from autounet.training.loader import BatchLoader
+    from autounet.training.step import train_step
 
-    sync = torch.cuda.synchronize if c.device.type == "cuda" else (lambda: None)
-    c.network.train()
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    run.model.train()
+    lr = run.preset.optimizer.lr
     ready, piped = [], []
-    loader = BatchLoader(c.sampler, start=0, count=iterations + 1, threads=threads, pin_memory=c.device.type == "cuda")
+    loader = BatchLoader(
+        run.train_sampler, start=0, count=iterations + 1, threads=threads, pin_memory=run.device.type == "cuda"
+    )
     for i, (batch, image, seg) in enumerate(loader):
         sync()
         t = time.perf_counter()
-        training_step(c, optimizer, *c.augmenter(image, seg, batch.augmentation_seed))
+        train_step(run, *run.augmenter(image, seg, batch.augmentation_seed), lr)
         sync()
         t_pipe = time.perf_counter() - t
         t = time.perf_counter()
-        training_step(c, optimizer, ready_image, ready_seg)
+        train_step(run, ready_image, ready_seg, lr)
         sync()
         if i:
             piped.append(t_pipe)
@@ -99,8 +103,10 @@ def main() -> int:
 
     from autounet.api import plan as plan_dataset
     from autounet.api import preprocess
-    from autounet.training.components import build_components
+    from autounet.training.assemble import assemble_run
     from autounet.training.loader import BatchLoader, default_loader_threads
+    from autounet.training.options import TrainOptions
+    from autounet.workspace import Workspace
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = None
@@ -111,10 +117,12 @@ def main() -> int:
     name = args.raw.resolve().name
     plan_dataset(args.raw, work=work, name=name)
     preprocess(name, work=work, configurations=[args.configuration])
-    c = build_components(work, name, args.configuration, args.preset, device)
-    plan, sampler, augmenter = c.plan, c.sampler, c.augmenter
+    run, _ = assemble_run(
+        Workspace.at(work, name),
+        TrainOptions(args.configuration, "all", augmentation=args.preset, device=str(device)),
+    )
+    plan, sampler, augmenter = run.plan, run.train_sampler, run.augmenter
     threads = args.threads or default_loader_threads(device)
-    optimizer = torch.optim.Adam(c.network.parameters(), lr=3e-4)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     # sampler + augmentation alone
@@ -126,7 +134,7 @@ def main() -> int:
     samples_per_s = n_batches * plan.batch_size / (time.perf_counter() - t0)
     save_png(image, seg, args.out / f"augmented_{args.configuration}.png")
 
-    ready, piped = interleaved_iterations(c, optimizer, image, seg, args.iterations, threads)
+    ready, piped = interleaved_iterations(run, image, seg, args.iterations, threads)
     ready_s, piped_s = statistics.median(ready), statistics.median(piped)
     print(
         json.dumps(

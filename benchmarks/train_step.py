@@ -2,8 +2,8 @@
 
     python benchmarks/train_step.py ../shared/data/hippocampus 3d_fullres [--work W] [--iterations N]
 
-Uses the plan's network and batch size (forward + Dice/CE with deep supervision + backward +
-Adam step). Peak memory: resident set of this process (and CUDA's peak allocation on a GPU).
+Uses the trainer's own run and step (the plan's network and batch size, the training preset's
+optimiser, autocast on CUDA, gradient clipping). Peak memory: resident set of this process (and CUDA's peak allocation on a GPU).
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from autounet.api import plan, preprocess
-    from autounet.training.components import build_components
+    from autounet.training.assemble import assemble_run
     from autounet.training.loader import default_loader_threads
+    from autounet.training.options import TrainOptions
+    from autounet.workspace import Workspace
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,22 +42,24 @@ def main() -> int:
         name = args.raw.resolve().name
         plan(args.raw, work=work, name=name)
         preprocess(name, work=work, configurations=[args.configuration])
-        c = build_components(work, name, args.configuration, args.preset, device)
+        options = TrainOptions(args.configuration, "all", augmentation=args.preset, device=str(device))
+        run, _ = assemble_run(Workspace.at(work, name), options)
         threads = args.threads or default_loader_threads(device)
-        batch = c.sampler.batch(10_000)
-        image, seg = c.augmenter(torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed)
-        optimizer = torch.optim.Adam(c.network.parameters(), lr=3e-4)
+        batch = run.train_sampler.batch(10_000)
+        image = torch.from_numpy(batch.image).to(device)
+        seg = torch.from_numpy(batch.seg).to(device)
+        image, seg = run.augmenter(image, seg, batch.augmentation_seed)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        ready, piped = interleaved_iterations(c, optimizer, image, seg, args.iterations, threads)
+        ready, piped = interleaved_iterations(run, image, seg, args.iterations, threads)
     ready_s, piped_s = statistics.median(ready), statistics.median(piped)
-    b = c.plan.batch_size
+    b = run.batch_size
     result = {
         "dataset": str(args.raw),
         "configuration": args.configuration,
         "device": str(device),
         "batch_size": b,
-        "patch_size": c.plan.patch_size,
+        "patch_size": run.plan.patch_size,
         "ready": {
             "s_per_iteration": round(ready_s, 3),
             "iterations_per_s": round(1 / ready_s, 3),

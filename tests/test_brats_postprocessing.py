@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from autounet.errors import AutounetError
-from autounet.evaluation.brats_postprocessing import (
+from autounet.postprocessing.brats_et import (
     EtRule,
     apply_et_rule,
     brats_postprocess,

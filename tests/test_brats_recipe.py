@@ -1,4 +1,4 @@
-"""The BraTS recipe (seed 004): `autounet plan --preset brats`, background detection, the one-hot
+"""The BraTS recipe (seed 004): `autounet plan --recipe brats`, background detection, the one-hot
 foreground channel, region training with the two best checkpoints, and the ablation switches."""
 
 from __future__ import annotations
@@ -21,26 +21,34 @@ from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from autounet.errors import AutounetError
 from autounet.inference.model import inference_checkpoints, load_stage
 from autounet.inference.predictor import Predictor
-from autounet.inference.validation import validate_only
-from autounet.networks.spec import NVIDIA_FEATURES
 from autounet.networks.unet import UNet
+from autounet.pipeline.fold import train_and_validate
 from autounet.planning.fingerprint import load_fingerprint
 from autounet.planning.plans import load_plans
 from autounet.planning.recipes import detect_background
+from autounet.planning.topology import NVIDIA_FEATURES
 from autounet.preprocessing.case import label_values, preprocess_case
 from autounet.preprocessing.store import open_case
-from autounet.training.checkpoint import checkpoint_path, load_checkpoint
+from autounet.training.checkpoint import load_checkpoint
 from autounet.training.losses import DiceCELoss, FocalLoss, RegionLoss
+from autounet.training.options import TrainOptions
 from autounet.training.schedule import TrainingPreset, load_training_preset
 from autounet.training.setup import model_setup
-from autounet.training.trainer import TrainOptions, _rank, train
+from autounet.training.trainer import _rank
 from autounet.utils.plain_data import from_plain
+from autounet.validation.fold import validate_trained_fold
+from autounet.workspace import Workspace, checkpoint_path
 from conftest import real_data_dir
 
 # channel 0: a different background in every case (data z-scored per case); channel 1: the same
 BACKGROUND = [[-3.5 - 0.1 * i, -4.0] for i in range(5)]
 TINY = [4, 8, 8, 8]  # features of a network small enough to train in seconds
 QUICK = dict(iterations_per_epoch=2, validation_iterations=1, device="cpu", features=TINY)
+
+
+def train(work, name, options, validate=True, validation_tta=True):
+    """Train one fold and validate it in full, as `autounet train` does."""
+    return train_and_validate(Workspace.at(work, name), options, validate, validation_tta).training
 
 
 def _with_background(raw: Path) -> Path:
@@ -56,7 +64,7 @@ def _with_background(raw: Path) -> Path:
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory) -> tuple[Path, Path]:
     """A 2-channel, 5-class (0..4, BRATS 2015 values) dataset with a constant non-zero background,
-    planned with `--preset brats --patch-size 16 16 16` and preprocessed."""
+    planned with `--recipe brats --patch-size 16 16 16` and preprocessed."""
     root = tmp_path_factory.mktemp("brats")
     raw = make_synthetic_dataset(
         root / "raw", SyntheticSpec(cases=5, shape=(20, 24, 24), channels=2, classes=5, seed=3)
@@ -64,7 +72,7 @@ def planned(tmp_path_factory) -> tuple[Path, Path]:
     _with_background(raw)
     work = root / "W"
     code = main(
-        ["plan", str(raw), "--work", str(work), "--preset", "brats", "--patch-size", "16", "16", "16", "-j", "1"]
+        ["plan", str(raw), "--work", str(work), "--recipe", "brats", "--patch-size", "16", "16", "16", "-j", "1"]
     )
     assert code == 0
     preprocess("raw", work=work, workers=1)
@@ -86,9 +94,9 @@ def test_the_brats_preset_plans_one_region_configuration_with_seed_004s_choices(
     plans = load_plans(work / "raw" / "plans.json")
     assert plans.recipe == "brats" and list(plans.configurations) == ["3d_fullres"]
     c = plans.configurations["3d_fullres"]
-    regions = {r["name"]: r["labels"] for r in c.regions["regions"]}
+    regions = {r.name: list(r.labels) for r in c.regions.regions}
     assert regions == {"WT": [1, 2, 3, 4], "TC": [1, 3, 4], "ET": [4]}
-    assert c.regions["thresholds"] == [0.45, 0.4, 0.45] and c.regions["hierarchical"]
+    assert c.regions.thresholds == [0.45, 0.4, 0.45] and c.regions.hierarchical
     assert c.patch_size == [16, 16, 16] and c.batch_dice
     assert c.foreground_channel and c.num_input_channels == 3 and c.image_channels == 2
     assert all(n.scheme == "zscore" and n.use_nonzero_mask for n in c.normalization)
@@ -167,7 +175,7 @@ def test_inference_defaults_to_the_two_best_checkpoints_and_writes_2015_label_va
     reference, ref_geometry = read_image([image])
     assert seg.shape == reference.shape[1:] and geometry.spacing == ref_geometry.spacing
     assert set(np.unique(seg).tolist()) <= {0, 1, 2, 4}  # 2015 values, non-enhancing (3) painted as necrosis
-    again = validate_only(trained, "raw", "3d_fullres", 0, device="cpu", tta=False)
+    again = validate_trained_fold(Workspace.at(trained, "raw"), "3d_fullres", 0, device="cpu", tta=False)
     assert again.checkpoints == ["best", "second_best"] and set(again.evaluation.mean) == {"WT", "TC", "ET"}
 
 
@@ -179,7 +187,7 @@ def test_a_resumed_run_keeps_its_switches_and_refuses_to_change_them(trained, tm
     with pytest.raises(AutounetError, match="--focal cannot change"):
         train(work, "raw", TrainOptions("3d_fullres", 0, epochs=3, resume=True, focal=True, iterations_per_epoch=2))
     result = train(
-        work, "raw", TrainOptions("3d_fullres", 0, epochs=3, resume=True, iterations_per_epoch=2, validate=False)
+        work, "raw", TrainOptions("3d_fullres", 0, epochs=3, resume=True, iterations_per_epoch=2), validate=False
     )
     final = load_checkpoint(result.fold_dir / "checkpoint_final.pt")
     assert final["network_spec"]["features_per_stage"] == TINY and final["training"]["epoch"] == 3
@@ -268,7 +276,7 @@ def test_deeper_and_focal_softmax_switches_on_a_paper_plan(planned, tmp_path: Pa
 
 def test_the_train_command_passes_every_switch(monkeypatch, tmp_path: Path):
     seen = []
-    monkeypatch.setattr("autounet.training.trainer.train", lambda work, name, options: seen.append(options))
+    monkeypatch.setattr("autounet.pipeline.fold.train_and_validate", lambda ws, options, **_: seen.append(options))
     args = ["train", "x", "-c", "3d_fullres", "-f", "0", "--work", str(tmp_path), "--attention", "--residual"]
     args += ["--drop-block", "0.1", "--focal", "--deep-supervision-heads", "0", "--features", "8", "16"]
     args += ["--width-multiplier", "2", "--no-foreground-channel"]
@@ -331,27 +339,27 @@ def test_declared_regions_are_trained_by_both_recipes(tmp_path: Path):
     d["labels"] = {"background": 0, "whole": [1, 2], "inner": 2}
     (raw / "dataset.json").write_text(json.dumps(d))
     plans = plan(raw, work=tmp_path / "W", workers=1).plans
-    assert plans.configurations and all(
-        [r["name"] for r in c.regions["regions"]] == ["whole", "inner"] for c in plans.configurations.values()
-    )
+    assert plans.configurations and all(c.regions.names == ["whole", "inner"] for c in plans.configurations.values())
     assert not any(c.previous_stage for c in plans.configurations.values())
-    brats = plan_from_fingerprint(tmp_path / "W" / "v2" / "fingerprint.json", tmp_path / "W2", "v2", preset="brats")
-    assert [r["name"] for r in brats.plans.configurations["3d_fullres"].regions["regions"]] == ["whole", "inner"]
+    brats = plan_from_fingerprint(
+        tmp_path / "W" / "v2" / "fingerprint.json", work=tmp_path / "W2", name="v2", recipe="brats"
+    )
+    assert brats.plans.configurations["3d_fullres"].regions.names == ["whole", "inner"]
     with pytest.raises(AutounetError, match="not a BraTS convention"):
         plan(
             make_synthetic_dataset(tmp_path / "k3", SyntheticSpec(cases=3, classes=3, shape=(8, 8, 8))),
             work=tmp_path / "W3",
-            preset="brats",
+            recipe="brats",
             workers=1,
         )
-    with pytest.raises(AutounetError, match="--preset brats only"):
+    with pytest.raises(AutounetError, match="--recipe brats only"):
         plan(raw, work=tmp_path / "W", workers=1, patch_size=[16, 16, 16])
 
 
 @pytest.mark.skipif(real_data_dir() is None, reason="real data not available")
 def test_brats2015_mini_is_cropped_to_the_brain_with_the_recipes_patch(tmp_path: Path):
     data = real_data_dir() / "brats2015-mini"
-    result = plan(data, work=tmp_path / "W", workers=2, preset="brats")
+    result = plan(data, work=tmp_path / "W", workers=2, recipe="brats")
     c = result.plans.configurations["3d_fullres"]
     assert c.patch_size == [128, 128, 128] and c.batch_size == 2 and c.background == [None, None]
     assert c.network["features_per_stage"] == list(NVIDIA_FEATURES)

@@ -155,3 +155,100 @@ def test_make_synthetic_command_writes_a_valid_dataset(tmp_path: Path, capsys):
     assert (out / "imagesTs" / "synth_003.nii.gz").is_file() and (out / "labelsTs" / "synth_003.nii.gz").is_file()
     assert run("make-synthetic", out) == 2  # refuses to overwrite
     assert "already holds a dataset.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, dest, value, message",
+    [
+        (["preprocess", "D", "--configurations", "2d"], "configurations", ["2d"], "--configurations is deprecated"),
+        (["train", "D", "--configuration", "2d", "-f", "0"], "configuration", "2d", "--configuration is deprecated"),
+        (["plan", "RAW", "--preset", "brats"], "recipe", "brats", "--preset is deprecated, use --recipe"),
+        (["run", "RAW", "--preset", "brats"], "recipe", "brats", "--preset is deprecated, use --recipe"),
+    ],
+)
+def test_old_option_spellings_still_work_and_say_they_are_deprecated(args, dest, value, message, capsys):
+    from autounet.cli import build_parser
+
+    parsed = build_parser().parse_args(args)
+    assert getattr(parsed, dest) == value
+    err = capsys.readouterr().err
+    assert err.count("deprecated") == 1 and f"autounet: {message}" in err
+    # the new spellings say nothing, and the old ones are not in --help
+    new = {"--configurations": "-c", "--configuration": "-c", "--preset": "--recipe"}
+    assert getattr(build_parser().parse_args([new.get(a, a) for a in args]), dest) == value
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([args[0], "--help"])
+    assert args[2] not in capsys.readouterr().out  # hidden from --help
+
+
+def test_old_spellings_run_the_command(tiny_msd: Path, tmp_path: Path, capsys):
+    work = tmp_path / "W"
+    assert run("plan", tiny_msd, "--work", work, "-j", "1", "--preset", "nnunet") == 0
+    assert "autounet: --preset is deprecated, use --recipe" in capsys.readouterr().err
+    assert run("preprocess", "tiny", "--work", work, "-j", "1", "--configurations", "3d_fullres") == 0
+    captured = capsys.readouterr()
+    assert "autounet: --configurations is deprecated, use -c/--configs" in captured.err
+    assert "3d_fullres: 5 case(s) written" in captured.out and "2d:" not in captured.out
+
+
+def test_train_needs_one_configuration(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run("train", "D", "-f", "0")
+    assert exc.value.code == 2 and "-c/--configs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run("train", "D", "-c", "2d", "3d_fullres", "-f", "0")
+    assert exc.value.code == 2
+
+
+def test_patch_size_has_the_recipes_dimensionality(tiny_msd: Path, tmp_path: Path, capsys):
+    assert run("plan", tiny_msd, "--work", tmp_path / "A", "-j", "1") == 0
+    fp = tmp_path / "A" / "tiny" / "fingerprint.json"
+    capsys.readouterr()
+    args = ["plan", "--fingerprint", fp, "--work", tmp_path / "B", "--name", "b", "--recipe", "brats"]
+    assert run(*args, "--patch-size", "16", "16") == 2
+    assert "--patch-size needs 3 values (Z Y X) for the 3D patch of --recipe brats, got 2" in capsys.readouterr().err
+    assert (
+        run("plan", "--fingerprint", fp, "--work", tmp_path / "B", "--name", "b", "--patch-size", "16", "16", "16") == 2
+    )
+    assert "--patch-size applies to --recipe brats only" in capsys.readouterr().err
+    assert not (tmp_path / "B").exists()
+
+
+def test_the_cli_imports_nothing_but_the_api():
+    import ast
+
+    import autounet.cli
+
+    tree = ast.parse(Path(autounet.cli.__file__).read_text(encoding="utf-8"))
+    imported = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports"
+            imported += [f"{node.module}.{a.name}" for a in node.names] if node.module == "autounet" else [node.module]
+    ours = sorted(m for m in imported if m == "autounet" or m.startswith("autounet."))
+    assert ours == ["autounet.__version__", "autounet.api"]
+
+
+def test_every_api_function_has_explicit_arguments_and_a_docstring():
+    import inspect
+
+    from autounet import api
+
+    functions = [
+        f for name, f in inspect.getmembers(api, inspect.isfunction) if f.__module__ == api.__name__ and name[0] != "_"
+    ]
+    commands = {"check", "plan", "preprocess", "train", "validate", "predict", "evaluate", "show", "select"}
+    commands |= {"postprocess", "run", "demo", "report", "make_synthetic"}
+    assert commands <= {f.__name__ for f in functions}
+    for f in functions:
+        kinds = {p.kind for p in inspect.signature(f).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD not in kinds, f"{f.__name__} takes **kwargs"
+        assert inspect.Parameter.VAR_POSITIONAL not in kinds, f"{f.__name__} takes *args"
+        assert (f.__doc__ or "").strip(), f"{f.__name__} has no docstring"
+    import autounet
+
+    for name in commands:
+        assert getattr(autounet, name) is getattr(api, name)

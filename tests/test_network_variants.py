@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from autounet.errors import AutounetError
 from autounet.networks.attention import AttentionGate
 from autounet.networks.dropblock import DropBlock, drop_block_gamma, set_drop_block_prob
-from autounet.networks.spec import NVIDIA_FEATURES, NetworkSpec, spec_from_plan, with_overrides
+from autounet.networks.spec import NetworkSpec, spec_from_plan, with_overrides
 from autounet.networks.unet import UNet
 from autounet.planning.planner import plan_experiment
+from autounet.planning.topology import NVIDIA_FEATURES
 from autounet.utils.plain_data import from_plain, to_plain
 from test_planner_table1 import DATASETS, fingerprint
 from test_unet import hippocampus_plans, outputs_on_meta

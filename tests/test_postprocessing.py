@@ -6,7 +6,7 @@ import pytest
 
 from autounet.data.image_io import read_label
 from autounet.errors import AutounetError
-from autounet.evaluation.postprocessing import (
+from autounet.postprocessing.components import (
     PostprocessingDecision,
     apply_postprocessing,
     decide_postprocessing,

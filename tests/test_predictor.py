@@ -19,6 +19,7 @@ from autounet.api import plan, preprocess
 from autounet.cli import main
 from autounet.data.geometry import Geometry
 from autounet.data.image_io import read_image, read_label, write_image
+from autounet.data.probabilities import load_probability_file
 from autounet.data.synthetic import SyntheticSpec, make_case, make_synthetic_dataset
 from autounet.errors import AutounetError
 from autounet.inference import predictor as predictor_module
@@ -26,19 +27,25 @@ from autounet.inference.model import load_stage
 from autounet.inference.predictor import (
     Predictor,
     finalize,
-    load_probability_file,
     prepare,
     stage_probabilities,
 )
 from autounet.inference.sliding_window import fits_on_device, predict_volume
+from autounet.pipeline.fold import train_and_validate
 from autounet.planning.planner import PlannerOptions
-from autounet.training.trainer import TrainOptions, train
+from autounet.training.options import TrainOptions
+from autounet.workspace import Workspace
 from conftest import listing
 
 TINY = dict(epochs=1, iterations_per_epoch=2, validation_iterations=1, device="cpu")
 SHAPE = (16, 20, 18)
 LABELS = {1: 2, 2: 5}  # synthetic class -> label value written to the relabelled dataset
 VALUES = [0, 2, 5]
+
+
+def train(work, name, options, validate=True, validation_tta=True):
+    """Train one fold and validate it in full, as `autounet train` does."""
+    return train_and_validate(Workspace.at(work, name), options, validate, validation_tta).training
 
 
 def relabel(raw: Path, mapping: dict[int, int]) -> None:

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from autounet.data.crop import bounding_box, box_slices, nonzero_mask, uncrop
 from autounet.errors import AutounetError
 from autounet.planning.plans import ChannelNormalization
-from autounet.preprocessing.crop import bounding_box, box_slices, nonzero_mask, uncrop
 from autounet.preprocessing.locations import SAMPLES_PER_CLASS, sample_class_locations
 from autounet.preprocessing.normalize import normalize
 

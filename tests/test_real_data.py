@@ -209,22 +209,24 @@ def test_the_data_pipeline_keeps_the_network_busy(hippocampus_preprocessed, conf
 
     import torch
 
-    from autounet.training.components import build_components, training_step
+    from autounet.training.assemble import assemble_run
+    from autounet.training.options import TrainOptions
+    from autounet.training.step import train_step
 
     ws = hippocampus_preprocessed[0].workspace
-    c = build_components(ws.work, ws.name, configuration, device="cpu")
-    assert c.augmenter.sample_size != c.plan.patch_size  # rotation and scaling room is sampled
+    run, _ = assemble_run(ws, TrainOptions(configuration, "all", device="cpu"))
+    assert run.augmenter.sample_size != run.plan.patch_size  # rotation and scaling room is sampled
     pipeline = []
     for i in range(3):
         start = time.perf_counter()
-        batch = c.sampler.batch(i)
-        image, seg = c.augmenter(torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed)
+        batch = run.train_sampler.batch(i)
+        image, seg = run.augmenter(torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed)
         pipeline.append(time.perf_counter() - start)
-    assert image.shape == (c.plan.batch_size, 1, *c.plan.patch_size)
-    optimizer = torch.optim.Adam(c.network.parameters(), lr=3e-4)
-    training_step(c, optimizer, image, seg)  # warm-up
+    assert image.shape == (run.plan.batch_size, 1, *run.plan.patch_size)
+    run.model.train()
+    train_step(run, image, seg, 1e-3)  # warm-up
     start = time.perf_counter()
-    loss = training_step(c, optimizer, image, seg)
+    loss = float(train_step(run, image, seg, 1e-3))
     network = time.perf_counter() - start
     assert np.isfinite(loss)
     assert (network + statistics.median(pipeline)) / network <= 1.15

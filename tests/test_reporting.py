@@ -13,11 +13,13 @@ import pytest
 from autounet import api
 from autounet.data.dataset import load_raw_dataset
 from autounet.data.image_io import read_label, write_image
-from autounet.evaluation.cross_validation import write_cv_summary
 from autounet.evaluation.evaluate import evaluate_arrays, save_evaluation
+from autounet.regions import brats_2017
 from autounet.reporting import read_log, render_report, write_report
 from autounet.training.logbook import write_log
 from autounet.utils.atomic import atomic_write_json
+from autounet.utils.plain_data import to_plain
+from autounet.validation.cross_validation import write_cv_summary
 from autounet.workspace import Workspace
 
 NAME = "syn"
@@ -87,7 +89,8 @@ def _trained(tmp_path: Path) -> tuple[Workspace, dict]:
     selection = {
         "schema_version": 1,
         "dataset": NAME,
-        "metric": "dice",
+        "metric": "mean foreground Dice over the cross-validation cases",
+        "n_cases": 4,
         "ranking": [
             {
                 "name": "3d_fullres",
@@ -106,7 +109,7 @@ def _trained(tmp_path: Path) -> tuple[Workspace, dict]:
                 "complete": False,
             },
         ],
-        "winner": {"name": "3d_fullres", "members": ["3d_fullres"], "folds": [0, 1], "checkpoints": ["final"]},
+        "winner": {"name": "3d_fullres", "members": ["3d_fullres"], "folds": [0, 1]},
         "postprocessing": {
             "kind": "components",
             "decision": {
@@ -117,6 +120,8 @@ def _trained(tmp_path: Path) -> tuple[Workspace, dict]:
                 "evidence": {
                     "num_cases": 4,
                     "min_gain": 0.0,
+                    "connectivity": 26,
+                    "dice": "mean over cases per class",
                     "foreground": {
                         "dice_without": {"1": 0.8823, "2": 0.8601},
                         "dice_with": {"1": 0.8901, "2": 0.8655},
@@ -146,8 +151,12 @@ def _trained(tmp_path: Path) -> tuple[Workspace, dict]:
                             "adopted": False,
                         },
                     },
+                    "final": {"dice": {"1": 0.8944, "2": 0.8655}, "mean": 0.87995},
                 },
             },
+            "rule": None,
+            "regions": None,
+            "candidates_from_training_labels": [1, 2],
             "dice_before": 0.8712,
             "dice_after": 0.87995,
             "per_class_before": {"1": 0.8823, "2": 0.8601},
@@ -243,27 +252,48 @@ def test_report_without_selection_shows_best_configuration_and_survives_bad_file
     example = text.split("## 5. Example prediction", 1)[1]
     assert "Skipped:" in example and len(example.strip().splitlines()) == 1
 
-    # a selection of another kind and with missing keys is still rendered
-    atomic_write_json(
-        ws.selection_json,
-        {
-            "winner": {"name": "3d_fullres"},
-            "postprocessing": {
-                "kind": "brats_et",
-                "rule": {"component_voxels": 8, "total_voxels": 50, "min_mean_probability": 0.85, "et_threshold": 0.5},
-                "grid_search": {
-                    "num_cases": 4,
-                    "best_score": 0.8123,
-                    "no_rule_score": 0.7901,
-                    "paper_rule_score": 0.8011,
-                },
+    # a selection of the other kind (the BraTS ET rule), with an empty ranking, is rendered too
+    rule = {"component_voxels": 8, "total_voxels": 50, "min_mean_probability": 0.85, "et_threshold": 0.5}
+    brats = {
+        "schema_version": 1,
+        "dataset": NAME,
+        "metric": "mean foreground Dice over the cross-validation cases",
+        "n_cases": 4,
+        "ranking": [],
+        "winner": {"name": "3d_fullres", "members": ["3d_fullres"], "folds": [0, 1]},
+        "postprocessing": {
+            "kind": "brats_et",
+            "decision": None,
+            "rule": {**rule, "connectivity": 26},
+            "regions": to_plain(brats_2017()),
+            "grid_search": {
+                "num_cases": 4,
+                "score": "mean over cases of the mean of the region Dice scores (both empty counts as 1)",
+                "best": {**rule, "connectivity": 26},
+                "best_score": 0.8123,
+                "no_rule_score": 0.7901,
+                "paper_rule_score": 0.8011,
+                "per_threshold": [
+                    {"et_threshold": 0.5, "best_score": 0.8123, "no_rule_score": 0.7901, "region_dice": {"WT": 0.9}}
+                ],
             },
+            "dice_before": 0.7901,
+            "dice_after": 0.8123,
         },
-    )
+        "predict_command": f"autounet predict -i IMAGES -o OUT -m W/{NAME}",
+    }
+    atomic_write_json(ws.selection_json, brats)
     text = render_report(ws)
     assert "**Winner: `3d_fullres`**" in text and "lists no ranking" in text
     assert "smaller than 8 voxels" in text and "fewer than 50 ET voxels" in text
     assert "chosen rule 0.8123" in text and "no rule 0.7901" in text
+
+    # an incomplete selection is named as unreadable, with the missing field; the rest is reported
+    del brats["winner"]["members"]
+    atomic_write_json(ws.selection_json, brats)
+    text = render_report(ws)
+    assert f"{ws.selection_json}.winner: missing field 'members'" in text
+    assert "Skipped: selection.json could not be read" in text and "### `3d_fullres`" in text
 
 
 def test_read_log_and_missing_workspace(tmp_path: Path):

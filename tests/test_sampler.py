@@ -12,7 +12,8 @@ from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from autounet.errors import AutounetError
 from autounet.preprocessing.store import open_case
 from autounet.training.loader import BatchLoader
-from autounet.training.sampler import PatchSampler, SamplerSettings, previous_stage_path
+from autounet.training.sampler import PatchSampler, SamplerSettings
+from autounet.workspace import previous_stage_path
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,33 @@ def test_loader_yields_tensors_in_order_and_stops(preprocessed):
     ]
     assert [s[0] for s in seen] == list(range(5, 11))
     assert seen[0][1] == torch.float32 and seen[0][2] == torch.uint8
+
+
+def test_loader_threads_share_the_open_case_cache_safely(preprocessed, monkeypatch):
+    """Eight threads drawing batches while the cache holds one case at a time (constant eviction)
+    get exactly the batches one thread gets."""
+    import threading
+
+    from autounet.training import sampler as sampler_module
+
+    folder, cases = preprocessed
+    expected = [PatchSampler(folder, cases, settings(batch=2), seed=4).batch(i) for i in range(16)]
+    monkeypatch.setattr(sampler_module, "open_case_budget", lambda: 1)
+    shared = PatchSampler(folder, cases, settings(batch=2), seed=4)
+    got, errors = {}, []
+
+    def draw(k: int) -> None:
+        try:
+            for i in range(k, 16, 8):
+                got[i] = shared.batch(i)
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=draw, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, batch in enumerate(expected):
+        assert np.array_equal(got[i].image, batch.image) and np.array_equal(got[i].seg, batch.seg)

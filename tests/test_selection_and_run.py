@@ -15,13 +15,14 @@ import pytest
 
 from autounet.cli import main
 from autounet.data.image_io import read_label
+from autounet.data.probabilities import load_probability_file
 from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from autounet.evaluation.evaluate import evaluate_arrays
-from autounet.evaluation.postprocessing import apply_postprocessing
-from autounet.inference.postprocess import load_selected
-from autounet.inference.predictor import Predictor, load_probability_file
+from autounet.inference.predictor import Predictor
 from autounet.pipeline.run import RunOptions, fold_state, run_pipeline
-from autounet.training.checkpoint import checkpoint_path
+from autounet.postprocessing.components import apply_postprocessing
+from autounet.selection_document import load_selection, postprocessing_of
+from autounet.workspace import Workspace, checkpoint_path
 
 TINY = dict(epochs=1, iterations_per_epoch=2, validation_iterations=1)
 
@@ -33,7 +34,9 @@ def trained(tmp_path_factory) -> dict:
         root / "raw" / "tiny", SyntheticSpec(cases=8, test_cases=2, shape=(16, 20, 18), classes=3, seed=3)
     )
     work = root / "W"
-    result = run_pipeline(raw, work, None, RunOptions(configurations=["2d", "3d_fullres"], folds=[0, 1], **TINY))
+    result = run_pipeline(
+        raw, Workspace.at(work, "tiny"), RunOptions(configurations=["2d", "3d_fullres"], folds=[0, 1], **TINY)
+    )
     return {"raw": raw, "work": work, "result": result, "ws": result.workspace}
 
 
@@ -76,7 +79,7 @@ def test_a_second_run_skips_every_finished_fold(trained, capsys):
     ws = trained["ws"]
     stamps = {p: p.stat().st_mtime_ns for p in ws.root.glob("results/*/fold_*/checkpoint_final.pt")}
     again = run_pipeline(
-        trained["raw"], trained["work"], None, RunOptions(configurations=["2d", "3d_fullres"], folds=[0, 1], **TINY)
+        trained["raw"], trained["ws"], RunOptions(configurations=["2d", "3d_fullres"], folds=[0, 1], **TINY)
     )
     assert again.trained == [] and len(again.skipped) == 4
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -103,7 +106,7 @@ def test_predict_with_the_workspace_uses_the_selection_and_its_postprocessing(tr
     )
     predictor = Predictor(ws.root)
     assert [m.configuration for m in predictor.members] == selection["winner"]["members"]
-    decision = load_selected(ws.root).decision
+    decision = postprocessing_of(ws.root).decision
     for f in sorted((tmp_path / "sel").glob("*.nii.gz")):
         post, geo = read_label(f)
         plain, _ = read_label(tmp_path / "raw" / f.name)
@@ -131,8 +134,7 @@ def test_interrupted_folds_are_resumed_or_revalidated_not_redone(trained, tmp_pa
     assert fold_state(fold0) == "resume"
     result = run_pipeline(
         trained["raw"],
-        work,
-        None,
+        Workspace.at(work, trained["ws"].name),
         RunOptions(
             configurations=["2d", "3d_fullres"], folds=[0, 1], epochs=2, iterations_per_epoch=2, validation_iterations=1
         ),
@@ -190,18 +192,19 @@ def test_region_models_get_the_et_rule_grid_searched_and_applied(tmp_path, monke
     raw = make_synthetic_dataset(
         tmp_path / "raw" / "b", SyntheticSpec(cases=5, test_cases=1, shape=(18, 20, 20), channels=2, classes=5, seed=4)
     )
-    options = RunOptions(configurations=["3d_fullres"], folds=[0, 1], preset="brats", patch_size=[16, 16, 16], **TINY)
-    from autounet.training import trainer
+    options = RunOptions(configurations=["3d_fullres"], folds=[0, 1], recipe="brats", patch_size=[16, 16, 16], **TINY)
+    from autounet.pipeline import run
 
-    original = trainer.TrainOptions
+    original = run.TrainOptions
     # a network small enough to train in seconds
-    monkeypatch.setattr(trainer, "TrainOptions", lambda *a, **k: original(*a, **{**k, "features": [4, 8, 8, 8]}))
-    result = run_pipeline(raw, tmp_path / "W", None, options)
+    monkeypatch.setattr(run, "TrainOptions", lambda *a, **k: original(*a, **{**k, "features": [4, 8, 8, 8]}))
+    result = run_pipeline(raw, Workspace.at(tmp_path / "W", "b"), options)
     selection = result.selection
-    assert selection["ranking"][0]["per_class"].keys() == {"WT", "TC", "ET"}
-    pp = selection["postprocessing"]
-    assert pp["kind"] == "brats_et" and pp["dice_after"] >= pp["dice_before"]
-    assert 0.3 - 1e-9 <= pp["rule"]["et_threshold"] <= 0.7 + 1e-9
+    assert selection == load_selection(result.workspace.selection_json)
+    assert selection.ranking[0].per_class.keys() == {"WT", "TC", "ET"}
+    pp = selection.postprocessing
+    assert pp.kind == "brats_et" and pp.dice_after >= pp.dice_before
+    assert 0.3 - 1e-9 <= pp.rule.et_threshold <= 0.7 + 1e-9
     out = tmp_path / "pred"
     assert (
         main(

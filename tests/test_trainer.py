@@ -16,13 +16,19 @@ import torch
 from autounet.api import plan, preprocess
 from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from autounet.errors import AutounetError
+from autounet.pipeline.fold import train_and_validate
 from autounet.planning.planner import PlannerOptions
 from autounet.preprocessing.store import case_paths
 from autounet.training.checkpoint import load_checkpoint
-from autounet.training.sampler import previous_stage_path
-from autounet.training.trainer import TrainOptions, train
+from autounet.training.options import TrainOptions
+from autounet.training.trainer import train as train_fold
+from autounet.workspace import Workspace, previous_stage_path
 
 QUICK = dict(iterations_per_epoch=3, validation_iterations=2)
+
+
+def train(work, name, options):
+    return train_fold(Workspace.at(work, name), options)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +202,8 @@ def test_cascade_stage_two_trains_on_the_first_stage_predictions_of_every_fold(t
     next_stage = tmp_path / "W" / "raw" / "results" / "3d_lowres" / "next_stage"
     full = tmp_path / "W" / "raw" / "preprocessed" / "3d_fullres"
     for fold in range(len(splits)):
-        train(tmp_path / "W", "raw", TrainOptions("3d_lowres", fold, epochs=1, **QUICK))
+        # the fold's full validation writes the next stage's inputs
+        train_and_validate(Workspace.at(tmp_path / "W", "raw"), TrainOptions("3d_lowres", fold, epochs=1, **QUICK))
         for case in splits[fold]["val"]:  # each case predicted by the fold that did not train on it
             previous = np.load(previous_stage_path(next_stage, case))
             assert previous.shape == np.load(case_paths(full, case)["seg"], mmap_mode="r").shape

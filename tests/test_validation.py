@@ -14,16 +14,23 @@ from autounet.api import plan, preprocess
 from autounet.cli import main
 from autounet.data.geometry import geometry_differences
 from autounet.data.image_io import read_image, read_label
+from autounet.data.probabilities import load_probability_file
 from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
-from autounet.evaluation.cross_validation import CV_SUMMARY, load_cv_summary, pool_folds
 from autounet.evaluation.evaluate import evaluate_folders
-from autounet.inference.predictor import load_probability_file
-from autounet.inference.validation import is_validated
+from autounet.pipeline.fold import train_and_validate
 from autounet.training.checkpoint import load_checkpoint
-from autounet.training.trainer import TrainOptions, train
+from autounet.training.options import TrainOptions
+from autounet.validation.cross_validation import load_cv_summary, pool_folds
+from autounet.validation.fold import is_validated
+from autounet.workspace import Workspace, cv_summary_path
 
 TINY = dict(epochs=1, iterations_per_epoch=2, validation_iterations=1, device="cpu")
 CONFIG = "3d_fullres"
+
+
+def train(work, name, options, validate=True, validation_tta=True):
+    """Train one fold and validate it in full, as `autounet train` does."""
+    return train_and_validate(Workspace.at(work, name), options, validate, validation_tta).training
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +56,7 @@ def trained(tmp_path_factory) -> dict:
     for fold in (0, 1):
         result = train(root / "W", "raw", TrainOptions(CONFIG, fold, **TINY))
         summaries[fold] = json.loads((result.fold_dir / "validation" / "summary.json").read_text())
-    cv = json.loads((root / "W" / "raw" / "results" / CONFIG / CV_SUMMARY).read_text())
+    cv = json.loads(cv_summary_path(root / "W" / "raw" / "results" / CONFIG).read_text())
     return {"work": root / "W", "raw": raw, "summaries": summaries, "cv": cv}
 
 
@@ -133,7 +140,7 @@ def test_validate_only_reproduces_the_summary(trained, capsys):
 def test_cv_summary_pools_the_validated_folds(trained):
     work = trained["work"]
     results = work / "raw" / "results" / CONFIG
-    cv = json.loads((results / CV_SUMMARY).read_text())
+    cv = json.loads(cv_summary_path(results).read_text())
     summaries = trained["summaries"]
     assert cv["n_cases"] == summaries[0]["n_cases"] + summaries[1]["n_cases"] == len(cv["per_case"])
     assert set(cv["per_case"]) == set(val_cases(work, 0)) | set(val_cases(work, 1))

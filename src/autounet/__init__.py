@@ -9,16 +9,23 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _API = {
+    # one function per command (autounet.api)
     "check": "autounet.api",
     "plan": "autounet.api",
     "plan_from_fingerprint": "autounet.api",
     "fingerprint_dataset": "autounet.api",
     "preprocess": "autounet.api",
     "train": "autounet.api",
-    "make_synthetic": "autounet.api",
+    "validate": "autounet.api",
+    "predict": "autounet.api",
     "evaluate": "autounet.api",
+    "show": "autounet.api",
     "select": "autounet.api",
+    "postprocess": "autounet.api",
+    "report": "autounet.api",
     "run": "autounet.api",
+    "demo": "autounet.api",
+    "make_synthetic": "autounet.api",
     "Predictor": "autounet.inference.predictor",
     "AutounetError": "autounet.errors",
     "DatasetInvalid": "autounet.errors",

@@ -1,183 +1,536 @@
-"""Python API mirroring the commands: ``autounet.check``, ``autounet.plan``, ...
+"""The Python API: one function per `autounet` command, with the command's options as typed
+keyword arguments (``autounet plan RAW --work W`` is ``autounet.plan(RAW, work=W)``).
 
-Each function validates everything before it writes anything, so a failure leaves the
-workspace as it was.
+Each function turns ``(work, name)`` into a :class:`~autounet.workspace.Workspace` once, calls
+the stage that does the work and returns that stage's result; the command line (:mod:`autounet.cli`)
+is a thin layer over these functions and prints their results with the ``format_*`` helpers at
+the end of this module. Stages validate everything before they write anything, so a failure
+leaves the workspace as it was. Heavy modules are imported on first use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from autounet.data.check import CheckReport, check_dataset
-from autounet.data.dataset import parse_raw_dataset
-from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from autounet.errors import AutounetError, DatasetInvalid
-from autounet.planning.fingerprint import (
-    Fingerprint,
-    build_fingerprint,
-    dataset_signature,
-    load_fingerprint,
-    save_fingerprint,
-)
-from autounet.planning.planner import PlannerOptions
-from autounet.planning.plans import Plans, save_plans
-from autounet.planning.recipes import check_recipe, has_background_info, plan_with_recipe, regions_from_fingerprint
-from autounet.preprocessing.case import PreprocessOptions
-from autounet.preprocessing.run import PreprocessSummary, preprocess_dataset
-from autounet.utils.atomic import atomic_write_json, read_json
 from autounet.workspace import Workspace
 
+if TYPE_CHECKING:
+    from autounet.data.check import CheckReport
+    from autounet.evaluation.evaluate import EvaluationResult
+    from autounet.inference.predictor import CaseTiming
+    from autounet.pipeline.demo import DemoResult
+    from autounet.pipeline.fold import FoldResult
+    from autounet.pipeline.run import RunResult
+    from autounet.planning.fingerprint import Fingerprint
+    from autounet.planning.planner import PlannerOptions
+    from autounet.planning.plans import Plans
+    from autounet.planning.run import PlanResult
+    from autounet.postprocessing.apply import Postprocessing
+    from autounet.preprocessing.run import PreprocessSummary
+    from autounet.selection_document import Selection
+    from autounet.validation.fold import ValidationResult
 
-@dataclass
-class PlanResult:
-    workspace: Workspace
-    fingerprint: Fingerprint
-    plans: Plans
-    report: CheckReport | None  # None when a stored, up-to-date fingerprint was reused
+__all__ = [
+    "AutounetError",
+    "DatasetInvalid",
+    "PredictionRun",
+    "Workspace",
+    "check",
+    "demo",
+    "evaluate",
+    "evaluation_json_path",
+    "fingerprint_dataset",
+    "format_evaluation",
+    "format_plans",
+    "format_selection",
+    "format_timings",
+    "make_synthetic",
+    "plan",
+    "plan_from_fingerprint",
+    "postprocess",
+    "predict",
+    "preprocess",
+    "report",
+    "run",
+    "select",
+    "show",
+    "train",
+    "validate",
+    "workspace",
+]
 
 
-def check(raw: str | Path, workers: int | None = None) -> CheckReport:
-    """Validate a raw dataset (MSD or nnU-Net v2 layout); writes nothing."""
+def workspace(name: str, *, work: str | Path | None = None) -> Workspace:
+    """The workspace ``W/NAME`` of a dataset: where every stage reads and writes its files."""
+    return Workspace.at(work, name)
+
+
+# --- autounet check / plan ---------------------------------------------------------------------
+
+
+def check(raw: str | Path, *, workers: int | None = None) -> CheckReport:
+    """`autounet check RAW`: validate a raw dataset (MSD or nnU-Net v2 layout); writes nothing."""
+    from autounet.data.check import check_dataset
+
     return check_dataset(raw, workers=workers)
 
 
-def _claim_workspace(ws: Workspace, raw_root: Path) -> None:
-    """Refuse to plan into a workspace that belongs to another raw dataset."""
-    if ws.dataset_json.is_file():
-        try:
-            owner = read_json(ws.dataset_json).get("raw_path")
-        except (ValueError, OSError, AttributeError):
-            owner = None
-        if owner and Path(owner) != raw_root:
-            raise AutounetError(f"{ws.root} already holds the dataset from {owner}; choose another --name or --work")
+def fingerprint_dataset(raw: str | Path, *, workers: int | None = None) -> tuple[CheckReport, Fingerprint]:
+    """Check a raw dataset and, if it is valid, compute its fingerprint (one read per case); writes nothing."""
+    from autounet.planning.run import fingerprint_dataset as fingerprint
 
-
-def fingerprint_dataset(raw: str | Path, workers: int | None = None) -> tuple[CheckReport, Fingerprint]:
-    """Check the dataset and, if it is valid, compute its fingerprint (one read per case)."""
-    report = check_dataset(raw, workers=workers, compute_stats=True)
-    if not report.ok:
-        raise DatasetInvalid([str(e) for e in report.errors])
-    assert report.dataset is not None
-    fp = build_fingerprint(report.dataset, report.inspections, signature=dataset_signature(report.dataset))
-    return report, fp
+    return fingerprint(raw, workers)
 
 
 def plan(
-    raw: str | Path,
+    raw: str | Path | None = None,
+    *,
     work: str | Path | None = None,
     name: str | None = None,
-    workers: int | None = None,
+    fingerprint: str | Path | None = None,
+    recipe: str | None = None,
+    patch_size: Sequence[int] | None = None,
     force: bool = False,
+    workers: int | None = None,
     options: PlannerOptions | None = None,
-    preset: str | None = None,
-    patch_size: list[int] | None = None,
 ) -> PlanResult:
-    """Check, fingerprint and plan a raw dataset into ``W/NAME/``.
+    """`autounet plan RAW`: check, fingerprint and plan a raw dataset into ``W/NAME/``
+    (``name`` defaults to RAW's folder name).
 
-    The fingerprint is reused when ``W/NAME/fingerprint.json`` was made from the same files
-    (same dataset.json, names, sizes and modification times) unless ``force``. ``preset``:
-    ``nnunet`` (default, seed 001) or ``brats`` (seed 004's recipe, see
-    :mod:`autounet.planning.recipes`); ``patch_size`` overrides the brats preset's patch (a CPU
-    convenience).
+    The fingerprint is reused when it was made from the same files unless ``force``. With
+    ``fingerprint=F.json`` (and ``name``) instead of RAW, plan from that fingerprint alone.
+    ``recipe``: ``nnunet`` (default) or ``brats``; ``patch_size``: the brats recipe's 3D patch
+    instead of 128³ (a CPU convenience).
     """
-    from autounet.regions import region_set_for_dataset
+    if fingerprint is not None:
+        if raw is not None:
+            raise AutounetError("give either RAW or --fingerprint, not both")
+        if not name:
+            raise AutounetError("--fingerprint needs --name NAME")
+        return plan_from_fingerprint(
+            fingerprint, work=work, name=name, recipe=recipe, patch_size=patch_size, options=options
+        )
+    if raw is None or str(raw) == "":
+        raise AutounetError("give a raw dataset folder RAW, or --fingerprint F.json --name NAME")
+    from autounet.planning.run import plan_dataset
 
-    recipe = check_recipe(preset)
-    raw = Path(raw)
-    ws = Workspace.at(work, name or raw.resolve().name)
-    dataset, findings = parse_raw_dataset(raw)
-    errors = [str(f) for f in findings if f.severity == "error"]
-    if errors or dataset is None:
-        raise DatasetInvalid(errors or [f"{raw}: cannot parse the dataset"])
-    _claim_workspace(ws, dataset.root)
-
-    report, fp = None, None
-    if not force and ws.fingerprint_json.is_file():
-        try:
-            stored = load_fingerprint(ws.fingerprint_json)
-        except AutounetError:
-            stored = None
-        if stored is not None and stored.source_signature == dataset_signature(dataset):
-            fp = stored
-        if fp is not None and recipe == "brats" and not has_background_info(fp):
-            fp = None  # an older fingerprint without the corner values the brats preset needs
-    if fp is None:
-        report, fp = fingerprint_dataset(raw, workers)
-    plans = plan_with_recipe(fp, recipe, region_set_for_dataset(dataset), options, patch_size)
-
-    atomic_write_json(ws.dataset_json, {**dataset.descriptor, "raw_path": str(dataset.root), "layout": dataset.layout})
-    if report is not None:
-        save_fingerprint(fp, ws.fingerprint_json)
-    save_plans(plans, ws.plans_json)
-    return PlanResult(ws, fp, plans, report)
+    ws = Workspace.at(work, name or Path(raw).resolve().name)
+    return plan_dataset(
+        raw, ws, workers=workers, force=force, options=options, recipe=recipe, patch_size=_list(patch_size)
+    )
 
 
 def plan_from_fingerprint(
     fingerprint: str | Path,
-    work: str | Path | None,
+    *,
+    work: str | Path | None = None,
     name: str,
+    recipe: str | None = None,
+    patch_size: Sequence[int] | None = None,
     options: PlannerOptions | None = None,
-    preset: str | None = None,
-    patch_size: list[int] | None = None,
 ) -> PlanResult:
-    """Plan from a fingerprint.json alone (no images needed); writes ``W/NAME/plans.json``."""
+    """`autounet plan --fingerprint F --name NAME`: plan from a fingerprint.json alone (no images
+    needed); writes ``W/NAME/fingerprint.json`` and ``W/NAME/plans.json``."""
+    from autounet.planning.run import plan_from_fingerprint as plan_fingerprint
+
     ws = Workspace.at(work, name)
-    fp = load_fingerprint(fingerprint)
-    plans = plan_with_recipe(fp, preset, regions_from_fingerprint(fp), options, patch_size)
-    if Path(fingerprint).resolve() != ws.fingerprint_json.resolve():
-        save_fingerprint(fp, ws.fingerprint_json)
-    save_plans(plans, ws.plans_json)
-    return PlanResult(ws, fp, plans, None)
+    return plan_fingerprint(fingerprint, ws, options=options, recipe=recipe, patch_size=_list(patch_size))
+
+
+# --- autounet preprocess / train -----------------------------------------------------------------
 
 
 def preprocess(
     name: str,
+    *,
     work: str | Path | None = None,
-    configurations: list[str] | None = None,
-    workers: int | None = None,
+    configurations: Sequence[str] | None = None,
     float16: bool = False,
     label_interpolation: str = "nearest",
     force: bool = False,
+    workers: int | None = None,
 ) -> PreprocessSummary:
-    """Preprocess the planned dataset ``W/NAME`` (see :func:`preprocessing.run.preprocess_dataset`)."""
+    """`autounet preprocess NAME`: crop, resample and normalise every case of ``W/NAME`` for the
+    planned configurations (default all), resumably; ``float16`` halves the stored images."""
+    from autounet.preprocessing.case import PreprocessOptions
+    from autounet.preprocessing.run import preprocess_dataset
+
     options = PreprocessOptions(
         image_dtype="float16" if float16 else "float32", label_interpolation=label_interpolation
     )
-    return preprocess_dataset(work, name, configurations, workers, options, force)
+    ws = Workspace.at(work, name)
+    return preprocess_dataset(ws, _list(configurations), workers, options, force)
 
 
-def train(name: str, configuration: str, fold: int | str, work: str | Path | None = None, **options: object):
-    """Train one fold; keyword arguments are :class:`autounet.training.trainer.TrainOptions` fields."""
-    from autounet.training.trainer import TrainOptions
-    from autounet.training.trainer import train as train_fold
+def train(
+    name: str,
+    configuration: str,
+    fold: int | str,
+    *,
+    work: str | Path | None = None,
+    preset: str | None = None,
+    augmentation: str | None = None,
+    epochs: int | None = None,
+    iterations_per_epoch: int | None = None,
+    validation_iterations: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    max_minutes: float | None = None,
+    resume: bool = False,
+    loader_threads: int | None = None,
+    validate: bool = True,
+    validation_tta: bool = True,
+    attention: bool | None = None,
+    residual: bool | None = None,
+    drop_block: float | None = None,
+    focal: bool | None = None,
+    deep_supervision_heads: int | None = None,
+    features: Sequence[int] | None = None,
+    deeper: bool = False,
+    width_multiplier: float | None = None,
+    foreground_channel: bool | None = None,
+) -> FoldResult:
+    """`autounet train NAME -c CONFIG -f FOLD`: train one fold (``"all"``: every case), then
+    predict its validation cases in full and score them (unless ``validate`` is False).
 
-    return train_fold(work, name, TrainOptions(configuration=configuration, fold=fold, **options))
+    ``preset``/``augmentation``: training and augmentation presets (default the plan's); None
+    keeps the preset's (or, with ``resume``, the run's) value. The ablation switches
+    (``attention`` ... ``foreground_channel``) are those of seed 004 (see
+    :class:`autounet.training.options.TrainOptions`).
+    """
+    from autounet.pipeline.fold import train_and_validate
+    from autounet.training.options import TrainOptions
+
+    options = TrainOptions(
+        configuration=configuration,
+        fold=fold,
+        preset=preset,
+        augmentation=augmentation,
+        epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch,
+        validation_iterations=validation_iterations,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        seed=seed,
+        max_minutes=max_minutes,
+        resume=resume,
+        loader_threads=loader_threads,
+        attention=attention,
+        residual=residual,
+        drop_block=drop_block,
+        focal=focal,
+        deep_supervision_heads=deep_supervision_heads,
+        features=_list(features),
+        deeper=deeper,
+        width_multiplier=width_multiplier,
+        foreground_channel=foreground_channel,
+    )
+    ws = Workspace.at(work, name)
+    return train_and_validate(ws, options, validate=validate, validation_tta=validation_tta)
 
 
-def make_synthetic(out: str | Path, **spec: object) -> Path:
-    """Write a synthetic MSD-layout dataset; keyword arguments are :class:`SyntheticSpec` fields."""
-    return make_synthetic_dataset(out, SyntheticSpec(**spec))
+def validate(
+    name: str,
+    configuration: str,
+    fold: int | str,
+    *,
+    work: str | Path | None = None,
+    device: str | None = None,
+    tta: bool = True,
+) -> ValidationResult:
+    """`autounet train NAME -c CONFIG -f FOLD --validate-only`: redo a trained fold's validation
+    (predict its validation cases in full, score them, write ``summary.json``); prints one line."""
+    from autounet.pipeline.fold import validate_and_report
+
+    ws = Workspace.at(work, name)
+    return validate_and_report(ws, configuration, fold, device=device, tta=tta)
 
 
-def evaluate(pred: str | Path, gt: str | Path, **options: object):
-    """Compare label maps (folders or files); keyword arguments as
-    :func:`autounet.evaluation.evaluate.evaluate_folders` (``labels``, ``regions``, ``empty``, ...)."""
-    from autounet.evaluation.evaluate import evaluate_folders
-
-    return evaluate_folders(pred, gt, **options)
+# --- autounet predict / evaluate / show ----------------------------------------------------------
 
 
-def select(name: str, work: str | Path | None = None, configurations: list[str] | None = None) -> dict:
-    """Rank configurations and pair ensembles by cross-validation Dice, decide post-processing;
-    writes and returns ``W/NAME/selection.json``'s content."""
-    from autounet.evaluation.selection import select as select_model
+@dataclass
+class PredictionRun:
+    """What :func:`predict` did: the output folder, each case's timing and the post-processing applied."""
 
-    return select_model(work, name, configurations)
+    output: Path
+    timings: list[CaseTiming]
+    postprocessing: Postprocessing | None
 
 
-def run(raw: str | Path, work: str | Path | None = None, name: str | None = None, **options: object):
-    """The whole pipeline, resumable; keyword arguments are :class:`autounet.pipeline.run.RunOptions` fields."""
+def predict(
+    inputs: str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    model: str | Path,
+    folds: Sequence[int | str] | None = None,
+    checkpoints: Sequence[str] | None = None,
+    device: str | None = None,
+    tta: bool = True,
+    step: float = 0.5,
+    postprocess: bool = True,
+    save_probabilities: bool = False,
+    png: bool = False,
+) -> PredictionRun:
+    """`autounet predict -i IN -o OUT -m MODEL`: segment images (folders and/or files) with a
+    trained model (``W/NAME/results/CONFIG``, one ``fold_K`` or the selected model ``W/NAME``).
+
+    For repeated use in Python keep a :class:`autounet.Predictor` instead (it loads the model once).
+    """
+    from autounet.inference.predictor import Predictor
+
+    predictor = Predictor(
+        model, folds=folds, checkpoints=checkpoints, device=device, tta=tta, step=step, postprocess=postprocess
+    )
+    timings = predictor.predict(inputs, output, save_probabilities=save_probabilities, png=png)
+    return PredictionRun(Path(output), timings, predictor.postprocessing)
+
+
+def evaluate(
+    pred: str | Path,
+    gt: str | Path,
+    *,
+    labels: Sequence[int] | None = None,
+    regions: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    brats: bool = False,
+    tolerance_mm: float = 1.0,
+    json_path: str | Path | None = None,
+    workers: int | None = None,
+) -> EvaluationResult:
+    """`autounet evaluate PRED GT`: Dice, IoU, HD95 and surface Dice of label maps (two folders
+    or two files) per case and class, and their means.
+
+    ``regions``: ``{"WT": [1, 2, 3]}`` or ``["WT=1,2,3"]``; ``brats``: both masks empty score 1
+    (default: NaN, left out of means). ``json_path``: also write the result there (the command
+    writes :func:`evaluation_json_path`).
+    """
+    from autounet.evaluation.evaluate import evaluate_folders, parse_regions, save_evaluation
+
+    if regions is not None and not isinstance(regions, Mapping):
+        regions = parse_regions(list(regions)) if regions else None
+    result = evaluate_folders(
+        pred,
+        gt,
+        labels=_list(labels),
+        regions=regions,
+        tolerance_mm=tolerance_mm,
+        empty="one" if brats else "nan",
+        workers=workers,
+    )
+    if json_path is not None:
+        save_evaluation(result, json_path)
+    return result
+
+
+def show(
+    images: str | Path | Sequence[str | Path],
+    *,
+    seg: str | Path | None = None,
+    out: str | Path | None = None,
+    channel: int = 0,
+    slices: int = 3,
+) -> Path:
+    """`autounet show IMAGE --seg S`: write a PNG of axial, coronal and sagittal slices with the
+    segmentation overlaid; returns its path (default ``./<image name>.png``)."""
+    from autounet.visualization import show_files
+
+    return show_files(images, seg_path=seg, out=out, channel=channel, slices=slices)
+
+
+# --- autounet select / postprocess / report ------------------------------------------------------
+
+
+def select(
+    name: str,
+    *,
+    work: str | Path | None = None,
+    configurations: Sequence[str] | None = None,
+    workers: int | None = None,
+) -> Selection:
+    """`autounet select NAME`: rank the trained configurations and pair ensembles by
+    cross-validation Dice, choose the best and decide its post-processing; writes and returns
+    ``W/NAME/selection.json``."""
+    from autounet.selection.select import select as select_model
+
+    ws = Workspace.at(work, name)
+    return select_model(ws, _list(configurations), workers=workers)
+
+
+def postprocess(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    workspace: str | Path,
+    workers: int | None = None,
+) -> list[Path]:
+    """`autounet postprocess IN OUT --from W/NAME`: apply the post-processing `select` chose for
+    the workspace folder ``W/NAME`` to every segmentation in ``input_dir`` (which may equal
+    ``output_dir``); returns the files written."""
+    from autounet.postprocessing.apply import apply_to_folder
+    from autounet.selection_document import postprocessing_of
+
+    return apply_to_folder(input_dir, output_dir, postprocessing_of(workspace), workers)
+
+
+def report(name: str, *, work: str | Path | None = None) -> Path:
+    """Write ``W/NAME/report.md`` (plans, training curves, cross-validation, selection); returns its path."""
+    from autounet.reporting import write_report
+
+    return write_report(Workspace.at(work, name))
+
+
+# --- autounet run / demo / make-synthetic --------------------------------------------------------
+
+
+def run(
+    raw: str | Path,
+    *,
+    work: str | Path | None = None,
+    name: str | None = None,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[int | str] = (0, 1, 2, 3, 4),
+    epochs: int | None = None,
+    iterations_per_epoch: int | None = None,
+    validation_iterations: int | None = None,
+    max_minutes: float | None = None,
+    recipe: str | None = None,
+    patch_size: Sequence[int] | None = None,
+    width_multiplier: float | None = None,
+    validation_tta: bool = True,
+    device: str | None = None,
+    workers: int | None = None,
+    seed: int = 0,
+) -> RunResult:
+    """`autounet run RAW`: check, plan, preprocess, train every configuration (default every
+    planned one) on every fold, select and report; resumable at every step. ``max_minutes`` is
+    per fold; ``recipe`` and ``patch_size`` as :func:`plan`."""
     from autounet.pipeline.run import RunOptions, run_pipeline
 
-    return run_pipeline(raw, work, name, RunOptions(**options))
+    options = RunOptions(
+        configurations=_list(configurations),
+        folds=list(folds),
+        epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch,
+        validation_iterations=validation_iterations,
+        max_minutes=max_minutes,
+        recipe=recipe,
+        patch_size=_list(patch_size),
+        width_multiplier=width_multiplier,
+        validation_tta=validation_tta,
+        device=device,
+        workers=workers,
+        seed=seed,
+    )
+    ws = Workspace.at(work, name or Path(raw).resolve().name)
+    return run_pipeline(raw, ws, options)
+
+
+def demo(
+    folder: str | Path = "autounet_demo",
+    *,
+    epochs: int | None = None,
+    iterations_per_epoch: int | None = None,
+    device: str | None = None,
+) -> DemoResult:
+    """`autounet demo --dir DIR`: make a small synthetic dataset in ``folder``, run the whole
+    pipeline on it with a tiny budget, predict its held-out cases and score them (None keeps the
+    demo's budget)."""
+    from autounet.pipeline.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(device=device)
+    if epochs:
+        settings.epochs = epochs
+    if iterations_per_epoch:
+        settings.iterations_per_epoch = iterations_per_epoch
+    return run_demo(folder, settings)
+
+
+def make_synthetic(
+    out: str | Path,
+    *,
+    cases: int = 12,
+    test_cases: int = 0,
+    shape: Sequence[int] = (32, 40, 36),
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    spacing_jitter: float = 0.0,
+    modality: str = "MRI",
+    channels: int = 1,
+    classes: int = 3,
+    seed: int = 0,
+    layout: str = "msd",
+) -> Path:
+    """`autounet make-synthetic OUT`: write a small synthetic segmentation dataset (MSD or
+    nnU-Net v2 layout; ``classes`` includes the background); returns its folder."""
+    from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+    spec = SyntheticSpec(
+        cases=cases,
+        test_cases=test_cases,
+        shape=tuple(shape),
+        spacing=tuple(spacing),
+        spacing_jitter=spacing_jitter,
+        modality=modality,
+        channels=channels,
+        classes=classes,
+        seed=seed,
+        layout=layout,
+    )
+    return make_synthetic_dataset(out, spec)
+
+
+# --- what the commands print ---------------------------------------------------------------------
+
+
+def format_plans(plans: Plans) -> str:
+    """The plans as `autounet plan` prints them: one block per configuration."""
+    from autounet.planning.summary import format_plans as summary
+
+    return summary(plans)
+
+
+def format_selection(selection: Selection, *, name: str, work: str | Path | None = None) -> str:
+    """The selection as `autounet select` prints it: the ranking (with the dataset's class names),
+    the winner and the post-processing."""
+    from autounet.planning.plans import load_plans
+    from autounet.selection.select import format_selection as table
+
+    return table(selection, load_plans(Workspace.at(work, name).plans_json).labels)
+
+
+def format_evaluation(result: EvaluationResult, *, gt: str | Path | None = None, per_case: bool = False) -> str:
+    """The evaluation as `autounet evaluate` prints it: means per class (named from a dataset.json
+    beside ``gt``, if any), optionally one row per case and class."""
+    from autounet.evaluation.evaluate import format_table, label_names_near
+
+    names = label_names_near(gt) if gt is not None else None
+    return format_table(result, label_names=names, per_case=per_case)
+
+
+def evaluation_json_path(pred: str | Path, json_path: str | Path | None = None) -> Path:
+    """Where `autounet evaluate` writes its JSON: ``json_path``, else ``PRED/evaluation.json``
+    (``CASE_evaluation.json`` beside a single file)."""
+    from autounet.evaluation.evaluate import default_json_path
+
+    return Path(json_path) if json_path else default_json_path(pred)
+
+
+def format_timings(timings: Sequence[CaseTiming]) -> str:
+    """The mean time per case of :func:`predict`, split into preprocessing, network and export ("" for none)."""
+    import io
+
+    from autounet.inference.predictor import print_timings
+
+    text = io.StringIO()
+    print_timings(timings, file=text)
+    return text.getvalue().rstrip("\n")
+
+
+def _list(values: Sequence | None) -> list | None:
+    return None if values is None else list(values)

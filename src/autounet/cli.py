@@ -1,4 +1,5 @@
-"""The `autounet` command: argument parsing only; the work is done by the stages' modules."""
+"""The `autounet` command: argument parsing and printing only. Every command is one call of its
+twin in :mod:`autounet.api` (the only module imported here), which does the work."""
 
 from __future__ import annotations
 
@@ -6,12 +7,56 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from autounet import __version__
-from autounet.errors import AutounetError, DatasetInvalid
+from autounet import __version__, api
 
 
 def _work(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", "-w", metavar="W", help="workspace (default: $AUTOUNET_WORK, else ./autounet_work)")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A hidden old spelling of an option: stores like the new one and says so on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, use: str, **kwargs: object):
+        self.use = use
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"autounet: {option_string} is deprecated, use {self.use}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _alias(parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, old: str, use: str, **kwargs) -> None:
+    """Keep ``old`` working (hidden from --help) for the option spelled ``use`` now."""
+    parser.add_argument(
+        old, action=_DeprecatedAlias, use=use, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs
+    )
+
+
+def _configs(parser: argparse.ArgumentParser, text: str, old: str | None = None) -> None:
+    """``-c/--configs CONFIG ...``: the configurations a command works on."""
+    parser.add_argument("-c", "--configs", dest="configurations", nargs="+", metavar="CONFIG", help=text)
+    if old:
+        _alias(parser, old, "-c/--configs", dest="configurations", nargs="+", metavar="CONFIG")
+
+
+def _recipe(parser: argparse.ArgumentParser) -> None:
+    """``--recipe nnunet|brats`` and ``--patch-size`` of planning (``plan`` and ``run``)."""
+    choices = ["nnunet", "brats"]
+    parser.add_argument(
+        "--recipe",
+        choices=choices,
+        help="planning recipe: nnunet (default: the nnU-Net paper's planner) or brats (NVIDIA's BraTS recipe: one "
+        "3d_fullres configuration, WT/TC/ET regions, foreground channel, deeper encoder, nvidia training preset)",
+    )
+    _alias(parser, "--preset", "--recipe", dest="recipe", choices=choices)
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="--recipe brats only: the 3D patch (Z Y X) instead of 128^3 (a CPU convenience, e.g. 64 64 64)",
+    )
 
 
 def _workers(parser: argparse.ArgumentParser) -> None:
@@ -21,66 +66,47 @@ def _workers(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from autounet.api import check
-
-    report = check(args.raw, workers=args.workers)
+    report = api.check(args.raw, workers=args.workers)
     print(report.format())
     return 0 if report.ok else 2
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from autounet.api import plan, plan_from_fingerprint
-    from autounet.data.check import format_report
-    from autounet.planning.summary import format_plans
-
-    if args.fingerprint:
-        if args.raw:
-            raise AutounetError("give either RAW or --fingerprint, not both")
-        if not args.name:
-            raise AutounetError("--fingerprint needs --name NAME")
-        result = plan_from_fingerprint(
-            args.fingerprint, args.work, args.name, preset=args.preset, patch_size=args.patch_size
+    try:
+        result = api.plan(
+            args.raw,
+            work=args.work,
+            name=args.name,
+            fingerprint=args.fingerprint,
+            recipe=args.recipe,
+            patch_size=args.patch_size,
+            force=args.force,
+            workers=args.workers,
         )
-    else:
-        if not args.raw:
-            raise AutounetError("give a raw dataset folder RAW, or --fingerprint F.json --name NAME")
-        try:
-            result = plan(
-                args.raw,
-                work=args.work,
-                name=args.name,
-                workers=args.workers,
-                force=args.force,
-                preset=args.preset,
-                patch_size=args.patch_size,
-            )
-        except DatasetInvalid:
-            from autounet.api import check
-
-            print(format_report(check(args.raw, workers=args.workers)))
-            print(f"\nnothing was written to {args.work or 'the workspace'}.", file=sys.stderr)
-            return 2
+    except api.DatasetInvalid:
+        print(api.check(args.raw, workers=args.workers).format())
+        print(f"\nnothing was written to {args.work or 'the workspace'}.", file=sys.stderr)
+        return 2
+    if not args.fingerprint:
         if result.report is not None:
             for w in result.report.warnings:
                 print(f"warning: {w}")
         else:
             print(f"fingerprint up to date: {result.workspace.fingerprint_json} (use --force to recompute)")
     print(f"\nplans for {result.plans.dataset_name} -> {result.workspace.plans_json}")
-    print(format_plans(result.plans))
+    print(api.format_plans(result.plans))
     return 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from autounet.api import preprocess
-
-    summary = preprocess(
+    summary = api.preprocess(
         args.name,
         work=args.work,
         configurations=args.configurations,
-        workers=args.workers,
         float16=args.float16,
         label_interpolation=args.label_interpolation,
         force=args.force,
+        workers=args.workers,
     )
     for ident in summary.configurations:
         folder = summary.workspace.preprocessed_dir(ident)
@@ -98,11 +124,16 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from autounet.training.trainer import TrainOptions, train
-
-    options = TrainOptions(
-        configuration=args.configuration,
-        fold=args.fold,
+    if args.validate_only:  # prints its own line with the mean Dice
+        api.validate(
+            args.name, args.configuration, args.fold, work=args.work, device=args.device, tta=not args.no_validation_tta
+        )
+        return 0
+    api.train(
+        args.name,
+        args.configuration,
+        args.fold,
+        work=args.work,
         preset=args.preset,
         augmentation=args.augmentation,
         epochs=args.epochs,
@@ -127,106 +158,79 @@ def _cmd_train(args: argparse.Namespace) -> int:
         width_multiplier=args.width_multiplier,
         foreground_channel=False if args.no_foreground_channel else None,
     )
-    if args.validate_only:
-        from autounet.inference.validation import validate_only
-
-        result = validate_only(
-            args.work, args.name, args.configuration, args.fold, args.device, tta=not args.no_validation_tta
-        )
-        print(
-            f"{args.configuration} fold {args.fold}: mean foreground Dice {result.evaluation.foreground_mean.get('dice'):.4f} "
-            f"({' + '.join(result.checkpoints)}) -> {result.folder / 'summary.json'}"
-        )
-        return 0
-    train(args.work, args.name, options)
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from autounet.inference.predictor import Predictor, print_timings
-
-    predictor = Predictor(
-        args.model,
+    result = api.predict(
+        args.input,
+        args.output,
+        model=args.model,
         folds=args.folds,
         checkpoints=[args.checkpoint] if args.checkpoint else None,
         device=args.device,
         tta=not args.no_tta,
         step=args.step,
         postprocess=not args.no_postprocessing,
+        save_probabilities=args.save_probabilities,
+        png=args.png,
     )
-    if predictor.postprocessing is not None:
-        print(f"post-processing: {predictor.postprocessing.describe()}")
-    timings = predictor.predict(args.input, args.output, save_probabilities=args.save_probabilities, png=args.png)
-    print(f"{len(timings)} segmentation(s) -> {args.output}")
-    print_timings(timings)
+    if result.postprocessing is not None:
+        print(f"post-processing: {result.postprocessing.describe()}")
+    print(f"{len(result.timings)} segmentation(s) -> {args.output}")
+    timings = api.format_timings(result.timings)
+    if timings:
+        print(timings)
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from autounet.visualization import show_files
-
-    out = show_files(args.images, seg_path=args.seg, out=args.out, channel=args.channel, slices=args.slices)
-    print(out)
+    print(api.show(args.images, seg=args.seg, out=args.out, channel=args.channel, slices=args.slices))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from autounet.evaluation.evaluate import (
-        default_json_path,
-        evaluate_folders,
-        format_table,
-        label_names_near,
-        parse_regions,
-        save_evaluation,
-    )
-
-    result = evaluate_folders(
+    out = api.evaluation_json_path(args.pred, args.json)
+    result = api.evaluate(
         args.pred,
         args.gt,
         labels=args.labels,
-        regions=parse_regions(args.regions) if args.regions else None,
+        regions=args.regions,
+        brats=args.brats,
         tolerance_mm=args.tolerance,
-        empty="one" if args.brats else "nan",
+        json_path=out,
         workers=args.workers,
     )
-    out = save_evaluation(result, args.json or default_json_path(args.pred))
-    print(format_table(result, label_names=label_names_near(args.gt), per_case=args.per_case))
+    print(api.format_evaluation(result, gt=args.gt, per_case=args.per_case))
     print(f"wrote {out}")
     return 0
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from autounet.evaluation.selection import format_selection, select
-    from autounet.utils.atomic import read_json
-    from autounet.workspace import Workspace
-
-    data = select(args.work, args.name, args.configs, workers=args.workers)
-    ws = Workspace.at(args.work, args.name)
-    labels = read_json(ws.plans_json).get("labels", {})
-    print(format_selection(data, labels))
-    print(f"wrote {ws.selection_json}")
+    selection = api.select(args.name, work=args.work, configurations=args.configurations, workers=args.workers)
+    print(api.format_selection(selection, name=args.name, work=args.work))
+    print(f"wrote {api.workspace(args.name, work=args.work).selection_json}")
     return 0
 
 
 def _cmd_postprocess(args: argparse.Namespace) -> int:
-    from autounet.inference.postprocess import apply_to_folder
-
-    written = apply_to_folder(args.input, args.output, args.source, workers=args.workers)
+    written = api.postprocess(args.input, args.output, workspace=args.source, workers=args.workers)
     print(f"{len(written)} segmentation(s) post-processed -> {args.output}")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from autounet.pipeline.run import RunOptions, run_pipeline
-
-    options = RunOptions(
-        configurations=args.configs,
+    result = api.run(
+        args.raw,
+        work=args.work,
+        name=args.name,
+        configurations=args.configurations,
         folds=args.folds,
         epochs=args.epochs,
         iterations_per_epoch=args.iters_per_epoch,
         validation_iterations=args.val_iters,
         max_minutes=args.max_minutes,
-        preset=args.preset,
+        recipe=args.recipe,
         patch_size=args.patch_size,
         width_multiplier=args.width_multiplier,
         validation_tta=not args.no_validation_tta,
@@ -234,7 +238,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
     )
-    result = run_pipeline(args.raw, args.work, args.name, options)
     print(
         f"\nfinished in {result.seconds / 60:.1f} min ({len(result.trained)} fold(s) trained, {len(result.skipped)} already complete)"
     )
@@ -243,31 +246,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from autounet.pipeline.demo import DemoSettings, run_demo
-
-    settings = DemoSettings(device=args.device)
-    if args.epochs:
-        settings.epochs = args.epochs
-    if args.iters_per_epoch:
-        settings.iterations_per_epoch = args.iters_per_epoch
-    run_demo(args.dir, settings)
+    api.demo(args.dir, epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch, device=args.device)
     return 0
 
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
-    from autounet.api import make_synthetic
-
-    out = make_synthetic(
+    out = api.make_synthetic(
         args.out,
         cases=args.cases,
-        shape=tuple(args.shape),
-        spacing=tuple(args.spacing),
+        test_cases=args.test_cases,
+        shape=args.shape,
+        spacing=args.spacing,
         spacing_jitter=args.spacing_jitter,
         modality=args.modality,
         channels=args.channels,
         classes=args.classes,
         seed=args.seed,
-        test_cases=args.test_cases,
         layout=args.layout,
     )
     print(
@@ -304,20 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", "-n", metavar="NAME", help="dataset name in the workspace (default: RAW's folder name)")
     p.add_argument("--fingerprint", metavar="F", help="plan from this fingerprint.json instead of a raw dataset")
     p.add_argument("--force", action="store_true", help="recompute the fingerprint even if it is up to date")
-    p.add_argument(
-        "--preset",
-        choices=["nnunet", "brats"],
-        default="nnunet",
-        help="nnunet (default: the nnU-Net paper's planner) or brats (NVIDIA's BraTS recipe: one 3d_fullres "
-        "configuration, WT/TC/ET regions, foreground channel, deeper encoder, nvidia training preset)",
-    )
-    p.add_argument(
-        "--patch-size",
-        type=int,
-        nargs=3,
-        metavar=("Z", "Y", "X"),
-        help="--preset brats only: patch size instead of 128^3 (a CPU convenience, e.g. 64 64 64)",
-    )
+    _recipe(p)
     _workers(p)
     p.set_defaults(func=_cmd_plan)
 
@@ -328,13 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "W/NAME/preprocessed/CONFIG/. Resumable: complete cases are skipped.",
     )
     p.add_argument("name", metavar="NAME", help="dataset name in the workspace")
-    p.add_argument(
-        "-c",
-        "--configurations",
-        nargs="+",
-        metavar="CONFIG",
-        help="configurations to preprocess (default: all planned)",
-    )
+    _configs(p, "configurations to preprocess (default: all planned)", old="--configurations")
     _work(p)
     p.add_argument("--float16", action="store_true", help="store images as float16 (half the disk and I/O)")
     p.add_argument(
@@ -354,14 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
         "progress.png go to W/NAME/results/CONFIG/fold_K/ after every epoch. Multi-process: torchrun --nproc_per_node=N -m autounet train ...",
     )
     p.add_argument("name", metavar="NAME", help="dataset name in the workspace")
-    p.add_argument(
-        "-c", "--configuration", required=True, metavar="CONFIG", help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres"
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument(
+        "-c",
+        "--configs",
+        dest="configuration",
+        metavar="CONFIG",
+        help="2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres",
     )
+    _alias(g, "--configuration", "-c/--configs", dest="configuration", metavar="CONFIG")
     p.add_argument("-f", "--fold", required=True, metavar="FOLD", help="0..4, or 'all' to train on every case")
     _work(p)
     p.add_argument(
         "--preset",
-        help="training preset: paper, nvidia, poly, or a JSON file (default: the plan's: paper, nvidia for --preset brats)",
+        help="training preset: paper, nvidia, poly, or a JSON file (default: the plan's: paper, nvidia for --recipe brats)",
     )
     p.add_argument(
         "--augmentation",
@@ -414,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-foreground-channel",
         action="store_true",
-        help="drop the one-hot foreground input channel of --preset brats plans (inference drops it too)",
+        help="drop the one-hot foreground input channel of --recipe brats plans (inference drops it too)",
     )
     p.set_defaults(func=_cmd_train)
 
@@ -545,9 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME", help="dataset name in the workspace")
     _work(p)
-    p.add_argument(
-        "-c", "--configs", nargs="+", metavar="CONFIG", help="configurations to consider (default: every trained one)"
-    )
+    _configs(p, "configurations to consider (default: every trained one)")
     _workers(p)
     p.set_defaults(func=_cmd_select)
 
@@ -574,9 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("raw", metavar="RAW", help="dataset folder holding dataset.json")
     _work(p)
     p.add_argument("--name", "-n", metavar="NAME", help="dataset name in the workspace (default: RAW's folder name)")
-    p.add_argument(
-        "--configs", nargs="+", metavar="CONFIG", help="configurations to train (default: every planned one)"
-    )
+    _configs(p, "configurations to train (default: every planned one)")
     p.add_argument(
         "--folds", nargs="+", default=["0", "1", "2", "3", "4"], metavar="K", help="folds (default 0 1 2 3 4)"
     )
@@ -584,10 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
     p.add_argument("--val-iters", type=int, help="validation batches per epoch (default 50)")
     p.add_argument("--max-minutes", type=float, help="time limit per fold")
-    p.add_argument("--preset", help="planning preset, e.g. brats (default: the nnU-Net method)")
-    p.add_argument(
-        "--patch-size", type=int, nargs="+", metavar="N", help="planning override of the 3D patch (as `autounet plan`)"
-    )
+    _recipe(p)
     p.add_argument(
         "--width-multiplier",
         type=float,
@@ -624,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except AutounetError as exc:
+    except api.AutounetError as exc:
         print(f"autounet {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

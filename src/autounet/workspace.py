@@ -1,4 +1,17 @@
-"""The workspace ``W/NAME/`` of one dataset (DESIGN §3): where every stage reads and writes."""
+"""The workspace ``W/NAME/`` of one dataset (DESIGN §3): where every stage reads and writes.
+
+This module is the only one that knows the layout: every path of the workspace (plans, splits,
+preprocessed data and its manifest, fold folders, checkpoints, logs, validation results,
+next-stage inputs, selection, ensembles, report) is built here. ::
+
+    W/NAME/
+      dataset.json  fingerprint.json  plans.json  splits.json  selection.json  report.md  report/
+      preprocessed/DATA_ID/      CASE.npy CASE_seg.npy CASE.json ... manifest.json
+      results/CONFIG/            cv_summary.json  next_stage/CASE_previous.npy
+      results/CONFIG/fold_K/     checkpoint_{latest,best,second_best,final}.pt log.jsonl progress.png
+      results/CONFIG/fold_K/validation/   CASE.nii.gz CASE.npz summary.json
+      results/ensembles/A+B/     a pair ensemble's cross-validation predictions
+"""
 
 from __future__ import annotations
 
@@ -26,6 +39,48 @@ def validate_name(name: str) -> str:
     return name
 
 
+CHECKPOINT_KINDS = ("latest", "best", "second_best", "final")
+
+
+def checkpoint_path(fold_dir: str | Path, kind: str) -> Path:
+    """``fold_K/checkpoint_KIND.pt`` (kind: latest, best, second_best or final)."""
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(kind)
+    return Path(fold_dir) / f"checkpoint_{kind}.pt"
+
+
+def training_log_path(fold_dir: str | Path) -> Path:
+    return Path(fold_dir) / "log.jsonl"
+
+
+def progress_plot_path(fold_dir: str | Path) -> Path:
+    return Path(fold_dir) / "progress.png"
+
+
+def validation_dir(fold_dir: str | Path) -> Path:
+    """Where a fold's full validation predictions and their scores go."""
+    return Path(fold_dir) / "validation"
+
+
+def validation_summary_path(fold_dir: str | Path) -> Path:
+    return validation_dir(fold_dir) / "summary.json"
+
+
+def cv_summary_path(results_dir: str | Path) -> Path:
+    """A configuration's folds pooled: ``results/CONFIG/cv_summary.json``."""
+    return Path(results_dir) / "cv_summary.json"
+
+
+def manifest_path(preprocessed_dir: str | Path) -> Path:
+    """Written last by `autounet preprocess`: the folder is complete when it exists."""
+    return Path(preprocessed_dir) / "manifest.json"
+
+
+def previous_stage_path(next_stage_dir: str | Path, case_id: str) -> Path:
+    """A cascade's first-stage prediction of a case, as its second stage reads it."""
+    return Path(next_stage_dir) / f"{case_id}_previous.npy"
+
+
 @dataclass(frozen=True)
 class Workspace:
     work: Path
@@ -34,6 +89,20 @@ class Workspace:
     @classmethod
     def at(cls, work: str | Path | None, name: str) -> Workspace:
         return cls(Path(work) if work else default_work_dir(), validate_name(name))
+
+    @classmethod
+    def of(cls, root: str | Path) -> Workspace:
+        """The workspace whose folder is ``root`` (``W/NAME``)."""
+        root = Path(root)
+        return cls(root.parent, root.name)
+
+    @classmethod
+    def of_results_dir(cls, results_dir: str | Path) -> Workspace:
+        """The workspace of a configuration's folder ``W/NAME/results/CONFIG``."""
+        return cls.of(Path(results_dir).parent.parent)
+
+    def is_planned(self) -> bool:
+        return self.plans_json.is_file()
 
     @property
     def root(self) -> Path:
@@ -80,6 +149,22 @@ class Workspace:
 
     def fold_dir(self, configuration: str, fold: int | str) -> Path:
         return self.results_dir(configuration) / f"fold_{fold}"
+
+    def ensemble_dir(self, members: list[str] | tuple[str, ...]) -> Path:
+        """A pair ensemble's cross-validation predictions: ``results/ensembles/A+B``."""
+        return self.root / "results" / "ensembles" / "+".join(members)
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_figures_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def preprocess_lock(self) -> Path:
+        return self.root / "preprocessed" / ".lock"
 
     def next_stage_dir(self, configuration: str) -> Path:
         """Where a cascade's first stage leaves its predictions of the training cases for the next stage."""

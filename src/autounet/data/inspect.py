@@ -12,12 +12,12 @@ from pathlib import Path
 import cc3d
 import numpy as np
 
+from autounet.data.crop import bounding_box
 from autounet.data.dataset import CaseFiles
 from autounet.data.findings import Finding, error, warning
 from autounet.data.geometry import Geometry, GeometryTolerance, geometry_differences
 from autounet.data.image_io import ImageReadError, read_image, read_label
 from autounet.data.nifti_scan import nonfinite_per_volume
-from autounet.preprocessing.crop import bounding_box
 
 # Voxels sampled per case and channel from the foreground for the dataset's intensity statistics
 # (the public nnU-Net samples the same number).
@@ -341,7 +341,7 @@ def inspect_case(task: InspectTask) -> CaseInspection:
                         "nonzero_background",
                         cid,
                         f"{img_what}: {background[1]:.0%} of voxels hold the corner value(s) {values}, not 0; "
-                        "cropping to the nonzero region cannot remove this background (`autounet plan --preset brats` "
+                        "cropping to the nonzero region cannot remove this background (`autounet plan --recipe brats` "
                         "treats it as background)",
                     )
                 )

@@ -20,8 +20,10 @@ from autounet.errors import AutounetError
 from autounet.networks.spec import NetworkSpec
 from autounet.networks.unet import UNet
 from autounet.planning.plans import ConfigurationPlan
-from autounet.training.checkpoint import checkpoint_path, load_checkpoint
+from autounet.regions import RegionSet
+from autounet.training.checkpoint import load_checkpoint
 from autounet.utils.plain_data import from_plain
+from autounet.workspace import checkpoint_path
 
 _FOLD = re.compile(r"^fold_(\d+|all)$")
 
@@ -38,7 +40,7 @@ class StageModel:
     networks: list[torch.nn.Module]
     sources: list[str]  # one description per network (checkpoint path)
     mirror_axes: tuple[int, ...]  # spatial axes the network was trained to see mirrored
-    regions: dict | None = None  # plain RegionSet (sigmoid region outputs), None for softmax classes
+    regions: RegionSet | None = None  # sigmoid region outputs; None for softmax classes
     previous: StageModel | None = None  # a cascade's first stage
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -110,7 +112,7 @@ def stage_from_checkpoints(paths: Sequence[Path], configuration: str | None = No
         networks=networks,
         sources=sources,
         mirror_axes=mirror_axes_of(content.get("augmentation_preset"), plan.network_dims),
-        regions=content.get("regions"),
+        regions=from_plain(RegionSet, content["regions"], f"{sources[0]}: regions") if content.get("regions") else None,
     )
 
 
@@ -204,27 +206,3 @@ def load_stage(
             )
         stage.previous = load_stage(previous_dir, None, checkpoints)
     return stage
-
-
-def stage_from_network(
-    network: torch.nn.Module,
-    plan: ConfigurationPlan,
-    spec: NetworkSpec,
-    labels: dict[str, str],
-    augmentation: dict | None = None,
-    regions: dict | None = None,
-    previous: StageModel | None = None,
-) -> StageModel:
-    """A one-network :class:`StageModel` from an in-memory network (end-of-training validation)."""
-    return StageModel(
-        configuration=plan.name,
-        plan=plan,
-        spec=spec,
-        labels={str(k): str(v) for k, v in labels.items()},
-        channel_names=[n.name for n in plan.normalization],
-        networks=[network],
-        sources=["in memory"],
-        mirror_axes=mirror_axes_of(augmentation, plan.network_dims),
-        regions=regions,
-        previous=previous,
-    )

@@ -28,11 +28,12 @@ import torch
 from autounet.data.geometry import SPACING_2D_IMAGES, Geometry
 from autounet.data.image_io import image_suffix, read_image, write_image
 from autounet.data.nifti_scan import nonfinite_per_volume
+from autounet.data.probabilities import save_probability_file
 from autounet.errors import AutounetError
 from autounet.inference.inputs import InputCase, discover_cases
 from autounet.inference.model import StageModel, load_stage
-from autounet.inference.postprocess import Postprocessing
 from autounet.inference.sliding_window import fits_on_device, predict_slices, predict_volume
+from autounet.postprocessing.apply import Postprocessing
 from autounet.preprocessing.case import (
     PreprocessOptions,
     label_values,
@@ -43,24 +44,14 @@ from autounet.preprocessing.case import (
 )
 from autounet.preprocessing.resample import resample_volume
 from autounet.preprocessing.store import CaseProperties
+from autounet.regions import RegionSet
+from autounet.runtime import half_precision, resolve_device
+from autounet.selection_document import load_selection
 from autounet.utils.atomic import atomic_write
 from autounet.utils.progress import progress
+from autounet.workspace import Workspace
 
 PROBABILITIES_SUFFIX = ".npz"
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``cuda`` when present unless told otherwise; a clear error for an unusable device."""
-    from autounet.training.trainer import resolve_device as resolve
-
-    return resolve(str(name) if isinstance(name, torch.device) else name)
-
-
-def half_precision(device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; full precision on the CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @dataclass
@@ -147,9 +138,51 @@ def stage_probabilities(
             [np.asarray(image, dtype=np.float32), _one_hot_previous(previous_seg, stage.plan.num_classes)]
         )
     spatial = image.shape[1:]
-    accumulate = device if fits_on_device(device, image.shape[0], stage.num_outputs, spatial) else torch.device("cpu")
     three_d = stage.plan.network_dims == 3
-    fn = predict_volume if three_d else predict_slices
+    tiles = tiles_per_batch or (4 if three_d else 32)
+    patch = stage.plan.patch_size if three_d else [1, *stage.plan.patch_size]
+    attempts = accumulation_attempts(
+        device, fits_on_device(device, image.shape[0], stage.num_outputs, spatial, patch, tiles)
+    )
+    for i, accumulate in enumerate(attempts):
+        try:
+            return _ensemble_probabilities(stage, image, device, amp_dtype, tta, step, tiles, accumulate)
+        except torch.OutOfMemoryError:
+            if i + 1 == len(attempts):
+                raise AutounetError(
+                    f"{stage.configuration}: out of memory on {device} even with the accumulators in host memory "
+                    f"(patch {list(stage.plan.patch_size)}, {tiles} tiles per batch); free the device or use --device cpu"
+                ) from None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(
+                f"note: {stage.configuration}: out of memory with the volume on {accumulate}; "
+                f"predicting this case again with the accumulators on {attempts[i + 1]}",
+                file=sys.stderr,
+            )
+    raise AssertionError("unreachable")
+
+
+def accumulation_attempts(device: torch.device, fits: bool) -> list[torch.device]:
+    """Where to keep a case's input and accumulators, in the order to try: the compute device
+    when the budget says they fit, then host memory (after an out-of-memory error: the budget was
+    wrong, or another process took memory)."""
+    host = torch.device("cpu")
+    return [device, host] if fits and device != host else [host]
+
+
+def _ensemble_probabilities(
+    stage: StageModel,
+    image: np.ndarray,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    tta: bool,
+    step: float,
+    tiles: int,
+    accumulate: torch.device,
+) -> torch.Tensor:
+    """The average of the stage's networks' probabilities, accumulated on ``accumulate``."""
+    fn = predict_volume if stage.plan.network_dims == 3 else predict_slices
     total = None
     for i, network in enumerate(stage.networks):
         p = fn(
@@ -159,7 +192,7 @@ def stage_probabilities(
             stage.num_outputs,
             step=step,
             mirror_axes=stage.mirror_axes if tta else (),
-            tiles_per_batch=tiles_per_batch or (4 if three_d else 32),
+            tiles_per_batch=tiles,
             device=device,
             amp_dtype=amp_dtype,
             activation=stage.activation,
@@ -167,6 +200,7 @@ def stage_probabilities(
             desc=f"{stage.configuration} {i + 1}/{len(stage.networks)}",
         )
         total = p if total is None else total.add_(p)
+        del p
     return total / len(stage.networks)
 
 
@@ -208,10 +242,9 @@ def finalize(
     probs = probabilities.cpu().numpy() if isinstance(probabilities, torch.Tensor) else probabilities
     values = np.asarray(stage.label_values)
     if stage.regions:
-        from autounet.regions import RegionSet, regions_to_labels
-        from autounet.utils.plain_data import from_plain
+        from autounet.regions import regions_to_labels
 
-        region_set = from_plain(RegionSet, stage.regions, "regions")
+        region_set = stage.regions
         maps = np.stack([revert_map(probs[r], props) for r in range(probs.shape[0])])
         seg = regions_to_labels(maps, region_set)
         return Prediction(seg, maps if keep_probabilities else None, props.geometry)
@@ -259,39 +292,15 @@ def write_prediction(
     return path
 
 
-def save_probability_file(path: Path, probabilities: np.ndarray, label_list: Sequence[int], kind: str) -> None:
-    """``probabilities`` (float16, original grid), ``labels`` (values of the classes, or of the
-    model's labels for regions) and ``kind`` (``softmax`` or ``sigmoid``)."""
-
-    def write(p: Path) -> None:
-        with open(p, "wb") as fh:
-            np.savez_compressed(
-                fh,
-                probabilities=probabilities.astype(np.float16),
-                labels=np.asarray(label_list, dtype=np.int64),
-                kind=np.asarray(kind),
-            )
-
-    atomic_write(path, write)
-
-
-def load_probability_file(path: str | Path) -> tuple[np.ndarray, list[int], str]:
-    """Probabilities (float32), label values and kind written by :func:`save_probability_file`."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return data["probabilities"].astype(np.float32), [int(v) for v in data["labels"]], str(data["kind"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise AutounetError(f"{path}: not a readable probability file ({exc})") from None
-
-
-def labels_from_probabilities(probabilities: np.ndarray, labels: Sequence[int], regions: dict | None) -> np.ndarray:
+def labels_from_probabilities(
+    probabilities: np.ndarray, labels: Sequence[int], regions: RegionSet | None
+) -> np.ndarray:
     """Label values from probabilities: argmax of the classes (``labels`` in class order), or the
-    thresholded regions (``regions``: a plain RegionSet, seed 004 §2.5)."""
+    thresholded regions (seed 004 §2.5)."""
     if regions:
-        from autounet.regions import RegionSet, regions_to_labels
-        from autounet.utils.plain_data import from_plain
+        from autounet.regions import regions_to_labels
 
-        return regions_to_labels(probabilities, from_plain(RegionSet, regions, "regions"))
+        return regions_to_labels(probabilities, regions)
     values = np.asarray(labels)
     return values.astype(np.uint8 if values.max() < 256 else np.uint16)[np.argmax(probabilities, axis=0)]
 
@@ -315,27 +324,21 @@ def resolve_model(
     dataset workspace ``W/NAME`` (its ``selection.json``: best configuration or pair, all its folds,
     its post-processing)."""
     model = Path(model)
-    selection = model / "selection.json"
-    if not selection.is_file():
-        if (model / "plans.json").is_file():
+    ws = Workspace.of(model)
+    if not ws.selection_json.is_file():
+        if ws.plans_json.is_file():
             raise AutounetError(
-                f"{model}: no selection.json yet: run `autounet select {model.name} --work {model.parent}`"
+                f"{model}: no {ws.selection_json.name} yet: run `autounet select {model.name} --work {model.parent}`"
             )
         kwargs = {} if checkpoints is None else {"checkpoints": checkpoints}
         return [load_stage(model, folds, **kwargs)], None
-    from autounet.utils.atomic import read_json
-
-    data = read_json(selection)
-    winner = data["winner"]
-    chosen_folds = folds if folds is not None else winner.get("folds")
+    selection = load_selection(ws.selection_json)
+    chosen_folds = folds if folds is not None else selection.winner.folds
     members = []
-    for config in winner["members"]:
+    for config in selection.winner.members:
         kwargs = {} if checkpoints is None else {"checkpoints": checkpoints}
-        members.append(load_stage(model / "results" / config, chosen_folds, **kwargs))
-    pp = None
-    if postprocess and data.get("postprocessing"):
-        pp = Postprocessing.from_plain(data["postprocessing"], f"{selection}: postprocessing")
-    return members, pp
+        members.append(load_stage(ws.results_dir(config), chosen_folds, **kwargs))
+    return members, selection.chosen_postprocessing() if postprocess else None
 
 
 class Predictor:

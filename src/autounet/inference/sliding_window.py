@@ -60,15 +60,45 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
+# Floats per voxel of one tile that a forward pass without gradients keeps alive at its peak
+# (the skip connections of every level plus the convolution in flight, for the plans' 32-320
+# features); a margin over what the 3d_fullres networks need.
+ACTIVATION_FLOATS_PER_VOXEL = 128
+
+
+def accumulator_bytes(channels: int, outputs: int, spatial: Sequence[int]) -> int:
+    """Bytes of what lives for a whole volume on the accumulating device: the input (C), one
+    network's probabilities (K), the weight map (1) and the running total of a fold ensemble (K)."""
+    return 4 * math.prod(spatial) * (channels + 2 * outputs + 1)
+
+
+def activation_bytes(patch: Sequence[int], tiles_per_batch: int) -> int:
+    """Bytes a batch of tiles may need for the network's activations."""
+    return 4 * math.prod(patch) * tiles_per_batch * ACTIVATION_FLOATS_PER_VOXEL
+
+
+def fits_in_memory(needed: int, free: int, reserved_unused: int, fraction: float = 0.6) -> bool:
+    """Whether ``needed`` bytes fit in ``fraction`` of what is free: the device's free memory plus
+    what PyTorch holds reserved but unused (its cache, which it hands out first)."""
+    return needed < fraction * (free + reserved_unused)
+
+
 def fits_on_device(
-    device: torch.device, channels: int, outputs: int, spatial: Sequence[int], fraction: float = 0.6
+    device: torch.device,
+    channels: int,
+    outputs: int,
+    spatial: Sequence[int],
+    patch: Sequence[int] = (),
+    tiles_per_batch: int = 1,
+    fraction: float = 0.6,
 ) -> bool:
-    """Whether input + accumulators of a volume fit in ``fraction`` of the device's free memory."""
+    """Whether a volume's input and accumulators, and a batch's activations, fit on ``device``."""
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
-    needed = 4 * math.prod(spatial) * (channels + outputs + 1)
-    return needed < fraction * free
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    needed = accumulator_bytes(channels, outputs, spatial) + (activation_bytes(patch, tiles_per_batch) if patch else 0)
+    return fits_in_memory(needed, free, cached, fraction)
 
 
 class _SliceNet(torch.nn.Module):

@@ -61,9 +61,11 @@ class DropBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.prob <= 0:
             return x
-        mask = drop_block_mask(x.shape, self.prob, self.block_size, device=x.device).to(x.dtype)
-        kept = mask.sum().clamp_min(1.0)
-        return x * mask * (mask.numel() / kept)  # renormalise (Ghiasi et al. Algorithm 1, step 7)
+        mask = drop_block_mask(x.shape, self.prob, self.block_size, device=x.device)  # float32
+        # counted in float32: an fp16 sum saturates past 65,504 kept elements and the scale would
+        # become 0 (or inf), zeroing whole layers under fp16 autocast
+        scale = mask.numel() / mask.sum(dtype=torch.float32).clamp_min(1.0)
+        return x * (mask * scale).to(x.dtype)  # renormalise (Ghiasi et al. Algorithm 1, step 7)
 
 
 def set_drop_block_prob(module: nn.Module, prob: float) -> int:

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field, replace
 
 from autounet.errors import AutounetError
 from autounet.planning.plans import ConfigurationPlan
+from autounet.planning.topology import extra_pool, max_stages
 
 DOWNSAMPLING = ("pool", "strided_conv")
 
 # seed 004 §2.3: the deeper encoder of the BraTS recipe
-NVIDIA_FEATURES = (64, 96, 128, 192, 256, 384, 512)
 
 
 @dataclass
@@ -106,25 +106,6 @@ SPEC_OVERRIDES = (
 )
 
 
-def _extra_pool(size: list[int]) -> list[int]:
-    """The next 2x down-sampling of the deepened encoder: axes with >= 2 voxels left after it, no remainder."""
-    return [2 if s >= 2 * 2 and s % 2 == 0 else 1 for s in size]
-
-
-def max_stages(plan: ConfigurationPlan) -> int:
-    """How many stages the plan's patch allows when the encoder is deepened (see :func:`spec_from_plan`)."""
-    size = list(plan.patch_size)
-    for k in plan.pool_op_kernel_sizes:
-        size = [s // p for s, p in zip(size, k)]
-    stages = len(plan.conv_kernel_sizes)
-    while True:
-        k = _extra_pool(size)
-        if k == [1] * len(k):
-            return stages
-        size = [s // p for s, p in zip(size, k)]
-        stages += 1
-
-
 def spec_from_plan(
     plan: ConfigurationPlan,
     num_outputs: int | None = None,
@@ -163,7 +144,7 @@ def spec_from_plan(
             return value
         return stored[key] if stored.get(key) is not None else default
 
-    default_outputs = len(plan.regions["regions"]) if plan.regions else plan.num_classes
+    default_outputs = len(plan.regions.regions) if plan.regions else plan.num_classes
     num_outputs = pick(num_outputs, "num_outputs", default_outputs)
     in_channels = pick(in_channels, "in_channels", plan.num_input_channels)
     features_per_stage = pick(features_per_stage, "features_per_stage", None)
@@ -192,7 +173,7 @@ def spec_from_plan(
         for k in pools:
             size = [s // p for s, p in zip(size, k)]
         while len(convs) < len(features):
-            k = _extra_pool(size)
+            k = extra_pool(size)
             if k == [1] * len(k):
                 raise AutounetError(
                     f"the patch {plan.patch_size} cannot be down-sampled {len(features) - 1} times "

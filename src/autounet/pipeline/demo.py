@@ -14,6 +14,7 @@ from pathlib import Path
 
 from autounet.errors import AutounetError
 from autounet.pipeline.run import RunOptions, RunResult, run_pipeline
+from autounet.workspace import Workspace
 
 NAME = "synthetic"
 
@@ -43,7 +44,7 @@ class DemoResult:
 
 def run_demo(folder: str | Path = "autounet_demo", settings: DemoSettings | None = None) -> DemoResult:
     """Make (or reuse) the synthetic data in ``folder``, run the pipeline, predict and score the test cases."""
-    from autounet.api import make_synthetic
+    from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
     from autounet.evaluation.evaluate import evaluate_folders, format_table, save_evaluation
     from autounet.inference.predictor import Predictor
 
@@ -53,19 +54,18 @@ def run_demo(folder: str | Path = "autounet_demo", settings: DemoSettings | None
     raw = folder / "raw" / NAME
     if not (raw / "dataset.json").is_file():
         print(f"writing a synthetic dataset ({settings.cases} training + {settings.test_cases} test cases) to {raw}")
-        make_synthetic(
-            raw,
+        spec = SyntheticSpec(
             cases=settings.cases,
             test_cases=settings.test_cases,
             shape=settings.shape,
             spacing_jitter=0.1,
             seed=settings.seed,
         )
+        make_synthetic_dataset(raw, spec)
     work = folder / "work"
     result = run_pipeline(
         raw,
-        work,
-        NAME,
+        Workspace.at(work, NAME),
         RunOptions(
             configurations=list(settings.configurations),
             folds=list(settings.folds),

@@ -22,12 +22,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from autounet.errors import AutounetError
+from autounet.pipeline.fold import train_and_validate, validate_and_report
 from autounet.planning.plans import CONFIGURATIONS, Plans
-from autounet.training.checkpoint import checkpoint_path
-from autounet.workspace import Workspace
+from autounet.planning.run import plan_dataset
+from autounet.preprocessing.run import preprocess_dataset
+from autounet.selection_document import Selection
+from autounet.training.options import TrainOptions
+from autounet.workspace import Workspace, checkpoint_path
 
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 
@@ -40,7 +43,7 @@ class RunOptions:
     iterations_per_epoch: int | None = None
     validation_iterations: int | None = None
     max_minutes: float | None = None  # per fold
-    preset: str | None = None  # planning preset (e.g. "brats")
+    recipe: str | None = None  # planning recipe (e.g. "brats")
     patch_size: list[int] | None = None  # planning override (a CPU convenience for the brats preset)
     device: str | None = None
     workers: int | None = None
@@ -52,7 +55,7 @@ class RunOptions:
 @dataclass
 class RunResult:
     workspace: Workspace
-    selection: dict[str, Any]
+    selection: Selection
     trained: list[str]  # "CONFIG fold K" trained or resumed in this run
     skipped: list[str]
     report: Path | None
@@ -61,7 +64,7 @@ class RunResult:
 
 def fold_state(fold_dir: Path) -> str:
     """``done``, ``validate``, ``resume`` or ``new`` (see the module docstring)."""
-    from autounet.inference.validation import is_validated
+    from autounet.validation.fold import is_validated
 
     if checkpoint_path(fold_dir, "final").is_file():
         return "done" if is_validated(fold_dir) else "validate"
@@ -103,20 +106,16 @@ def _check_folds(folds: Sequence[int | str]) -> list[int | str]:
 
 def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunOptions) -> str:
     """Bring one fold to ``done``; returns the state it was found in."""
-    from autounet.inference.validation import validate_only
-    from autounet.training.trainer import TrainOptions, train
-
     fold_dir = ws.fold_dir(configuration, fold)
     state = fold_state(fold_dir)
     if state == "done":
         return state
     if state == "validate":
         if fold != "all":
-            validate_only(ws.work, ws.name, configuration, fold, options.device, tta=options.validation_tta)
+            validate_and_report(ws, configuration, fold, options.device, tta=options.validation_tta)
         return state
-    train(
-        ws.work,
-        ws.name,
+    train_and_validate(
+        ws,
         TrainOptions(
             configuration=configuration,
             fold=fold,
@@ -128,32 +127,28 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunO
             max_minutes=options.max_minutes,
             resume=state == "resume",
             width_multiplier=options.width_multiplier,
-            validation_tta=options.validation_tta,
         ),
+        validation_tta=options.validation_tta,
     )
     return state
 
 
-def run_pipeline(
-    raw: str | Path, work: str | Path | None = None, name: str | None = None, options: RunOptions | None = None
-) -> RunResult:
+def run_pipeline(raw: str | Path, ws: Workspace, options: RunOptions | None = None) -> RunResult:
     """The whole method on one raw dataset, resumably (see the module docstring)."""
-    from autounet import api
-    from autounet.evaluation.selection import format_selection, select
+    from autounet.selection.select import format_selection, select
 
     options = options or RunOptions()
     start = time.time()
     folds = _check_folds(options.folds)
     print(f"[1/5] check and plan {raw}", flush=True)
-    plan_kwargs = {"preset": options.preset, "patch_size": options.patch_size}
-    planned = api.plan(raw, work=work, name=name, workers=options.workers, **plan_kwargs)
-    ws, plans = planned.workspace, planned.plans
+    planned = plan_dataset(raw, ws, options.workers, recipe=options.recipe, patch_size=options.patch_size)
+    plans = planned.plans
     if planned.report is not None:
         for w in planned.report.warnings:
             print(f"warning: {w}")
     configurations = _order(options.configurations or list(plans.configurations), plans)
     print(f"[2/5] preprocess {', '.join(configurations)}", flush=True)
-    summary = api.preprocess(ws.name, work=ws.work, configurations=configurations, workers=options.workers)
+    summary = preprocess_dataset(ws, configurations, options.workers)
     if summary.failures:
         raise AutounetError("preprocessing failed for:\n  " + "\n  ".join(summary.failures))
 
@@ -181,7 +176,7 @@ def run_pipeline(
     numbered = [f for f in folds if f != "all"]
     if not numbered:
         raise AutounetError("selection needs cross-validation folds (0..4), not only 'all'")
-    selection = select(ws.work, ws.name, configurations, workers=options.workers)
+    selection = select(ws, configurations, workers=options.workers)
     print(format_selection(selection, plans.labels))
     print("[5/5] report", flush=True)
     from autounet.reporting import write_report

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from autounet.errors import AutounetError
+from autounet.regions import RegionSet
 from autounet.utils.atomic import atomic_write_json
 from autounet.utils.plain_data import load_json_dataclass, to_plain
 
@@ -82,9 +83,9 @@ class ConfigurationPlan:
     num_classes: int  # including background
     previous_stage: str | None = None
     next_stage: str | None = None
-    # Region-based training (seed 004 §2.4): a plain RegionSet (regions.RegionSet), one sigmoid
-    # output per region; None: softmax over the classes.
-    regions: dict[str, Any] | None = None
+    # Region-based training (seed 004 §2.4): one sigmoid output per region; None: softmax over
+    # the classes.
+    regions: RegionSet | None = None
     # Seed 004 §2.2: an extra input channel, 1 inside the (hole-filled) nonzero mask, 0 outside.
     foreground_channel: bool = False
     # Per image channel, the intensity that counts as "zero" for cropping and the nonzero mask:

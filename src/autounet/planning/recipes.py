@@ -33,13 +33,11 @@ from dataclasses import replace
 import numpy as np
 
 from autounet.errors import AutounetError
-from autounet.networks.spec import NVIDIA_FEATURES, max_stages
 from autounet.planning.fingerprint import Fingerprint
 from autounet.planning.planner import PlannerOptions, _configuration, plan_experiment
 from autounet.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
-from autounet.planning.topology import pools_for_size, round_up_to_pools
+from autounet.planning.topology import NVIDIA_FEATURES, max_stages, pools_for_size, round_up_to_pools
 from autounet.regions import RegionSet, brats_regions_for, regions_from_v2
-from autounet.utils.plain_data import to_plain
 
 RECIPES = ("nnunet", "brats")
 BRATS_PATCH_EDGE = 128
@@ -52,8 +50,24 @@ BACKGROUND_AGREEMENT = 1e-6
 def check_recipe(recipe: str | None) -> str:
     recipe = recipe or "nnunet"
     if recipe not in RECIPES:
-        raise AutounetError(f"unknown planning preset {recipe!r}; choose one of {', '.join(RECIPES)}")
+        raise AutounetError(f"unknown planning recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return recipe
+
+
+def check_patch_size(recipe: str, patch_size: list[int] | None) -> None:
+    """A ``--patch-size`` override has the dimensionality of the recipe's patch: three edges
+    (Z Y X) for ``brats``, whose one configuration is 3D; ``nnunet`` plans its patches itself."""
+    if patch_size is None:
+        return
+    if recipe != "brats":
+        raise AutounetError("--patch-size applies to --recipe brats only")
+    if len(patch_size) != 3:
+        raise AutounetError(
+            f"--patch-size needs 3 values (Z Y X) for the 3D patch of --recipe brats, got {len(patch_size)}: "
+            + " ".join(map(str, patch_size))
+        )
+    if any(int(p) < 1 for p in patch_size):
+        raise AutounetError(f"--patch-size needs positive edges, got {' '.join(map(str, patch_size))}")
 
 
 def has_background_info(fp: Fingerprint) -> bool:
@@ -120,7 +134,7 @@ def _with_regions(plans: Plans, regions: RegionSet) -> Plans:
     for name, c in plans.configurations.items():
         if c.previous_stage or c.next_stage:
             continue
-        configs[name] = replace(c, regions=to_plain(regions))
+        configs[name] = replace(c, regions=regions)
     notes = list(plans.notes)
     if len(configs) < len(plans.configurations):
         notes = [n for n in notes if not n.startswith("cascade planned")]
@@ -131,8 +145,7 @@ def _with_regions(plans: Plans, regions: RegionSet) -> Plans:
 
 def _brats_patch(median: list[int], opts: PlannerOptions, patch_size: list[int] | None) -> tuple[list[int], str]:
     if patch_size is not None:
-        if len(patch_size) != 3 or any(int(p) < 1 for p in patch_size):
-            raise AutounetError(f"--patch-size needs three positive edges, got {list(patch_size)}")
+        check_patch_size("brats", patch_size)
         wanted = [int(p) for p in patch_size]
         patch = [round_up_to_pools(p, opts.max_pools_3d, opts.min_feature_map) for p in wanted]
         how = "given" + (f" ({'x'.join(map(str, wanted))} rounded to multiples of 2^pools)" if patch != wanted else "")
@@ -157,7 +170,7 @@ def plan_brats(
     cropped = _background_cropped(fp) if any(v != 0 for v in background) else fp
     base = plan_experiment(cropped, opts)
     if "3d_fullres" not in base.configurations:
-        raise AutounetError("the brats preset needs 3D images; the median case of this dataset has a single slice")
+        raise AutounetError("the brats recipe needs 3D images; the median case of this dataset has a single slice")
     full = base.configurations["3d_fullres"]
     patch, how = _brats_patch(full.median_shape, opts, patch_size)
     common = {
@@ -189,7 +202,7 @@ def plan_brats(
     plan = replace(
         plan,
         batch_dice=True,
-        regions=to_plain(regions),
+        regions=regions,
         foreground_channel=True,
         background=background,
         network={
@@ -233,9 +246,8 @@ def plan_with_recipe(
 ) -> Plans:
     """Plans for ``recipe`` (``nnunet`` or ``brats``); ``regions``: the dataset's declared regions."""
     recipe = check_recipe(recipe)
+    check_patch_size(recipe, patch_size)
     if recipe == "brats":
         return plan_brats(fp, regions, options, patch_size)
-    if patch_size is not None:
-        raise AutounetError("--patch-size applies to --preset brats only")
     plans = plan_experiment(fp, options)
     return _with_regions(plans, regions) if regions is not None else plans

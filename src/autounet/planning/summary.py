@@ -38,7 +38,7 @@ def format_plans(plans: Plans) -> str:
     )
     lines.append(f"normalisation: {norm}" + ("; plus a one-hot foreground channel" if first.foreground_channel else ""))
     if first.regions:
-        regions = ", ".join(f"{r['name']} {{{', '.join(map(str, r['labels']))}}}" for r in first.regions["regions"])
+        regions = ", ".join(f"{r.name} {{{', '.join(map(str, r.labels))}}}" for r in first.regions.regions)
         lines.append(f"regions (sigmoid outputs): {regions}")
     if plans.recipe != "nnunet":
         lines.append(f"recipe: {plans.recipe} (training preset {first.training_preset})")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from autounet.planning.plans import ConfigurationPlan
 
 
 def pools_for_size(size: int, max_pools: int, min_feature_map: int = 8) -> int:
@@ -94,3 +98,26 @@ def stage_kernels(
 def features_per_stage(num_stages: int, base: int, cap: int) -> list[int]:
     """``base`` features at full resolution, doubling per stage, at most ``cap``."""
     return [min(base * 2**s, cap) for s in range(num_stages)]
+
+
+# seed 004 §2.3: the deeper encoder of the BraTS recipe
+NVIDIA_FEATURES = (64, 96, 128, 192, 256, 384, 512)
+
+
+def extra_pool(size: list[int]) -> list[int]:
+    """The next 2x down-sampling of the deepened encoder: axes with >= 2 voxels left after it, no remainder."""
+    return [2 if s >= 2 * 2 and s % 2 == 0 else 1 for s in size]
+
+
+def max_stages(plan: ConfigurationPlan) -> int:
+    """How many stages the plan's patch allows when the encoder is deepened (see :func:`autounet.networks.spec.spec_from_plan`)."""
+    size = list(plan.patch_size)
+    for k in plan.pool_op_kernel_sizes:
+        size = [s // p for s, p in zip(size, k)]
+    stages = len(plan.conv_kernel_sizes)
+    while True:
+        k = extra_pool(size)
+        if k == [1] * len(k):
+            return stages
+        size = [s // p for s, p in zip(size, k)]
+        stages += 1

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from autounet.data.crop import bounding_box, box_slices, uncrop
 from autounet.data.geometry import Geometry
 from autounet.data.inspect import corner_values, foreground_mask
 from autounet.errors import AutounetError
 from autounet.planning.plans import ConfigurationPlan
-from autounet.preprocessing.crop import bounding_box, box_slices, uncrop
 from autounet.preprocessing.locations import sample_class_locations
 from autounet.preprocessing.normalize import normalize
 from autounet.preprocessing.resample import (

@@ -8,7 +8,7 @@ import zlib
 import cc3d
 import numpy as np
 
-from autounet.preprocessing.crop import bounding_box, box_slices
+from autounet.data.crop import bounding_box, box_slices
 
 # Coordinates kept per class: at least this many (or all)...
 SAMPLES_PER_CLASS = 10_000

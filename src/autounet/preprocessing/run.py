@@ -30,7 +30,7 @@ from autounet.preprocessing.store import (
 from autounet.utils.atomic import atomic_write_json
 from autounet.utils.lock import exclusive
 from autounet.utils.parallel import default_workers, map_cases
-from autounet.workspace import Workspace
+from autounet.workspace import Workspace, manifest_path
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _remove_stale(folder: Path, keep: set[str]) -> int:
     """Delete preprocessed files of cases no longer in the dataset."""
     removed = 0
     for p in folder.glob("*.json"):
-        if p.name == "manifest.json" or p.stem in keep:
+        if p == manifest_path(folder) or p.stem in keep:
             continue
         for q in case_paths(folder, p.stem).values():
             q.unlink(missing_ok=True)
@@ -143,8 +143,7 @@ def _remove_stale(folder: Path, keep: set[str]) -> int:
 
 
 def preprocess_dataset(
-    work: str | Path | None,
-    name: str,
+    ws: Workspace,
     configurations: list[str] | None = None,
     workers: int | None = None,
     options: PreprocessOptions = PreprocessOptions(),
@@ -153,13 +152,12 @@ def preprocess_dataset(
     """Preprocess the planned dataset ``W/NAME`` for ``configurations`` (default: all planned)."""
     options.validate()
     start = time.perf_counter()
-    ws = Workspace.at(work, name)
     plans = load_plans(ws.plans_json)
     dataset = _raw_dataset(ws)
     values = label_values(plans.labels)
     targets = _targets(ws, plans, configurations, values, options)
 
-    with exclusive(ws.root / "preprocessed" / ".lock", "`autounet preprocess`"):
+    with exclusive(ws.preprocess_lock, "`autounet preprocess`"):
         jobs, skipped = [], {t.data_identifier: 0 for t in targets}
         for t in targets:
             remove_temporaries(t.folder)
@@ -175,7 +173,7 @@ def preprocess_dataset(
                 jobs.append(CaseJob(case, tuple(todo), tuple(values), options, tuple(complete)))
         for t in targets:
             if any(t in j.targets for j in jobs):
-                (t.folder / "manifest.json").unlink(missing_ok=True)
+                manifest_path(t.folder).unlink(missing_ok=True)
 
         workers = default_workers() if workers is None else workers
         outcomes = map_cases(_process, jobs, workers, desc="preprocessing") if jobs else []
@@ -192,7 +190,7 @@ def preprocess_dataset(
             _remove_stale(t.folder, keep)
             if all(is_complete(t.folder, c, t.key) for c in keep):
                 atomic_write_json(
-                    t.folder / "manifest.json",
+                    manifest_path(t.folder),
                     {
                         "configuration": t.data_identifier,
                         "preprocess_key": t.key,

@@ -19,13 +19,6 @@ from autounet.utils.atomic import atomic_write
 
 CHECKPOINT_FORMAT = "autounet-checkpoint"
 CHECKPOINT_VERSION = 1
-NAMES = ("latest", "best", "second_best", "final")
-
-
-def checkpoint_path(fold_dir: Path, kind: str) -> Path:
-    if kind not in NAMES:
-        raise ValueError(kind)
-    return Path(fold_dir) / f"checkpoint_{kind}.pt"
 
 
 def save_checkpoint(path: Path, content: dict[str, Any]) -> None:
@@ -66,14 +59,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return payload
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state: the CPU generator and the training device's own (not every
+    visible GPU's, so a resume on fewer or other GPUs restores what this rank used)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "device_type": device.type, "device": None}
+    if device.type == "cuda":
+        state["device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def rng_state_for_rank(stored: Any, rank: int) -> dict[str, Any] | None:
+    """The state rank ``rank`` saved, from a checkpoint's ``rng`` entry: ``{"per_rank": [...]}``
+    (one state per process), or the single state of a checkpoint written before that existed.
+    None when no state was saved for this rank (more processes now than then)."""
+    if isinstance(stored, dict) and "per_rank" in stored:
+        states = stored["per_rank"]
+        return states[rank] if rank < len(states) else None
+    if isinstance(stored, dict) and "torch" in stored:  # before per-rank states
+        if rank > 0:
+            return None
+        cuda = stored.get("cuda")
+        return {
+            "torch": stored["torch"],
+            "device_type": "cuda" if cuda else "cpu",
+            "device": cuda[0] if cuda else None,
+        }
+    return None
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore a state from :func:`rng_state` on ``device`` (a GPU state only onto a GPU)."""
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if device.type == "cuda" and state.get("device_type") == "cuda" and state.get("device") is not None:
+        torch.cuda.set_rng_state(state["device"].cpu(), device)

@@ -57,6 +57,26 @@ def differentiable_sum(tensor: torch.Tensor) -> torch.Tensor:
     return all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def agree(flag: bool, info: Distributed) -> bool:
+    """True on every process when ``flag`` is true on any (a stop decided per process, e.g. a
+    time limit, would leave the others waiting in a collective)."""
+    if not info.enabled:
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def gather_objects(obj: object, info: Distributed) -> list[object]:
+    """``obj`` of every process, in rank order (``[obj]`` in a single process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: Distributed) -> None:
     if info.enabled:
         dist.barrier()

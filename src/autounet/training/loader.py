@@ -19,10 +19,15 @@ import torch
 from autounet.training.sampler import Batch, PatchSampler
 
 
-def default_loader_threads(device: torch.device) -> int:
-    """One thread on a CPU-only machine (the network needs the cores); more beside a GPU."""
-    cores = os.cpu_count() or 1
-    return 1 if device.type == "cpu" else max(1, min(8, cores - 1))
+def default_loader_threads(device: torch.device, cores: int | None = None, local_processes: int | None = None) -> int:
+    """One thread on a CPU-only machine (the network needs the cores); beside a GPU, this
+    process's share of the node's cores (``LOCAL_WORLD_SIZE`` training processes share them) less
+    one for the process itself, at most 8."""
+    if device.type == "cpu":
+        return 1
+    cores = cores or os.cpu_count() or 1
+    local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(8, cores // max(1, local) - 1))
 
 
 class BatchLoader:

@@ -13,6 +13,7 @@ patch's position; the augmenter crops it to the patch.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from autounet.errors import AutounetError
 from autounet.preprocessing.store import case_paths
 from autounet.training.augmentation.cascade import remove_random_component
+from autounet.workspace import previous_stage_path
 
 
 def open_case_budget() -> int:
@@ -66,10 +68,6 @@ class Batch:
     augmentation_seed: int
 
 
-def previous_stage_path(folder: Path, case_id: str) -> Path:
-    return Path(folder) / f"{case_id}_previous.npy"
-
-
 class PatchSampler:
     def __init__(self, folder: str | Path, case_ids: list[str], settings: SamplerSettings, seed: int = 0):
         if not case_ids:
@@ -90,11 +88,13 @@ class PatchSampler:
             )
         self._open: OrderedDict[str, tuple] = OrderedDict()
         self._budget = min(len(self.case_ids), open_case_budget())
+        self._lock = threading.Lock()  # the loader's threads share the open-case cache
 
     def _case(self, case_id: str):
-        if case_id in self._open:
-            self._open.move_to_end(case_id)
-            return self._open[case_id]
+        with self._lock:
+            if case_id in self._open:
+                self._open.move_to_end(case_id)
+                return self._open[case_id]
         paths = case_paths(self.folder, case_id)
         image = np.load(paths["image"], mmap_mode="r", allow_pickle=False)
         seg = np.load(paths["seg"], mmap_mode="r", allow_pickle=False)
@@ -111,9 +111,11 @@ class PatchSampler:
                 raise AutounetError(f"{path}: shape {previous.shape} differs from the case's {seg.shape}")
         classes = np.unique(locations[:, 0]) if locations.size else np.zeros(0, np.int32)
         entry = (image, seg, locations, classes, previous)
-        self._open[case_id] = entry
-        if len(self._open) > self._budget:
-            self._open.popitem(last=False)
+        with self._lock:
+            self._open[case_id] = entry
+            self._open.move_to_end(case_id)
+            while len(self._open) > self._budget:
+                self._open.popitem(last=False)
         return entry
 
     def _forced(self, rng: np.random.Generator) -> np.ndarray:

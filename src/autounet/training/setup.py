@@ -15,21 +15,19 @@ sampler's) -> label values -> region maps.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from autounet.errors import AutounetError
-from autounet.networks.spec import NVIDIA_FEATURES, NetworkSpec, spec_from_plan
+from autounet.networks.spec import NetworkSpec, spec_from_plan
 from autounet.planning.plans import ConfigurationPlan
+from autounet.planning.topology import NVIDIA_FEATURES
 from autounet.preprocessing.case import label_values
 from autounet.regions import RegionSet, labels_to_regions_torch
 from autounet.training.losses import DeepSupervisionLoss, DiceCELoss, Reduce, RegionLoss
+from autounet.training.options import TrainOptions
 from autounet.training.schedule import TrainingPreset
-from autounet.utils.plain_data import from_plain
-
-if TYPE_CHECKING:
-    from autounet.training.trainer import TrainOptions
 
 # seed 004's public code uses DropBlock blocks of 5 voxels
 DROP_BLOCK_SIZE = 5
@@ -48,7 +46,7 @@ def run_plan(plan: ConfigurationPlan, foreground_channel: bool | None) -> Config
         return plan
     if foreground_channel:
         raise AutounetError(
-            f"{plan.name} was planned without a foreground channel; plan with `autounet plan RAW --preset brats` to add it"
+            f"{plan.name} was planned without a foreground channel; plan with `autounet plan RAW --recipe brats` to add it"
         )
     return replace(plan, foreground_channel=False, num_input_channels=plan.num_input_channels - 1)
 
@@ -95,7 +93,7 @@ def build_spec(plan: ConfigurationPlan, options: TrainOptions) -> NetworkSpec:
 
 
 def region_set(plan: ConfigurationPlan) -> RegionSet | None:
-    return from_plain(RegionSet, plan.regions, f"plan {plan.name}: regions") if plan.regions else None
+    return plan.regions
 
 
 def build_losses(

@@ -16,7 +16,6 @@ validation is sharded, and only rank 0 writes.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -27,65 +26,17 @@ import torch
 from tqdm import tqdm
 
 from autounet.errors import AutounetError
-from autounet.networks.spec import NetworkSpec
-from autounet.networks.unet import UNet
-from autounet.planning.plans import ConfigurationPlan, Plans, load_plans
-from autounet.preprocessing.store import case_paths
-from autounet.training.augmentation.pipeline import Augmenter
-from autounet.training.augmentation.preset import AugmentationPreset, load_augmentation_preset
-from autounet.training.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from autounet.training.distributed import Distributed, all_reduce_sum, barrier, differentiable_sum, init_distributed
-from autounet.training.loader import BatchLoader, default_loader_threads
+from autounet.training.assemble import Run, assemble_run, parse_fold
+from autounet.training.checkpoint import load_checkpoint, rng_state, rng_state_for_rank, save_checkpoint, set_rng_state
+from autounet.training.distributed import agree, all_reduce_sum, barrier, gather_objects, shutdown
+from autounet.training.loader import BatchLoader
 from autounet.training.logbook import format_epoch, plot_progress, write_log
-from autounet.training.losses import DeepSupervisionLoss, one_hot
-from autounet.training.sampler import PatchSampler, SamplerSettings, previous_stage_path
-from autounet.training.schedule import Schedule, TrainingPreset, load_training_preset, make_optimizer
-from autounet.training.setup import (
-    RegionTargets,
-    apply_loss_options,
-    build_spec,
-    has_network_overrides,
-    model_setup,
-    run_plan,
-    stored_channels,
-)
-from autounet.training.splits import fold_cases, load_or_create_splits
-from autounet.utils.atomic import read_json
-from autounet.utils.plain_data import from_plain, to_plain
+from autounet.training.losses import one_hot
+from autounet.training.options import TrainOptions
+from autounet.training.step import LossTracker, must_stop, train_step
+from autounet.utils.plain_data import to_plain
 from autounet.utils.progress import progress_enabled
-from autounet.workspace import Workspace
-
-
-@dataclass
-class TrainOptions:
-    """`autounet train` flags; None keeps the preset's (or, on --resume, the run's) value."""
-
-    configuration: str
-    fold: int | str
-    preset: str | None = None  # None: the plan's training preset ("paper", "nvidia" for --preset brats)
-    augmentation: str | None = None  # None: the plan's, else the training preset's
-    epochs: int | None = None
-    iterations_per_epoch: int | None = None
-    validation_iterations: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    device: str | None = None
-    seed: int = 0
-    max_minutes: float | None = None
-    resume: bool = False
-    loader_threads: int | None = None
-    validate: bool = True  # predict the validation cases in full at the end
-    validation_tta: bool = True  # mirroring test-time augmentation in that prediction
-    # seed 004 ablation switches (Tables 2-3); None keeps the plan's network / the preset's loss
-    attention: bool | None = None  # attention gates in the decoder
-    residual: bool | None = None  # residual blocks (encoder and decoder)
-    drop_block: float | None = None  # DropBlock probability (block size 5); 0: off
-    focal: bool | None = None  # Focal loss (gamma 2) instead of (binary) cross-entropy
-    deep_supervision_heads: int | None = None  # extra output heads; 0: no deep supervision
-    features: list[int] | None = None  # features per encoder stage (longer: a deeper encoder)
-    deeper: bool = False  # seed 004's 64, 96, 128, 192, 256, 384, 512 encoder
-    width_multiplier: float | None = None  # every stage's features times this
-    foreground_channel: bool | None = None  # False: drop the one-hot foreground input channel
+from autounet.workspace import Workspace, checkpoint_path, progress_plot_path, training_log_path
 
 
 @dataclass
@@ -95,6 +46,7 @@ class TrainResult:
     stopped: str  # "max_epochs", "converged" or "time_limit"
     log: list[dict[str, Any]]
     best_ema_dice: float
+    is_main_process: bool = True  # False on the ranks > 0 of a torchrun job, which write nothing
 
 
 @dataclass
@@ -111,67 +63,6 @@ class RunState:
     )  # of checkpoint_best (, _second_best), by the preset's metric
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise AutounetError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AutounetError(f"device {name!r} requested but CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise AutounetError(f"device {name!r} is not supported (use cpu, cuda or cuda:N)")
-    return device
-
-
-def _parse_fold(fold: int | str) -> int | str:
-    if fold == "all" or isinstance(fold, int):
-        return fold
-    try:
-        return int(fold)
-    except (TypeError, ValueError):
-        raise AutounetError(f"fold must be a number or 'all', got {fold!r}") from None
-
-
-def _complete_cases(folder: Path, name: str, configuration: str) -> list[str]:
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise AutounetError(
-            f"{folder} is not completely preprocessed: run `autounet preprocess {name} -c {configuration}` first"
-        )
-    return list(read_json(manifest)["cases"])
-
-
-def _previous_stage(ws: Workspace, plan: ConfigurationPlan, cases: list[str]) -> Path | None:
-    if not plan.previous_stage:
-        return None
-    folder = ws.next_stage_dir(plan.previous_stage)
-    missing = [c for c in cases if not previous_stage_path(folder, c).is_file()]
-    if missing:
-        raise AutounetError(
-            f"{plan.name} trains on the predictions of {plan.previous_stage} for every training case, and {len(missing)} are missing "
-            f"in {folder} (e.g. {', '.join(missing[:3])}). Each fold of {plan.previous_stage} writes them for its validation "
-            f"cases when it finishes: run `autounet train {ws.name} -c {plan.previous_stage} -f K` for every fold K first."
-        )
-    return folder
-
-
-def _local_batch(batch: int, info: Distributed) -> int:
-    if batch < info.world_size:
-        raise AutounetError(f"batch size {batch} is smaller than the number of processes ({info.world_size})")
-    return batch // info.world_size + (1 if info.rank < batch % info.world_size else 0)
-
-
-def _amp(device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """bf16 where the GPU supports it, else fp16 with a gradient scaler; full precision on the CPU."""
-    if device.type != "cuda":
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
-
-
 def _class_dice(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> list[float | None]:
     out = []
     for a, b, c in zip(tp.tolist(), fp.tolist(), fn.tolist()):
@@ -179,39 +70,7 @@ def _class_dice(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> list[fl
     return out
 
 
-@dataclass
-class Run:
-    """The assembled pieces of one training run."""
-
-    ws: Workspace
-    plans: Plans
-    plan: ConfigurationPlan
-    preset: TrainingPreset
-    augmentation: AugmentationPreset
-    spec: NetworkSpec
-    network: UNet
-    model: torch.nn.Module  # the network, wrapped by DDP when distributed
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    scaler: torch.amp.GradScaler | None
-    amp_dtype: torch.dtype | None
-    loss: DeepSupervisionLoss
-    validation_loss: Any
-    targets: RegionTargets | None  # region plans: class indices -> region maps on the device
-    augmenter: Augmenter
-    train_sampler: PatchSampler
-    val_sampler: PatchSampler
-    device: torch.device
-    info: Distributed
-    fold_dir: Path
-    options: TrainOptions
-    batch_size: int
-    train_cases: list[str]
-    val_cases: list[str]
-    threads: int
-
-
-def _checkpoint_content(run: Run, state: RunState, kind: str) -> dict[str, Any]:
+def _checkpoint_content(run: Run, state: RunState, kind: str, rng: list[Any]) -> dict[str, Any]:
     return {
         "kind": kind,
         "dataset": run.ws.name,
@@ -235,7 +94,7 @@ def _checkpoint_content(run: Run, state: RunState, kind: str) -> dict[str, Any]:
             "optimizer": run.optimizer.state_dict(),
             "schedule": run.schedule.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-            "rng": rng_state(),
+            "rng": {"per_rank": rng},  # each process's own CPU and training-device state
             "seed": run.options.seed,
             "batch_size": run.batch_size,
             "world_size": run.info.world_size,
@@ -243,158 +102,6 @@ def _checkpoint_content(run: Run, state: RunState, kind: str) -> dict[str, Any]:
             "val_cases": run.val_cases,
         },
     }
-
-
-def _assemble(work: str | Path | None, name: str, options: TrainOptions) -> tuple[Run, dict[str, Any] | None]:
-    """Build every piece of the run; also return the checkpoint to resume from, if any."""
-    device = resolve_device(options.device)
-    info = init_distributed(device)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    if info.enabled and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
-    ws = Workspace.at(work, name)
-    plans = load_plans(ws.plans_json)
-    planned = plans.configuration(options.configuration)
-    fold_dir = ws.fold_dir(options.configuration, options.fold)
-    latest = checkpoint_path(fold_dir, "latest")
-    stored = load_checkpoint(latest) if (options.resume and latest.is_file()) else None
-    if latest.is_file() and not options.resume:
-        raise AutounetError(
-            f"{fold_dir} already holds a run (checkpoint_latest.pt): add --resume to continue it, or remove the folder to start over"
-        )
-
-    if stored is None:
-        preset = apply_loss_options(load_training_preset(options.preset or planned.training_preset), options)
-        plan = run_plan(planned, options.foreground_channel)
-    else:
-        preset = from_plain(TrainingPreset, stored["training_preset"], f"{latest}: training_preset")
-        stored_plan = from_plain(ConfigurationPlan, stored["plan"], f"{latest}: plan")
-        if options.foreground_channel is not None and options.foreground_channel != stored_plan.foreground_channel:
-            raise AutounetError(f"{latest}: --no-foreground-channel cannot change when a run is resumed")
-        if options.focal is not None and options.focal != preset.focal_loss:
-            raise AutounetError(f"{latest}: --focal cannot change when a run is resumed")
-        plan = run_plan(planned, stored_plan.foreground_channel)
-        if to_plain(plan) != to_plain(stored_plan):
-            raise AutounetError(
-                f"{latest}: the plans of {options.configuration} changed since this run started; start a new run (remove {fold_dir})"
-            )
-    changes = {}
-    if options.epochs is not None:
-        changes["max_epochs"] = options.epochs
-    if options.iterations_per_epoch is not None:
-        changes["iterations_per_epoch"] = options.iterations_per_epoch
-    if options.validation_iterations is not None:
-        changes["validation_iterations"] = options.validation_iterations
-    if options.lr is not None:
-        changes["optimizer"] = replace(preset.optimizer, lr=options.lr)
-    preset = replace(preset, **changes)
-    preset.validate()
-    if stored is None:
-        augmentation = load_augmentation_preset(
-            options.augmentation or planned.augmentation_preset or preset.augmentation
-        )
-    else:
-        augmentation = from_plain(AugmentationPreset, stored["augmentation_preset"])
-
-    folder = ws.preprocessed_dir(plan.data_identifier)
-    cases = _complete_cases(folder, name, options.configuration)
-    if info.is_main:
-        splits = load_or_create_splits(ws.splits_json, cases)
-    barrier(info)
-    if not info.is_main:
-        splits = load_or_create_splits(ws.splits_json, cases, write=False)
-    train_cases, val_cases = fold_cases(splits, options.fold, cases)
-    missing = [c for c in train_cases + val_cases if not case_paths(folder, c)["properties"].is_file()]
-    if missing:
-        raise AutounetError(f"{folder}: case(s) of the split are not preprocessed: {', '.join(missing[:5])}")
-    previous = _previous_stage(ws, plan, sorted(set(train_cases + val_cases)))
-
-    batch_size = options.batch_size or (stored["training"]["batch_size"] if stored else plan.batch_size)
-    local_batch = _local_batch(batch_size, info)
-    augmenter = Augmenter(
-        augmentation,
-        plan.patch_size,
-        plan.in_plane_augmentation,
-        image_channels=plan.image_channels,
-        device=device,
-        passthrough_channels=1 if plan.foreground_channel else 0,
-    )
-    common = dict(
-        patch_size=tuple(plan.patch_size),
-        batch_size=local_batch,
-        foreground_mode=augmentation.foreground.mode,
-        foreground_value=augmentation.foreground.value,
-        num_classes=plan.num_classes,
-        previous_stage_dir=previous,
-        stored_channels=stored_channels(plan),
-    )
-    train_sampler = PatchSampler(
-        folder,
-        train_cases,
-        SamplerSettings(
-            sample_size=tuple(augmenter.sample_size),
-            p_remove_component=augmentation.cascade.p_remove_component,
-            max_component_fraction=augmentation.cascade.max_component_fraction,
-            **common,
-        ),
-        seed=options.seed,
-    )
-    val_sampler = PatchSampler(
-        folder, val_cases, SamplerSettings(sample_size=tuple(plan.patch_size), **common), seed=options.seed + 1
-    )
-
-    reduce = differentiable_sum if info.enabled else None
-    setup = model_setup(
-        plan, preset, replace(options, focal=None, foreground_channel=None), plans.labels, device, reduce
-    )
-    spec = setup.spec
-    if stored is not None:
-        stored_spec = from_plain(NetworkSpec, stored["network_spec"], f"{latest}: network_spec")
-        if has_network_overrides(options) and build_spec(plan, options) != stored_spec:
-            raise AutounetError(
-                f"{latest}: the network switches differ from the stored run's; resume without them or start a new run"
-            )
-        spec = stored_spec
-    torch.manual_seed(options.seed)
-    network = UNet(spec).to(device)
-    model = network
-    if info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            network, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = make_optimizer(network.parameters(), preset.optimizer)
-    schedule = Schedule(preset.schedule, preset.optimizer.lr, preset.max_epochs, preset.iterations_per_epoch)
-    amp_dtype, scaler = _amp(device)
-    run = Run(
-        ws=ws,
-        plans=plans,
-        plan=plan,
-        preset=preset,
-        augmentation=augmentation,
-        spec=spec,
-        network=network,
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        scaler=scaler,
-        amp_dtype=amp_dtype,
-        loss=setup.loss,
-        validation_loss=setup.validation_loss,
-        targets=setup.targets,
-        augmenter=augmenter,
-        train_sampler=train_sampler,
-        val_sampler=val_sampler,
-        device=device,
-        info=info,
-        fold_dir=fold_dir,
-        options=options,
-        batch_size=batch_size,
-        train_cases=train_cases,
-        val_cases=val_cases,
-        threads=options.loader_threads or default_loader_threads(device),
-    )
-    return run, stored
 
 
 def _restore(run: Run, stored: dict[str, Any]) -> RunState:
@@ -406,10 +113,20 @@ def _restore(run: Run, stored: dict[str, Any]) -> RunState:
     run.schedule.load_state_dict(t["schedule"])
     if run.scaler is not None and t["scaler"] is not None:
         run.scaler.load_state_dict(t["scaler"])
-    set_rng_state(t["rng"])
+    saved = t.get("world_size", 1)
+    if saved != run.info.world_size and run.info.is_main:
+        print(
+            f"warning: this run was trained with {saved} process(es) and resumes with {run.info.world_size}: each step "
+            "now draws other batches, so the result will differ from an uninterrupted run (it is still a valid run)",
+            file=sys.stderr,
+        )
+    own = rng_state_for_rank(t.get("rng"), run.info.rank)
+    if own is not None:
+        set_rng_state(own, run.device)
     best = t.get("best_scores")
     if best is None:  # a checkpoint from before two best checkpoints existed
         best = [t["best_ema_dice"]] if math.isfinite(t["best_ema_dice"]) else []
+    best = kept_scores(run.fold_dir, run.preset.best_checkpoints, [float(v) for v in best])
     return RunState(
         epoch=t["epoch"],
         step=t["step"],
@@ -420,15 +137,9 @@ def _restore(run: Run, stored: dict[str, Any]) -> RunState:
     )
 
 
-def _stop_if_nonfinite(run: Run, loss: torch.Tensor, epoch: int, iteration: int, state: RunState) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=run.device)
-    all_reduce_sum(bad, run.info)
-    if bad.item() > 0:
-        raise AutounetError(
-            f"non-finite training loss ({loss.item()}) in epoch {epoch + 1}, iteration {iteration + 1}: training stopped instead of "
-            f"continuing on NaN. checkpoint_latest.pt holds epoch {state.epoch}; try a lower --lr "
-            f"(now {run.optimizer.param_groups[0]['lr']:.2e}) or check the data with `autounet check`."
-        )
+# On a GPU, reading a value back (the loss for the progress bar, the finiteness and time-limit
+# checks under DDP) stalls the queue: it is done every this many steps there, every step on the CPU.
+CHECK_EVERY = 10
 
 
 def _train_epoch(run: Run, state: RunState, epoch: int, deadline: float | None) -> tuple[float, float, int, bool]:
@@ -455,45 +166,41 @@ def _train_epoch(run: Run, state: RunState, epoch: int, deadline: float | None) 
         leave=False,
         dynamic_ncols=True,
     )
-    total, waited, done, cut = 0.0, 0.0, 0, False
+    tracker = LossTracker(run.device)
+    waited, done, cut = 0.0, 0, False
     for i in range(iters):
         t = time.perf_counter()
         batch, image, seg = next(loader)
         waited += time.perf_counter() - t
         image, seg = run.augmenter(image, seg, batch.augmentation_seed)
         lr = run.schedule.lr_for(epoch, state.step)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        run.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            output = run.model(image)
-        loss = run.loss(output, run.targets(seg) if run.targets is not None else seg)
-        _stop_if_nonfinite(run, loss, epoch, i, state)
-        if run.scaler is not None:
-            run.scaler.scale(loss).backward()
-            run.scaler.unscale_(run.optimizer)
-        else:
-            loss.backward()
-        if run.preset.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(run.network.parameters(), run.preset.grad_clip_norm)
-        if run.scaler is not None:
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            run.optimizer.step()
+        loss = train_step(run, image, seg, lr)
+        tracker.observe(loss)
         state.step += 1
         done += 1
-        value = float(loss.detach())
-        total += value
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-        if deadline is not None and time.time() > deadline:
-            cut = True
-            break
+        check = run.device.type != "cuda" or (i + 1) % CHECK_EVERY == 0 or i + 1 == iters
+        if check:
+            bad = tracker.nonfinite(run.info)
+            if must_stop(bad, run.scaler is not None):
+                raise AutounetError(
+                    f"non-finite training loss ({bad} step(s) so far) in epoch {epoch + 1}, iteration {i + 1}: training stopped "
+                    f"instead of continuing on NaN. checkpoint_latest.pt holds epoch {state.epoch}; try a lower --lr "
+                    f"(now {lr:.2e}) or check the data with `autounet check`."
+                )
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        if deadline is not None and (check or not run.info.enabled):
+            if agree(time.time() > deadline, run.info):  # every process stops at the same step
+                cut = True
+                break
     bar.close()
     loader.close()
-    summed = all_reduce_sum(torch.tensor([total, float(done)], device=run.device, dtype=torch.float64), run.info)
-    return float(summed[0] / max(1.0, float(summed[1]))), waited, done, cut
+    if must_stop(tracker.nonfinite(run.info), run.scaler is not None):
+        raise AutounetError(
+            f"non-finite training losses in epoch {epoch + 1}: training stopped. checkpoint_latest.pt holds epoch "
+            f"{state.epoch}; try a lower --lr or check the data with `autounet check`."
+        )
+    return tracker.mean(run.info), waited, done, cut
 
 
 def _masks(run: Run, logits: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -514,7 +221,7 @@ def _validate(run: Run) -> tuple[float | None, dict[str, float | None]]:
     if n == 0 or not run.val_cases:
         return None, {}
     run.model.eval()
-    names = run.plan.regions and [r["name"] for r in run.plan.regions["regions"]]
+    names = run.plan.regions.names if run.plan.regions else None
     names = names or sorted(run.plans.labels, key=int)[1:]
     k = len(names)
     sums = torch.zeros(2 + 3 * k, dtype=torch.float64, device=run.device)  # loss, count, tp, fp, fn
@@ -525,7 +232,7 @@ def _validate(run: Run) -> tuple[float | None, dict[str, float | None]]:
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             logits = run.network(image)
         target, pred, truth = _masks(run, logits.float(), seg)
-        sums[0] += float(run.validation_loss(logits, target))
+        sums[0] += run.validation_loss(logits, target).detach().double()
         sums[1] += 1
         axes = [0, *range(2, pred.ndim)]
         sums[2 : 2 + k] += (pred & truth).sum(axes)
@@ -550,73 +257,53 @@ def _rank(run: Run, state: RunState, score: float | None) -> int | None:
     return rank
 
 
-def _save(run: Run, state: RunState, rank: int | None) -> None:
-    """``checkpoint_latest.pt``; ``checkpoint_best.pt`` when the epoch ranks first (the previous
-    best moves to ``checkpoint_second_best.pt`` when the preset keeps two), or
-    ``checkpoint_second_best.pt`` when it ranks second."""
+def _save(run: Run, state: RunState, rank: int | None, score: float | None) -> None:
+    """``checkpoint_best.pt`` when the epoch ranks first (the previous best becomes
+    ``checkpoint_second_best.pt`` when the preset keeps two), or ``checkpoint_second_best.pt``
+    when it ranks second; then ``checkpoint_latest.pt``.
+
+    Each best checkpoint records its own score, and a resumed run reads the ranking from them, so
+    the kept pair and its scores agree after a crash at any point between these writes."""
+    rng = gather_objects(rng_state(run.device), run.info)  # every process takes part
     if not run.info.is_main:
         return
-    content = _checkpoint_content(run, state, "latest")
-    save_checkpoint(checkpoint_path(run.fold_dir, "latest"), content)
+    content = _checkpoint_content(run, state, "latest", rng)
     best, second = checkpoint_path(run.fold_dir, "best"), checkpoint_path(run.fold_dir, "second_best")
     # for inference only: without the optimiser state (2/3 of an Adam checkpoint's size)
-    weights = {**content, "training": {**content["training"], "optimizer": None}}
+    weights = {**content, "training": {**content["training"], "optimizer": None, "score": score}}
     if rank == 0:
         if run.preset.best_checkpoints > 1 and best.is_file():
-            os.replace(best, second)
+            previous = load_checkpoint(best)
+            save_checkpoint(second, {**previous, "kind": "second_best"})
         save_checkpoint(best, {**weights, "kind": "best"})
     elif rank == 1:
         save_checkpoint(second, {**weights, "kind": "second_best"})
-    write_log(run.fold_dir / "log.jsonl", state.log)
-    plot_progress(run.fold_dir / "progress.png", state.log)
+    save_checkpoint(checkpoint_path(run.fold_dir, "latest"), content)
+    write_log(training_log_path(run.fold_dir), state.log)
+    plot_progress(progress_plot_path(run.fold_dir), state.log)
 
 
-def _final_validation(run: Run, state: RunState) -> None:
-    """Predict the fold's validation cases in full and score them; a cascade's first stage also
-    stores its next stage's inputs from these predictions (not for fold 'all')."""
-    if run.options.fold == "all" or not run.val_cases or not run.options.validate:
-        return
-    from autounet.inference.model import load_stage, stage_from_network
-    from autounet.inference.next_stage import next_stage_writer
-    from autounet.inference.validation import validate_fold
-
-    if list(run.preset.inference_checkpoints) == ["final"]:
-        stage = stage_from_network(
-            run.network, run.plan, run.spec, run.plans.labels, to_plain(run.augmentation), regions=run.plan.regions
-        )
-        used = ["final"]
-    else:  # the checkpoints inference will use (seed 004: the two best), read back from disk
-        stage = load_stage(run.fold_dir)
-        stage.previous = None  # validation reads the stored first-stage predictions instead
-        stage.to(run.device)
-        used = list(stage.extra.get("checkpoints", run.preset.inference_checkpoints))
-    info = {"checkpoints": used, "epoch": state.epoch, "step": state.step}
-    writer = next_stage_writer(run.ws, run.plans, run.options.configuration)
-    result = validate_fold(
-        run.ws,
-        stage,
-        run.fold_dir,
-        run.val_cases,
-        run.device,
-        run.amp_dtype,
-        info,
-        tta=run.options.validation_tta,
-        on_probabilities=writer,
-    )
-    dice = result.evaluation.foreground_mean.get("dice")
-    what = "region" if run.plan.regions else "foreground"
-    print(
-        f"{run.options.configuration} fold {run.options.fold}: {len(run.val_cases)} validation cases predicted in full "
-        f"({' + '.join(used)}) in {result.seconds:.1f} s; mean {what} Dice {dice:.4f} -> {result.folder / 'summary.json'}"
-    )
+def kept_scores(fold_dir: Path, keep: int, recorded: list[float]) -> list[float]:
+    """The scores of the kept best checkpoints, best first, read from the files themselves
+    (``recorded``, the latest checkpoint's list, for files written before they held a score)."""
+    scores = []
+    for kind in ("best", "second_best")[:keep]:
+        path = checkpoint_path(fold_dir, kind)
+        if not path.is_file():
+            break
+        score = load_checkpoint(path, mmap=True)["training"].get("score")
+        if score is None:
+            return list(recorded)
+        scores.append(float(score))
+    return scores
 
 
-def train(work: str | Path | None, name: str, options: TrainOptions) -> TrainResult:
+def train(ws: Workspace, options: TrainOptions) -> TrainResult:
     """Train one fold (see the module docstring); returns when the schedule, the epoch budget or the time limit ends it."""
-    options = replace(options, fold=_parse_fold(options.fold))
+    options = replace(options, fold=parse_fold(options.fold))
     started = time.time()
     deadline = started + 60 * options.max_minutes if options.max_minutes else None
-    run, stored = _assemble(work, name, options)
+    run, stored = assemble_run(ws, options)
     state = _restore(run, stored) if stored is not None else RunState()
     if run.info.is_main:
         run.fold_dir.mkdir(parents=True, exist_ok=True)
@@ -630,9 +317,10 @@ def train(work: str | Path | None, name: str, options: TrainOptions) -> TrainRes
     stopped = "max_epochs"
     last_epoch_seconds = None
     while state.epoch < run.preset.max_epochs:
-        if deadline is not None and last_epoch_seconds is not None and time.time() + last_epoch_seconds > deadline:
-            stopped = "time_limit"
-            break
+        if deadline is not None and last_epoch_seconds is not None:
+            if agree(time.time() + last_epoch_seconds > deadline, run.info):
+                stopped = "time_limit"
+                break
         epoch_start = time.time()
         epoch = state.epoch
         train_loss, waited, done, cut = _train_epoch(run, state, epoch, deadline)
@@ -666,7 +354,7 @@ def train(work: str | Path | None, name: str, options: TrainOptions) -> TrainRes
             "partial": cut,
         }
         state.log.append(entry)
-        _save(run, state, rank)
+        _save(run, state, rank, score)
         if run.info.is_main:
             print(format_epoch(entry), flush=True)
         last_epoch_seconds = seconds
@@ -676,14 +364,15 @@ def train(work: str | Path | None, name: str, options: TrainOptions) -> TrainRes
         if cut:
             stopped = "time_limit"
             break
+    rng = gather_objects(rng_state(run.device), run.info)
     if run.info.is_main:
-        final = _checkpoint_content(run, state, "final")
+        final = _checkpoint_content(run, state, "final", rng)
         final["training"]["stopped"] = stopped
         save_checkpoint(checkpoint_path(run.fold_dir, "final"), final)
-        write_log(run.fold_dir / "log.jsonl", state.log)
+        write_log(training_log_path(run.fold_dir), state.log)
         print(
             f"{options.configuration} fold {options.fold}: stopped ({stopped}) after {state.epoch} epochs; best moving-average Dice {state.best_ema_dice:.4f}"
         )
-        _final_validation(run, state)
     barrier(run.info)
-    return TrainResult(run.fold_dir, state.epoch, stopped, state.log, state.best_ema_dice)
+    shutdown(run.info)  # the other processes are free; validation runs after, on the main one
+    return TrainResult(run.fold_dir, state.epoch, stopped, state.log, state.best_ema_dice, run.info.is_main)

@@ -108,8 +108,9 @@ def from_plain(cls: type[T], data: Any, where: str = "") -> T:
     return cls(**kwargs)
 
 
-def load_json_dataclass(cls: type[T], path: str | Path, what: str, schema_version: int, hint: str = "") -> T:
-    """Read ``path`` into dataclass ``cls``, with one clear error if it is missing or malformed.
+def read_json_document(path: str | Path, what: str, schema_version: int, hint: str = "") -> Any:
+    """The JSON content of ``path``, with one clear error if it is missing, not JSON or of another
+    schema version (checked when it is an object with a ``schema_version`` key).
 
     ``what`` names the file in messages ("plans", "fingerprint"); ``hint`` is appended when the
     file does not exist (e.g. which command writes it).
@@ -125,6 +126,13 @@ def load_json_dataclass(cls: type[T], path: str | Path, what: str, schema_versio
     if isinstance(data, dict) and data.get("schema_version", schema_version) != schema_version:
         found = data.get("schema_version")
         raise AutounetError(f"{path}: {what} schema version {found} is not supported (expected {schema_version})")
+    return data
+
+
+def load_json_dataclass(cls: type[T], path: str | Path, what: str, schema_version: int, hint: str = "") -> T:
+    """Read ``path`` into dataclass ``cls``, with one clear error if it is missing or malformed
+    (see :func:`read_json_document`)."""
+    data = read_json_document(path, what, schema_version, hint)
     try:
         return from_plain(cls, data, where=str(path))
     except AutounetError as exc:

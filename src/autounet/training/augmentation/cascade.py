@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from autounet.training.augmentation.preset import AugmentationPreset
+from autounet.training.augmentation.sync import nothing_chosen
 
 
 def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -36,14 +37,16 @@ def morphology(
     if n <= 0 or preset.cascade.p_morphology <= 0:
         return image
     chosen = torch.rand((image.shape[0], n), generator=gen, device=image.device) < preset.cascade.p_morphology
-    if not bool(chosen.any()):
+    if nothing_chosen(chosen):
         return image
     names = list(OPERATORS)
     ops = torch.randint(0, len(names), (image.shape[0], n), generator=gen, device=image.device)
     lo, hi = preset.cascade.radius
     radii = torch.randint(lo, hi + 1, (image.shape[0], n), generator=gen, device=image.device)
     out = image.clone()
-    for b, c in torch.nonzero(chosen).tolist():
+    # the operator and radius of each channel pick the code to run: one read-back of all draws
+    ops, radii = ops.cpu(), radii.cpu()
+    for b, c in torch.nonzero(chosen.cpu()).tolist():
         channel = out[b : b + 1, first_channel + c : first_channel + c + 1]
         out[b, first_channel + c] = OPERATORS[names[int(ops[b, c])]](channel, int(radii[b, c]))[0, 0]
     return out

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from autounet.training.augmentation.preset import AugmentationPreset
 from autounet.training.augmentation.spatial import gaussian_smooth
+from autounet.training.augmentation.sync import kernel_sigma, nothing_chosen
 
 
 def _per_channel(x: torch.Tensor, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _stats(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def gaussian_noise(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator) -> torch.Tensor:
     chosen = _chosen(x, preset.noise.p, gen)
-    if not bool(chosen.any()):
+    if nothing_chosen(chosen):
         return x
     std = _per_channel(x[:, :1], preset.noise.std[0], preset.noise.std[1], gen)  # one std per sample
     noise = torch.randn(x.shape, generator=gen, device=x.device) * std
@@ -44,10 +45,11 @@ def gaussian_noise(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Gener
 
 def gaussian_blur(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator) -> torch.Tensor:
     chosen = _chosen(x, preset.blur.p, gen, preset.blur.p_per_channel)
-    if not bool(chosen.any()):
+    if nothing_chosen(chosen):
         return x
     sigma = _per_channel(x, preset.blur.sigma[0], preset.blur.sigma[1], gen) * chosen
-    return gaussian_smooth(x, sigma.flatten(), range(x.ndim - 2), padding="replicate")
+    size_for = kernel_sigma(sigma, preset.blur.sigma[1])
+    return gaussian_smooth(x, sigma.flatten(), range(x.ndim - 2), padding="replicate", kernel_sigma=size_for)
 
 
 def brightness(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator) -> torch.Tensor:
@@ -58,7 +60,7 @@ def brightness(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator
 
 def contrast(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator) -> torch.Tensor:
     chosen = _chosen(x, preset.contrast.p, gen)
-    if not bool(chosen.any()):
+    if nothing_chosen(chosen):
         return x
     factor = _per_channel(x, preset.contrast.range[0], preset.contrast.range[1], gen)
     mean, _, lo, hi = _stats(x)
@@ -71,14 +73,16 @@ def contrast(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator) 
 def low_resolution(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator) -> torch.Tensor:
     """Down-sample (nearest) by a zoom in [low, high] and up-sample back (linear), per chosen channel."""
     chosen = _chosen(x, preset.low_resolution.p, gen, preset.low_resolution.p_per_channel)
-    if not bool(chosen.any()):
+    if nothing_chosen(chosen):
         return x
     zoom = _per_channel(x, preset.low_resolution.zoom[0], preset.low_resolution.zoom[1], gen)
     out = x.clone()
     spatial = x.shape[2:]
     mode = "trilinear" if len(spatial) == 3 else "bilinear"
-    for b, c in torch.nonzero(chosen.reshape(x.shape[:2])).tolist():
-        small = [max(1, round(s * float(zoom[b, c].flatten()[0]))) for s in spatial]
+    # the down-sampled sizes are host integers: one read-back of the draws (not one per channel)
+    zooms = zoom.reshape(x.shape[:2]).cpu()
+    for b, c in torch.nonzero(chosen.reshape(x.shape[:2]).cpu()).tolist():
+        small = [max(1, round(s * float(zooms[b, c]))) for s in spatial]
         low = F.interpolate(x[b : b + 1, c : c + 1], size=small, mode="nearest-exact")
         out[b, c] = F.interpolate(low, size=spatial, mode=mode, align_corners=False)[0, 0]
     return out
@@ -88,7 +92,7 @@ def gamma(x: torch.Tensor, preset: AugmentationPreset, gen: torch.Generator) -> 
     """``((x - min) / range) ** gamma * range + min`` per channel, optionally on the inverted image,
     optionally restoring the channel's mean and std."""
     chosen = _chosen(x, preset.gamma.p, gen)
-    if not bool(chosen.any()):
+    if nothing_chosen(chosen):
         return x
     g = _per_channel(x, preset.gamma.range[0], preset.gamma.range[1], gen)
     invert = torch.where(_chosen(x[:, :1], preset.gamma.p_invert, gen), -1.0, 1.0)  # per sample

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from autounet.training.augmentation.preset import AugmentationPreset
+from autounet.training.augmentation.sync import kernel_sigma, nothing_chosen
 
 
 def _rotation(axis_angles: Sequence[float], dims: int) -> np.ndarray:
@@ -121,9 +122,12 @@ def affine_matrices(
     return torch.diag_embed(s) @ m, rotate | scale
 
 
-def gaussian_kernels(sigmas: torch.Tensor, truncate: float = 4.0) -> torch.Tensor:
-    """1D Gaussian kernels (N, k), one per sigma (sigma 0: identity), of one common length."""
-    radius = max(1, int(math.ceil(truncate * float(sigmas.max())))) if sigmas.numel() else 1
+def gaussian_kernels(sigmas: torch.Tensor, truncate: float = 4.0, kernel_sigma: float | None = None) -> torch.Tensor:
+    """1D Gaussian kernels (N, k), one per sigma (sigma 0: identity), of one common length: ``truncate``
+    times the largest sigma, or ``kernel_sigma`` when given (no read-back of ``sigmas``)."""
+    if kernel_sigma is None:
+        kernel_sigma = float(sigmas.max()) if sigmas.numel() else 0.0
+    radius = max(1, int(math.ceil(truncate * kernel_sigma)))
     x = torch.arange(-radius, radius + 1, device=sigmas.device, dtype=torch.float32)
     s = sigmas.float().clamp_min(1e-6)[:, None]
     k = torch.exp(-0.5 * (x[None] / s) ** 2)
@@ -133,12 +137,19 @@ def gaussian_kernels(sigmas: torch.Tensor, truncate: float = 4.0) -> torch.Tenso
     return torch.where((sigmas > 0)[:, None], k, identity)
 
 
-def gaussian_smooth(x: torch.Tensor, sigmas: torch.Tensor, axes: Sequence[int], padding: str = "zeros") -> torch.Tensor:
+def gaussian_smooth(
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    axes: Sequence[int],
+    padding: str = "zeros",
+    kernel_sigma: float | None = None,
+) -> torch.Tensor:
     """Smooth each channel of ``x`` (N, C, *S) with its own sigma ``sigmas`` (N*C,) along ``axes``
-    (spatial axis indices), as separable depthwise convolutions."""
+    (spatial axis indices), as separable depthwise convolutions (``kernel_sigma``: see
+    :func:`gaussian_kernels`)."""
     n, c = x.shape[:2]
     spatial = x.shape[2:]
-    kernels = gaussian_kernels(sigmas)
+    kernels = gaussian_kernels(sigmas, kernel_sigma=kernel_sigma)
     k = kernels.shape[1]
     flat = x.reshape(1, n * c, *spatial)
     conv = F.conv3d if len(spatial) == 3 else F.conv2d
@@ -159,20 +170,26 @@ def elastic_displacement(
     """Smooth random displacements (B, d, *patch) in voxels, zero for samples not deformed; None if none is."""
     dims = len(patch)
     chosen = _chosen(batch, preset.elastic.p, gen, device)
-    if not bool(chosen.any()):
+    if preset.elastic.p <= 0 or nothing_chosen(chosen):
         return None
     two_d = dims == 2 or in_plane
     alpha_r = preset.elastic.alpha_2d if two_d else preset.elastic.alpha_3d
     sigma_r = preset.elastic.sigma_2d if two_d else preset.elastic.sigma_3d
-    idx = torch.nonzero(chosen).flatten()
+    # on the CPU only the chosen samples are deformed; on a GPU every sample is, then masked
+    idx = torch.nonzero(chosen).flatten() if chosen.device.type == "cpu" else torch.arange(batch, device=device)
     m = idx.numel()
     alpha = _uniform(m, alpha_r[0], alpha_r[1], gen, device)
     sigma = _uniform(m, sigma_r[0], sigma_r[1], gen, device)
     field_shape = list(patch[1:]) if (dims == 3 and in_plane) else list(patch)
     components = len(field_shape)
     noise = torch.rand((m, components, *field_shape), generator=gen, device=device) * 2 - 1
-    smooth = gaussian_smooth(noise, sigma.repeat_interleave(components), range(len(field_shape)), padding="zeros")
+    sigmas = sigma.repeat_interleave(components)
+    smooth = gaussian_smooth(
+        noise, sigmas, range(len(field_shape)), padding="zeros", kernel_sigma=kernel_sigma(sigmas, sigma_r[1])
+    )
     smooth = smooth * alpha.reshape(m, *([1] * (1 + len(field_shape))))
+    if chosen.device.type != "cpu":
+        smooth = smooth * chosen.reshape(m, *([1] * (1 + len(field_shape))))
     out = torch.zeros((batch, dims, *patch), device=device)
     if dims == 3 and in_plane:
         out[idx, 1:] = smooth[:, :, None].expand(-1, -1, patch[0], -1, -1)
@@ -221,7 +238,7 @@ def apply_spatial(
     batch, dims, device = image.shape[0], len(patch), image.device
     matrices, warped = affine_matrices(batch, dims, in_plane, preset, gen, device)
     displacement = elastic_displacement(batch, patch, in_plane, preset, gen, device)
-    if not bool(warped.any()) and displacement is None:
+    if displacement is None and nothing_chosen(warped):
         image, seg = center_crop(image, patch), center_crop(seg, patch)
         flips = torch.diagonal(matrices, dim1=1, dim2=2) < 0
         for a in range(dims):  # each axis flipped for the samples that drew it

@@ -24,18 +24,22 @@ from autounet.data.dataset import load_raw_dataset
 from autounet.data.geometry import geometry_differences
 from autounet.data.image_io import read_label
 from autounet.errors import AutounetError
-from autounet.evaluation.cross_validation import write_cv_summary
 from autounet.evaluation.evaluate import EvaluationResult, evaluate_arrays
 from autounet.inference.model import StageModel
 from autounet.inference.predictor import finalize, stage_probabilities, write_prediction
 from autounet.preprocessing.store import case_paths, read_properties
-from autounet.training.sampler import previous_stage_path
 from autounet.utils.atomic import atomic_write_json, read_json
 from autounet.utils.progress import progress
-from autounet.workspace import Workspace
+from autounet.validation.cross_validation import write_cv_summary
+from autounet.workspace import (
+    Workspace,
+    checkpoint_path,
+    manifest_path,
+    previous_stage_path,
+    validation_dir,
+    validation_summary_path,
+)
 
-VALIDATION_DIR = "validation"
-SUMMARY = "summary.json"
 OUTPUT_SUFFIX = ".nii.gz"
 
 
@@ -51,10 +55,6 @@ class ValidationResult:
         return list(self.checkpoint.get("checkpoints") or [])
 
 
-def validation_dir(fold_dir: Path) -> Path:
-    return Path(fold_dir) / VALIDATION_DIR
-
-
 def reference_labels(ws: Workspace) -> dict[str, Path]:
     """Raw label file of every training case of the workspace's dataset."""
     dataset = load_raw_dataset(ws.raw_path())
@@ -64,14 +64,14 @@ def reference_labels(ws: Workspace) -> dict[str, Path]:
 def evaluation_settings(stage: StageModel) -> dict:
     """Classes (softmax models) or regions with the BraTS convention (region models)."""
     if stage.regions:
-        regions = {r["name"]: list(r["labels"]) for r in stage.regions["regions"]}
+        regions = {r.name: list(r.labels) for r in stage.regions.regions}
         return {"labels": None, "regions": regions, "empty": "one"}
     return {"labels": [v for v in stage.label_values if v != 0], "regions": None, "empty": "nan"}
 
 
 def is_validated(fold_dir: Path, step: int | None = None) -> bool:
     """Whether ``fold_K/validation/summary.json`` exists (for the checkpoint at ``step``, if given)."""
-    path = validation_dir(fold_dir) / SUMMARY
+    path = validation_summary_path(fold_dir)
     if not path.is_file():
         return False
     if step is None:
@@ -119,7 +119,7 @@ def validate_fold(
     previous_dir = ws.next_stage_dir(plan.previous_stage) if plan.previous_stage else None
     out_dir = validation_dir(fold_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SUMMARY).unlink(missing_ok=True)  # the folder is incomplete until the summary is written
+    validation_summary_path(fold_dir).unlink(missing_ok=True)  # the folder is incomplete until the summary is written
     labels = stage.label_values
     for net in stage.networks:
         net.eval()
@@ -151,7 +151,7 @@ def validate_fold(
     data = evaluation.to_dict()
     data["checkpoint"] = checkpoint_info or {}
     data["configuration"] = stage.configuration
-    atomic_write_json(out_dir / SUMMARY, data)
+    atomic_write_json(validation_summary_path(fold_dir), data)
     write_cv_summary(fold_dir.parent)
     return ValidationResult(out_dir, evaluation, time.time() - start, dict(checkpoint_info or {}))
 
@@ -160,7 +160,7 @@ def validation_cases(ws: Workspace, plan_identifier: str, fold: int | str) -> li
     """The validation cases of ``fold`` in ``splits.json``."""
     from autounet.training.splits import fold_cases, load_or_create_splits
 
-    manifest = ws.preprocessed_dir(plan_identifier) / "manifest.json"
+    manifest = manifest_path(ws.preprocessed_dir(plan_identifier))
     if not manifest.is_file():
         raise AutounetError(
             f"{manifest.parent} is not completely preprocessed: run `autounet preprocess {ws.name}` first"
@@ -172,25 +172,26 @@ def validation_cases(ws: Workspace, plan_identifier: str, fold: int | str) -> li
     return fold_cases(splits, fold, cases)[1]
 
 
-def validate_only(
-    work: str | Path | None,
-    name: str,
+def validate_trained_fold(
+    ws: Workspace,
     configuration: str,
     fold: int | str,
     device: str | None = None,
     checkpoints: Sequence[str] | None = None,
     tta: bool = True,
 ) -> ValidationResult:
-    """Redo a trained fold's validation step (``autounet train --validate-only``).
+    """Predict a trained fold's validation cases in full and score them: the step after training
+    (and ``autounet train --validate-only``). A cascade's first stage also stores its next stage's
+    inputs from these predictions.
 
-    ``checkpoints``: default those the fold's training preset uses for inference (as training's
-    own end-of-training validation does): ``final``, or the two best (seed 004).
+    ``checkpoints``: default those the fold's training preset uses for inference: ``final``, or
+    the two best (seed 004).
     """
     from autounet.inference.model import load_stage
-    from autounet.inference.next_stage import next_stage_writer
-    from autounet.inference.predictor import half_precision, resolve_device
     from autounet.planning.plans import load_plans
-    from autounet.training.checkpoint import checkpoint_path, load_checkpoint
+    from autounet.runtime import half_precision, resolve_device
+    from autounet.training.checkpoint import load_checkpoint
+    from autounet.validation.next_stage import next_stage_writer
 
     if str(fold) == "all":
         raise AutounetError("fold 'all' has no validation cases: every case was used for training")
@@ -198,7 +199,6 @@ def validate_only(
         fold = int(fold)
     except ValueError:
         raise AutounetError(f"fold must be a number, got {fold!r}") from None
-    ws = Workspace.at(work, name)
     fold_dir = ws.fold_dir(configuration, fold)
     dev = resolve_device(device)
     stage = load_stage(fold_dir, None, checkpoints)

@@ -19,9 +19,8 @@ import torch
 from autounet.inference.predictor import argmax_on_grid
 from autounet.planning.plans import Plans
 from autounet.preprocessing.store import read_properties
-from autounet.training.sampler import previous_stage_path
 from autounet.utils.atomic import atomic_write
-from autounet.workspace import Workspace
+from autounet.workspace import Workspace, manifest_path, previous_stage_path
 
 
 def next_stage_writer(ws: Workspace, plans: Plans, configuration: str) -> Callable[[str, torch.Tensor], None] | None:
@@ -33,7 +32,7 @@ def next_stage_writer(ws: Workspace, plans: Plans, configuration: str) -> Callab
         return None
     target = plans.configuration(plan.next_stage)
     full_dir = ws.preprocessed_dir(target.data_identifier)
-    if not (full_dir / "manifest.json").is_file():
+    if not manifest_path(full_dir).is_file():
         print(
             f"note: {target.data_identifier} is not preprocessed; skipping the predictions for {target.name}",
             file=sys.stderr,

@@ -15,8 +15,8 @@ from typing import Any
 from autounet.errors import AutounetError
 from autounet.evaluation.evaluate import EvaluationResult, load_evaluation, summarize
 from autounet.utils.atomic import atomic_write_json, read_json
+from autounet.workspace import Workspace, cv_summary_path, validation_summary_path
 
-CV_SUMMARY = "cv_summary.json"
 _FOLD = re.compile(r"^fold_(\d+)$")
 
 
@@ -26,13 +26,13 @@ def fold_summaries(results_dir: Path) -> dict[int, Path]:
     if Path(results_dir).is_dir():
         for p in Path(results_dir).iterdir():
             m = _FOLD.match(p.name)
-            if m and (p / "validation" / "summary.json").is_file():
-                found[int(m.group(1))] = p / "validation" / "summary.json"
+            if m and validation_summary_path(p).is_file():
+                found[int(m.group(1))] = validation_summary_path(p)
     return dict(sorted(found.items()))
 
 
 def _expected_folds(results_dir: Path) -> int | None:
-    splits = Path(results_dir).parent.parent / "splits.json"
+    splits = Workspace.of_results_dir(results_dir).splits_json
     try:
         return len(read_json(splits))
     except (OSError, ValueError, TypeError):
@@ -79,11 +79,11 @@ def write_cv_summary(results_dir: Path) -> Path | None:
     data["folds"] = folds
     data["complete"] = expected is not None and len(folds) == expected
     data["configuration"] = results_dir.name
-    return atomic_write_json(results_dir / CV_SUMMARY, data)
+    return atomic_write_json(cv_summary_path(results_dir), data)
 
 
 def load_cv_summary(results_dir: Path) -> EvaluationResult:
-    path = Path(results_dir) / CV_SUMMARY
+    path = cv_summary_path(results_dir)
     if not path.is_file():
         raise AutounetError(f"{path} not found: train and validate the folds of {Path(results_dir).name} first")
     return load_evaluation(path)

@@ -1,6 +1,6 @@
 """The post-processing chosen by `autounet select`, as one object the predictor applies.
 
-Two kinds, both plain data in ``selection.json``:
+Two kinds, both plain data (stored in ``selection.json``, see :mod:`autounet.selection_document`):
 
 * ``components`` (seed 001 §2.5): keep the largest foreground component and/or the largest
   component of some classes, as decided on the cross-validation predictions;
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from autounet.errors import AutounetError
-from autounet.evaluation.brats_postprocessing import EtRule, brats_postprocess
-from autounet.evaluation.postprocessing import PostprocessingDecision, apply_postprocessing
+from autounet.postprocessing.brats_et import EtRule, brats_postprocess
+from autounet.postprocessing.components import PostprocessingDecision, apply_postprocessing
 from autounet.regions import RegionSet
-from autounet.utils.plain_data import from_plain, to_plain
+from autounet.utils.plain_data import to_plain
 
 KINDS = ("components", "brats_et")
 
@@ -82,35 +82,10 @@ class Postprocessing:
             "regions": to_plain(self.regions) if self.regions is not None else None,
         }
 
-    @classmethod
-    def from_plain(cls, data: dict[str, Any], where: str = "postprocessing") -> Postprocessing:
-        kind = data.get("kind")
-        if kind not in KINDS:
-            raise AutounetError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
-        return cls(
-            kind=kind,
-            decision=from_plain(PostprocessingDecision, data["decision"], f"{where}.decision")
-            if data.get("decision")
-            else None,
-            rule=from_plain(EtRule, data["rule"], f"{where}.rule") if data.get("rule") else None,
-            regions=from_plain(RegionSet, data["regions"], f"{where}.regions") if data.get("regions") else None,
-        )
-
-
-def load_selected(workspace: str | Path) -> Postprocessing | None:
-    """The post-processing in ``W/NAME/selection.json`` (None if it chose none)."""
-    from autounet.utils.atomic import read_json
-
-    path = Path(workspace) / "selection.json"
-    if not path.is_file():
-        raise AutounetError(f"{path} not found: run `autounet select` for this dataset first")
-    data = read_json(path).get("postprocessing")
-    return Postprocessing.from_plain(data, f"{path}: postprocessing") if data else None
-
 
 def _brats_file(pair: tuple[Path, Path, Path], pp: Postprocessing) -> Path:
     from autounet.data.image_io import read_label, write_image
-    from autounet.inference.predictor import load_probability_file
+    from autounet.data.probabilities import load_probability_file
     from autounet.utils.atomic import atomic_write
 
     seg_path, probs_path, out = pair
@@ -123,24 +98,22 @@ def _brats_file(pair: tuple[Path, Path, Path], pp: Postprocessing) -> Path:
 
 
 def apply_to_folder(
-    in_dir: str | Path, out_dir: str | Path, workspace: str | Path, workers: int | None = None
+    in_dir: str | Path, out_dir: str | Path, pp: Postprocessing | None, workers: int | None = None
 ) -> list[Path]:
-    """`autounet postprocess IN OUT --from W/NAME`: apply the selected post-processing to a folder."""
+    """`autounet postprocess IN OUT --from W/NAME`: apply ``pp`` (the selected post-processing,
+    None: none) to every segmentation in a folder; ``brats_et`` reads each one's saved probabilities."""
     import functools
 
     from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
-    from autounet.evaluation.postprocessing import postprocess_folder
+    from autounet.postprocessing.components import postprocess_folder
     from autounet.utils.parallel import default_workers, map_cases
 
-    pp = load_selected(workspace)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise AutounetError(f"{in_dir}: folder not found")
     if pp is None or pp.kind == "components":
-        decision = pp.decision if pp is not None and pp.decision is not None else None
+        decision = pp.decision if pp is not None else None
         if decision is None:
-            from autounet.evaluation.postprocessing import PostprocessingDecision
-
             decision = PostprocessingDecision(False, [], [], {})
         return postprocess_folder(in_dir, out_dir, decision, workers)
     files = sorted(

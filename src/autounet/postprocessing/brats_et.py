@@ -24,7 +24,7 @@ import numpy as np
 
 from autounet.data.image_io import read_label, read_volume
 from autounet.errors import AutounetError
-from autounet.evaluation.postprocessing import _bbox, _components
+from autounet.postprocessing.components import _bbox, _components
 from autounet.regions import RegionSet, labels_to_regions, region_masks, regions_to_labels
 from autounet.utils.parallel import map_cases
 

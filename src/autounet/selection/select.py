@@ -9,8 +9,8 @@ training label) and kept only where it does not lower the cross-validation Dice.
 (seed 004) instead get the ET rule, its threshold and voxel counts grid-searched on the
 cross-validation predictions (§2.5).
 
-Writes ``W/NAME/selection.json`` (schema in docs/formats.md); a pair winner's cross-validation
-segmentations go to ``W/NAME/results/ensembles/A+B/``.
+Writes ``W/NAME/selection.json`` (:mod:`autounet.selection_document`, docs/formats.md); a pair
+winner's cross-validation segmentations go to ``W/NAME/results/ensembles/A+B/``.
 """
 
 from __future__ import annotations
@@ -27,16 +27,26 @@ import numpy as np
 
 from autounet.data.image_io import read_label, write_image
 from autounet.errors import AutounetError
-from autounet.evaluation.cross_validation import fold_summaries
 from autounet.evaluation.evaluate import EvaluationResult, load_evaluation, summarize
 from autounet.evaluation.metrics import case_metrics
 from autounet.planning.plans import CONFIGURATIONS, load_plans
-from autounet.utils.atomic import atomic_write, atomic_write_json, read_json
+from autounet.regions import RegionSet
+from autounet.selection_document import (
+    ComponentsPostprocessing,
+    EtGridSearch,
+    EtPostprocessing,
+    RankedCandidate,
+    Selection,
+    Winner,
+    load_selection,
+    save_selection,
+)
+from autounet.utils.atomic import atomic_write, read_json
 from autounet.utils.parallel import default_workers, map_cases
-from autounet.workspace import Workspace
+from autounet.utils.plain_data import from_plain
+from autounet.validation.cross_validation import fold_summaries
+from autounet.workspace import Workspace, checkpoint_path
 
-SELECTION_SCHEMA_VERSION = 1
-ENSEMBLES = "ensembles"
 _FOLD = re.compile(r"^fold_(\d+)$")
 
 
@@ -48,7 +58,7 @@ class TrainedConfiguration:
     case_dirs: dict[str, Path]  # case -> the validation folder holding CASE.nii.gz and CASE.npz
     folds: list[int]
     evaluation: EvaluationResult
-    regions: dict | None
+    regions: RegionSet | None
     labels: list[int]
     complete: bool
 
@@ -74,7 +84,7 @@ def _expected_folds(ws: Workspace) -> int | None:
 
 def trained_configurations(ws: Workspace, names: list[str] | None = None) -> list[TrainedConfiguration]:
     """Configurations with at least one validated fold, in the plan's order."""
-    from autounet.training.checkpoint import checkpoint_path, load_checkpoint
+    from autounet.training.checkpoint import load_checkpoint
 
     plans = load_plans(ws.plans_json)
     wanted = names or [c for c in CONFIGURATIONS if c in plans.configurations]
@@ -95,7 +105,7 @@ def trained_configurations(ws: Workspace, names: list[str] | None = None) -> lis
             for case, metrics in result.per_case.items():
                 case_dirs[case] = path.parent
                 per_case[case] = metrics
-        first = checkpoint_path(results / f"fold_{min(summaries)}", "final")
+        first = checkpoint_path(ws.fold_dir(name, min(summaries)), "final")
         content = load_checkpoint(first) if first.is_file() else {}
         labels = sorted(int(v) for v in (content.get("labels") or plans.labels))
         found.append(
@@ -104,7 +114,9 @@ def trained_configurations(ws: Workspace, names: list[str] | None = None) -> lis
                 case_dirs=case_dirs,
                 folds=sorted(summaries),
                 evaluation=summarize(per_case, settings),
-                regions=content.get("regions"),
+                regions=from_plain(RegionSet, content["regions"], f"{first}: regions")
+                if content.get("regions")
+                else None,
                 labels=labels,
                 complete=expected is not None and len(summaries) == expected,
             )
@@ -113,7 +125,7 @@ def trained_configurations(ws: Workspace, names: list[str] | None = None) -> lis
 
 
 def _ensemble_probabilities(case: str, dirs: list[Path]) -> tuple[np.ndarray, str]:
-    from autounet.inference.predictor import load_probability_file
+    from autounet.data.probabilities import load_probability_file
 
     total, kind = None, None
     for d in dirs:
@@ -130,7 +142,7 @@ def _ensemble_probabilities(case: str, dirs: list[Path]) -> tuple[np.ndarray, st
 def _score_ensemble_case(
     item: tuple[str, list[Path], Path],
     labels: list[int],
-    regions: dict | None,
+    regions: RegionSet | None,
     settings: dict[str, Any],
     write_to: Path | None = None,
 ) -> tuple[str, dict]:
@@ -144,7 +156,7 @@ def _score_ensemble_case(
     if ref.shape != seg.shape:
         raise AutounetError(f"{case}: ensemble prediction shape {seg.shape} differs from the reference {ref.shape}")
     if write_to is not None:
-        from autounet.inference.predictor import save_probability_file
+        from autounet.data.probabilities import save_probability_file
 
         _, member_geometry = read_label(dirs[0] / f"{case}.nii.gz")
         atomic_write(write_to / f"{case}.nii.gz", lambda p: write_image(p, seg, member_geometry))
@@ -162,7 +174,7 @@ def _score_ensemble_case(
 
 
 def _references(ws: Workspace) -> dict[str, Path]:
-    from autounet.inference.validation import reference_labels
+    from autounet.validation.fold import reference_labels
 
     return reference_labels(ws)
 
@@ -213,10 +225,9 @@ def rank_candidates(
 
 def _components_postprocessing(
     ws: Workspace, pairs: list[tuple[Path, Path]], labels: list[int], workers: int
-) -> dict[str, Any]:
-    from autounet.evaluation.postprocessing import decide_postprocessing, single_component_classes
-    from autounet.inference.postprocess import Postprocessing
+) -> ComponentsPostprocessing:
     from autounet.planning.fingerprint import load_fingerprint
+    from autounet.postprocessing.components import decide_postprocessing, single_component_classes
 
     fingerprint = load_fingerprint(ws.fingerprint_json)
     classes = [v for v in labels if v != 0]
@@ -226,47 +237,43 @@ def _components_postprocessing(
     decision = decide_postprocessing(pairs, classes, candidates, workers=workers)
     final = decision.evidence["final"]
     raw = decision.evidence["foreground"]
-    return {
-        **Postprocessing("components", decision=decision).to_plain(),
-        "candidates_from_training_labels": candidates,
-        "dice_before": raw["mean_without"],
-        "dice_after": final["mean"],
-        "per_class_before": raw["dice_without"],
-        "per_class_after": final["dice"],
-    }
+    return ComponentsPostprocessing(
+        decision=decision,
+        candidates_from_training_labels=candidates,
+        dice_before=raw["mean_without"],
+        dice_after=final["mean"],
+        per_class_before=raw["dice_without"],
+        per_class_after=final["dice"],
+    )
 
 
-def _brats_postprocessing(pairs: list[tuple[Path, Path]], regions: dict, workers: int) -> dict[str, Any] | None:
-    from autounet.evaluation.brats_postprocessing import et_labels, grid_search_et_rule
-    from autounet.inference.postprocess import Postprocessing
-    from autounet.regions import RegionSet
-    from autounet.utils.plain_data import from_plain
+def _brats_postprocessing(
+    pairs: list[tuple[Path, Path]], region_set: RegionSet, workers: int
+) -> EtPostprocessing | None:
+    from autounet.postprocessing.brats_et import et_labels, grid_search_et_rule
 
-    region_set = from_plain(RegionSet, regions, "regions")
     try:
         et_labels(region_set)
     except AutounetError:
         return None  # not a nested tumour region set: the ET rule does not apply
     rule, table = grid_search_et_rule(pairs, region_set, workers=workers)
-    summary = table.summary()
-    return {
-        **Postprocessing("brats_et", rule=rule, regions=region_set).to_plain(),
-        "grid_search": summary,
-        "dice_before": summary["no_rule_score"],
-        "dice_after": summary["best_score"],
-    }
+    grid_search = from_plain(EtGridSearch, table.summary(), "grid_search")
+    return EtPostprocessing(
+        rule=rule,
+        regions=region_set,
+        grid_search=grid_search,
+        dice_before=grid_search.no_rule_score,
+        dice_after=grid_search.best_score,
+    )
 
 
-def select(
-    work: str | Path | None, name: str, configurations: list[str] | None = None, workers: int | None = None
-) -> dict[str, Any]:
-    """Rank, choose, decide post-processing; write and return ``selection.json``'s content."""
-    ws = Workspace.at(work, name)
+def select(ws: Workspace, configurations: list[str] | None = None, workers: int | None = None) -> Selection:
+    """Rank, choose, decide post-processing; write ``selection.json`` and return it as written."""
     workers = workers or default_workers()
     configs = trained_configurations(ws, configurations)
     if not configs:
         raise AutounetError(
-            f"{ws.root}: no configuration has validated folds yet: run `autounet train {name} -c CONFIG -f K` first"
+            f"{ws.root}: no configuration has validated folds yet: run `autounet train {ws.name} -c CONFIG -f K` first"
         )
     references = _references(ws)
     ranking, common = rank_candidates(configs, references, workers)
@@ -278,7 +285,7 @@ def select(
         pairs = [(members[0].case_dirs[c] / f"{c}.nii.gz", references[c]) for c in common]
         prob_pairs = [(members[0].case_dirs[c] / f"{c}.npz", references[c]) for c in common]
     else:
-        out = ws.results_dir(ENSEMBLES) / best.name
+        out = ws.ensemble_dir(best.members)
         _pair_candidate(members[0], members[1], common, references, workers, write_to=out)
         pairs = [(out / f"{c}.nii.gz", references[c]) for c in common]
         prob_pairs = [(out / f"{c}.npz", references[c]) for c in common]
@@ -286,74 +293,53 @@ def select(
         postprocessing = _brats_postprocessing(prob_pairs, members[0].regions, workers)
     else:
         postprocessing = _components_postprocessing(ws, pairs, members[0].labels, workers)
-    data = {
-        "schema_version": SELECTION_SCHEMA_VERSION,
-        "dataset": name,
-        "metric": "mean foreground Dice over the cross-validation cases",
-        "n_cases": len(common),
-        "ranking": [
-            {
-                "name": c.name,
-                "members": c.members,
-                "foreground_dice": c.evaluation.foreground_mean.get("dice"),
-                "per_class": {k: v.get("dice") for k, v in c.evaluation.mean.items()},
-                "n_cases": c.evaluation.n_cases,
-                "complete": all(by_name[m].complete for m in c.members),
-            }
+    selection = Selection(
+        dataset=ws.name,
+        metric="mean foreground Dice over the cross-validation cases",
+        n_cases=len(common),
+        ranking=[
+            RankedCandidate(
+                name=c.name,
+                members=c.members,
+                foreground_dice=c.evaluation.foreground_mean.get("dice"),
+                per_class={k: v.get("dice") for k, v in c.evaluation.mean.items()},
+                n_cases=c.evaluation.n_cases,
+                complete=all(by_name[m].complete for m in c.members),
+            )
             for c in ranking
         ],
-        "winner": {"name": best.name, "members": best.members, "folds": folds},
-        "postprocessing": postprocessing,
-        "predict_command": f"autounet predict -i IMAGES -o OUT -m {ws.root}",
-    }
-    atomic_write_json(ws.selection_json, _json_safe(data))
-    return data
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
+        winner=Winner(name=best.name, members=best.members, folds=folds),
+        postprocessing=postprocessing,
+        predict_command=f"autounet predict -i IMAGES -o OUT -m {ws.root}",
+    )
+    save_selection(selection, ws.selection_json)
+    return load_selection(ws.selection_json)
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def format_selection(data: dict[str, Any], label_names: dict[str, str] | None = None) -> str:
+def format_selection(selection: Selection, label_names: dict[str, str] | None = None) -> str:
     """The ranking as a table, the winner and the post-processing decision."""
     label_names = label_names or {}
-    keys = list(data["ranking"][0]["per_class"]) if data["ranking"] else []
+    keys = list(selection.ranking[0].per_class) if selection.ranking else []
     heads = [f"{k}: {label_names[k]}" if k in label_names else k for k in keys]
     rows = [["rank", "model", "Dice (CV)", *heads, "cases"]]
-    for i, c in enumerate(data["ranking"], 1):
+    for i, c in enumerate(selection.ranking, 1):
         rows.append(
-            [
-                str(i),
-                c["name"],
-                _fmt(c["foreground_dice"]),
-                *[_fmt(c["per_class"].get(k)) for k in keys],
-                str(c["n_cases"]),
-            ]
+            [str(i), c.name, _fmt(c.foreground_dice), *[_fmt(c.per_class.get(k)) for k in keys], str(c.n_cases)]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    w = data["winner"]
+    w = selection.winner
     lines.append("")
-    lines.append(f"selected: {w['name']} (folds {', '.join(map(str, w['folds']))})")
-    pp = data.get("postprocessing")
-    if pp:
-        from autounet.inference.postprocess import Postprocessing
-
-        described = Postprocessing.from_plain(pp).describe()
+    lines.append(f"selected: {w.name} (folds {', '.join(map(str, w.folds))})")
+    pp = selection.postprocessing
+    if pp is not None:
+        described = pp.to_postprocessing().describe()
         lines.append(
-            f"post-processing: {described} (CV Dice {_fmt(pp.get('dice_before'))} without, {_fmt(pp.get('dice_after'))} with)"
+            f"post-processing: {described} (CV Dice {_fmt(pp.dice_before)} without, {_fmt(pp.dice_after)} with)"
         )
-    lines.append(f"predict new cases: {data['predict_command']}")
+    lines.append(f"predict new cases: {selection.predict_command}")
     return "\n".join(lines)
