@@ -15,7 +15,8 @@ It exercises, on a small synthetic dataset (and the real one with ``--real``):
 * ``predict``: ``autounet predict`` with mirroring, accumulators on the device, then forced into
   host memory, then with an injected out-of-memory error (it must recover, and agree);
 * ``ddp``: two processes (NCCL) training one fold, when two GPUs are present;
-* ``engines``: each inference engine that runs on the device (PyTorch eager so far).
+* ``engines``: each installed inference engine (PyTorch, OpenVINO, ONNX Runtime) on the device,
+  in its ``auto`` precision, against PyTorch fp32 (OpenVINO and ONNX Runtime: CPU only here).
 
 Any failure ends the run with exit code 1 and the failing check's traceback in the JSON line.
 """
@@ -240,11 +241,38 @@ def check_ddp(work: Path, device: torch.device, width: float | None) -> dict:
     return {"seconds": round(time.perf_counter() - start, 2), "processes": 2}
 
 
-def check_engines(device: torch.device) -> dict:
-    return {
-        "torch_eager": "exercised by predict",
-        "others": "none built yet (ONNX Runtime / OpenVINO export: issue 12)",
-    }
+def check_engines(ws, device: torch.device) -> dict:
+    """Every installed engine on this device, on a trained fold's network, against PyTorch fp32:
+    seconds per batch and the largest logit difference (engines that run on the CPU only say so)."""
+    from autounet.inference.engines import EngineUnavailable, available_engines, compile_network, resolve_precision
+    from autounet.inference.model import load_stage
+
+    stage = load_stage(ws.fold_dir("3d_fullres", 0)).to(device)
+    network = stage.networks[0].eval()
+    shape = (2, stage.spec.in_channels, *stage.plan.patch_size)
+    x = torch.randn(shape, device=device)
+    with torch.no_grad():
+        reference = network(x).float()
+    out = {}
+    for name in available_engines():
+        try:
+            precision = resolve_precision("auto", name, device)
+            engine = compile_network(network, engine=name, precision=precision, example_shape=shape, device=device)
+            with torch.no_grad():
+                engine(x)
+                _sync(device)
+                start = time.perf_counter()
+                got = engine(x).float()
+                _sync(device)
+            seconds = time.perf_counter() - start
+            diff = float((got.to(reference.device) - reference).abs().max())
+            bound = 1e-3 if precision == "fp32" else 0.5
+            if not diff <= bound:
+                raise RuntimeError(f"{name} {precision}: logits differ from PyTorch fp32 by {diff:.3g}")
+            out[name] = {"precision": precision, "s_per_batch": round(seconds, 4), "max_logit_diff": round(diff, 6)}
+        except EngineUnavailable as exc:
+            out[name] = {"skipped": str(exc)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("cascade", lambda: check_cascade(root / "W", device, width)),
                 ("predict", lambda: check_predict(raw, root / "W", root / "pred", device, tta=not cpu)),
                 ("ddp", lambda: check_ddp(root / "W", device, width)),
-                ("engines", lambda: check_engines(device)),
+                ("engines", lambda: check_engines(ws, device)),
             ]
             if args.real:
                 from autounet import api

@@ -2,6 +2,7 @@
 
     python benchmarks/predict.py MODEL_DIR IMAGES [--device D] [--cases N] [--out JSON]
     python benchmarks/predict.py MODEL_DIR --ct [--ct-shape Z Y X] [--ct-spacing z y x] [--no-tta] [--device D]
+    python benchmarks/predict.py MODEL_DIR IMAGES --engines torch:fp32 auto:auto [--compete 1] [--repeats 2]
 
 ``MODEL_DIR`` is ``W/NAME/results/CONFIG`` (or one ``fold_K`` folder); ``IMAGES`` a folder (or
 files) in MSD or nnU-Net v2 naming, as for ``autounet predict``; the first ``--cases`` cases
@@ -70,14 +71,24 @@ def _stage_chain(stage):
     return chain
 
 
-def run_once(model: str, files: list[str], device: str | None, folds: list[str], tta: bool) -> dict:
-    """Predict ``files`` with ``folds`` of ``model``; timings, tiles and peak memory."""
+def run_once(
+    model: str,
+    files: list[str],
+    device: str | None,
+    folds: list[str],
+    tta: bool,
+    engine: str = "torch",
+    precision: str = "fp32",
+    keep: str | None = None,
+) -> dict:
+    """Predict ``files`` with ``folds`` of ``model``; timings, tiles and peak memory (the outputs
+    are kept in ``keep`` when given)."""
     import torch
 
     import autounet.inference.predictor as predictor_module
     from autounet.inference.predictor import Predictor
 
-    predictor = Predictor(model, folds=folds, device=device, tta=tta)
+    predictor = Predictor(model, folds=folds, device=device, tta=tta, engine=engine, precision=precision, quiet=True)
     dev = predictor.device
     step = predictor.step
     shapes: list[tuple[object, list[tuple[int, ...]]]] = []  # (stage, preprocessed shape per stage)
@@ -92,9 +103,10 @@ def run_once(model: str, files: list[str], device: str | None, folds: list[str],
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     try:
-        with tempfile.TemporaryDirectory() as out:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = keep or tmp
             start = time.perf_counter()
-            timings = predictor.predict(files, out)
+            timings = predictor.predict(files, out, overwrite=True)
             wall = time.perf_counter() - start
     finally:
         predictor_module.prepare = original_prepare
@@ -113,6 +125,7 @@ def run_once(model: str, files: list[str], device: str | None, folds: list[str],
     members = getattr(predictor, "members", [predictor.stage])
     result = {
         "device": str(dev),
+        "engine": predictor.engines,
         "folds": list(folds),
         "tta": tta,
         "networks": sum(len(s.networks) for m in members for s in _stage_chain(m)),
@@ -133,9 +146,9 @@ def run_once(model: str, files: list[str], device: str | None, folds: list[str],
     return result
 
 
-def _in_child(spec: dict) -> dict:
+def _in_child(spec: dict, env_extra: dict | None = None) -> dict:
     """Run :func:`run_once` in a fresh interpreter; its JSON result."""
-    env = {**os.environ, "AUTOUNET_PROGRESS": "0"}
+    env = {**os.environ, "AUTOUNET_PROGRESS": "0", **(env_extra or {})}
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True
     )
@@ -196,6 +209,91 @@ def synthetic_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, 
 # ------------------------------------------------------------------ main
 
 
+def _busy() -> subprocess.Popen:
+    """A competing process that keeps one core busy (as another user's job would)."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _dice_agreement(reference: Path, other: Path) -> dict[str, float]:
+    """Per label value, the Dice between two folders of segmentations (over all their cases)."""
+    from autounet.data.image_io import read_label
+
+    inter: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    for ref_file in sorted(reference.glob("*.nii.gz")):
+        a, _ = read_label(ref_file)
+        b, _ = read_label(other / ref_file.name)
+        for v in np.union1d(np.unique(a), np.unique(b)):
+            if v == 0:
+                continue
+            inter[int(v)] = inter.get(int(v), 0) + int(np.sum((a == v) & (b == v)))
+            sizes[int(v)] = sizes.get(int(v), 0) + int(np.sum(a == v) + np.sum(b == v))
+    return {str(v): round(2 * inter[v] / sizes[v], 5) if sizes[v] else 1.0 for v in sorted(inter)}
+
+
+def compare_engines(args, folds: list[str], channels: int) -> dict:
+    """Engines and precisions side by side (one fold), interleaved, with optional competing load."""
+    import statistics
+
+    from autounet.inference.inputs import discover_cases
+
+    if args.ct:
+        tmp_ct = tempfile.TemporaryDirectory()
+        path = Path(tmp_ct.name) / "ct_000.nii.gz"
+        synthetic_ct(path, tuple(args.ct_shape), tuple(args.ct_spacing))
+        files = [str(path)]
+    else:
+        cases = discover_cases(args.images, channels)[: args.cases]
+        files = [str(f) for c in cases for f in c.files]
+    variants = []
+    for text in args.engines:
+        parts = text.split(":")
+        engine, precision = parts[0], parts[1] if len(parts) > 1 else "auto"
+        env = {"OMP_WAIT_POLICY": parts[2]} if len(parts) > 2 else {}
+        variants.append((text, engine, precision, env))
+    outputs = tempfile.TemporaryDirectory()
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
+    busy = [_busy() for _ in range(args.compete)]
+    try:
+        for _ in range(args.repeats):
+            for name, engine, precision, env in variants:
+                keep = str(Path(outputs.name) / name.replace(":", "_"))
+                spec = {"model": str(args.model), "files": files, "device": args.device, "folds": folds[:1]}
+                spec.update({"tta": not args.no_tta, "engine": engine, "precision": precision, "keep": keep})
+                runs[name].append(_in_child(spec, env))
+    finally:
+        for b in busy:
+            b.kill()
+    reference = Path(outputs.name) / variants[0][0].replace(":", "_")
+    out = {}
+    for name, *_ in variants:
+        rs = runs[name]
+        out[name] = {
+            "engine": rs[-1]["engine"],
+            "seconds_per_case": round(statistics.median(r["seconds_per_case"] for r in rs), 3),
+            "preprocess_s": round(statistics.median(r["preprocess_s"] for r in rs), 3),
+            "network_s": round(statistics.median(r["network_s"] for r in rs), 3),
+            "export_s": round(statistics.median(r["export_s"] for r in rs), 3),
+            "network_s_runs": [r["network_s"] for r in rs],
+            "tiles_per_s": round(statistics.median(r["tiles_per_s"] or 0 for r in rs), 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "dice_vs_reference": _dice_agreement(reference, Path(outputs.name) / name.replace(":", "_")),
+        }
+    base = out[variants[0][0]]["network_s"]
+    for name in out:
+        out[name]["network_speedup"] = round(base / out[name]["network_s"], 2) if out[name]["network_s"] else None
+    return {
+        "mode": "engines",
+        "model": str(args.model),
+        "files": files,
+        "tta": not args.no_tta,
+        "competing_processes": args.compete,
+        "repeats": args.repeats,
+        "reference": variants[0][0],
+        "runs": out,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="W/NAME/results/CONFIG or one fold_K folder")
@@ -206,10 +304,21 @@ def main() -> int:
     parser.add_argument("--ct", action="store_true", help="predict one synthetic CT-sized volume instead")
     parser.add_argument("--ct-shape", type=int, nargs=3, default=[300, 512, 512], metavar=("Z", "Y", "X"))
     parser.add_argument("--ct-spacing", type=float, nargs=3, default=[2.5, 0.8, 0.8], metavar=("z", "y", "x"))
-    parser.add_argument("--no-tta", action="store_true", help="--ct only: without mirroring")
+    parser.add_argument("--no-tta", action="store_true", help="--ct and --engines: without mirroring")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        metavar="ENGINE:PRECISION[:WAIT]",
+        help="compare engines side by side on 1 fold (the first is the reference; WAIT: the OpenMP wait policy, "
+        "e.g. torch:fp32:ACTIVE auto:auto:PASSIVE); runs interleaved A, B, A, B",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="--engines: rounds of interleaved runs (default 2)")
+    parser.add_argument("--compete", type=int, default=0, help="--engines: busy competing processes during the runs")
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         spec = json.loads(sys.argv[2])
-        print(json.dumps(run_once(spec["model"], spec["files"], spec["device"], spec["folds"], spec["tta"])))
+        keys = ("engine", "precision", "keep")
+        extra = {k: spec[k] for k in keys if k in spec}
+        print(json.dumps(run_once(spec["model"], spec["files"], spec["device"], spec["folds"], spec["tta"], **extra)))
         return 0
     args = parser.parse_args()
 
@@ -221,7 +330,9 @@ def main() -> int:
         if not folds:
             raise AutounetError(f"{args.model}: no trained folds (fold_K folders)")
         channels = model_channels(args.model, folds[0])
-        if args.ct:
+        if args.engines:
+            result = compare_engines(args, folds, channels)
+        elif args.ct:
             if args.images:
                 raise AutounetError("give either IMAGES or --ct")
             if channels != 1:

@@ -202,3 +202,7 @@ def test_the_gpu_smoke_test_runs_its_paths_in_cpu_dry_mode(tmp_path, capsys):
     assert checks["cascade"]["next_stage_cases"] > 0
     assert {"device_accumulation", "host_accumulation", "injected_oom"} <= set(checks["predict"])
     assert "skipped" in checks["ddp"]
+    engines = {k: v for k, v in checks["engines"].items() if isinstance(v, dict)}
+    for name, engine in engines.items():  # every installed engine ran, or said why not
+        assert "max_logit_diff" in engine or "skipped" in engine, name
+    assert "max_logit_diff" in checks["engines"]["torch"]

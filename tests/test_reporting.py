@@ -179,7 +179,7 @@ def test_full_report_summarises_every_stage(tmp_path: Path):
     path = write_report(ws)
     assert path == ws.root / "report.md"
     text = path.read_text(encoding="utf-8")
-    assert not list(ws.root.glob(".tmp.*")) and not list((ws.root / "report").glob(".tmp.*"))
+    assert not list(ws.root.glob(".autounet-tmp.*")) and not list((ws.root / "report").glob(".autounet-tmp.*"))
 
     # dataset and plans
     assert "**4 training cases**" in text

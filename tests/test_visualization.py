@@ -46,7 +46,7 @@ def test_render_overlay_writes_png_with_label_colours(tmp_path: Path):
     assert a.shape[0] > 300 and a.shape[1] > 300
     assert _bluish(b) == 0
     assert _bluish(a) > 2000  # label 1 overlaid in the panels, not only in the legend
-    assert not list(tmp_path.glob(".tmp.*"))
+    assert not list(tmp_path.glob(".autounet-tmp.*"))
 
 
 def test_anisotropic_spacing_changes_the_picture_shape(tmp_path: Path):

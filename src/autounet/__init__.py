@@ -6,6 +6,14 @@ The Python API mirrors the command line; heavy modules are imported on first use
 
 from __future__ import annotations
 
+import os as _os
+
+# On shared cores (a clinic workstation, a busy node) OpenMP threads that spin while they wait
+# steal the cores the other threads need: PyTorch on the CPU ran 3x slower with one competing
+# process instead of 2x (README, "CPU speed"). Passive waiting, unless the user chose; it takes
+# effect when autounet is imported before torch (always so for the `autounet` command).
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 _API = {
@@ -19,6 +27,7 @@ _API = {
     "validate": "autounet.api",
     "predict": "autounet.api",
     "evaluate": "autounet.api",
+    "export": "autounet.api",
     "show": "autounet.api",
     "select": "autounet.api",
     "postprocess": "autounet.api",

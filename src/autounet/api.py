@@ -11,11 +11,12 @@ leaves the workspace as it was. Heavy modules are imported on first use.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autounet.errors import AutounetError, DatasetInvalid
+from autounet.utils import arguments
 from autounet.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ __all__ = [
     "check",
     "demo",
     "evaluate",
+    "export",
     "evaluation_json_path",
     "fingerprint_dataset",
     "format_evaluation",
@@ -76,6 +78,7 @@ def check(raw: str | Path, *, workers: int | None = None) -> CheckReport:
     """`autounet check RAW`: validate a raw dataset (MSD or nnU-Net v2 layout); writes nothing."""
     from autounet.data.check import check_dataset
 
+    arguments.workers(workers)
     return check_dataset(raw, workers=workers)
 
 
@@ -83,6 +86,7 @@ def fingerprint_dataset(raw: str | Path, *, workers: int | None = None) -> tuple
     """Check a raw dataset and, if it is valid, compute its fingerprint (one read per case); writes nothing."""
     from autounet.planning.run import fingerprint_dataset as fingerprint
 
+    arguments.workers(workers)
     return fingerprint(raw, workers)
 
 
@@ -106,6 +110,7 @@ def plan(
     ``recipe``: ``nnunet`` (default) or ``brats``; ``patch_size``: the brats recipe's 3D patch
     instead of 128³ (a CPU convenience).
     """
+    arguments.workers(workers)
     if fingerprint is not None:
         if raw is not None:
             raise AutounetError("give either RAW or --fingerprint, not both")
@@ -159,6 +164,7 @@ def preprocess(
     from autounet.preprocessing.case import PreprocessOptions
     from autounet.preprocessing.run import preprocess_dataset
 
+    arguments.workers(workers)
     options = PreprocessOptions(
         image_dtype="float16" if float16 else "float32", label_interpolation=label_interpolation
     )
@@ -195,6 +201,7 @@ def train(
     deeper: bool = False,
     width_multiplier: float | None = None,
     foreground_channel: bool | None = None,
+    precision: str = "auto",
 ) -> FoldResult:
     """`autounet train NAME -c CONFIG -f FOLD`: train one fold (``"all"``: every case), then
     predict its validation cases in full and score them (unless ``validate`` is False).
@@ -231,7 +238,8 @@ def train(
         deeper=deeper,
         width_multiplier=width_multiplier,
         foreground_channel=foreground_channel,
-    )
+        precision=precision,
+    ).validate()
     ws = Workspace.at(work, name)
     return train_and_validate(ws, options, validate=validate, validation_tta=validation_tta)
 
@@ -248,7 +256,9 @@ def validate(
     """`autounet train NAME -c CONFIG -f FOLD --validate-only`: redo a trained fold's validation
     (predict its validation cases in full, score them, write ``summary.json``); prints one line."""
     from autounet.pipeline.fold import validate_and_report
+    from autounet.training.options import TrainOptions
 
+    TrainOptions(configuration, fold).validate()
     ws = Workspace.at(work, name)
     return validate_and_report(ws, configuration, fold, device=device, tta=tta)
 
@@ -263,6 +273,7 @@ class PredictionRun:
     output: Path
     timings: list[CaseTiming]
     postprocessing: Postprocessing | None
+    skipped: list[str] = field(default_factory=list)  # cases found complete (``skip_complete``)
 
 
 def predict(
@@ -278,19 +289,59 @@ def predict(
     postprocess: bool = True,
     save_probabilities: bool = False,
     png: bool = False,
+    overwrite: bool = False,
+    skip_complete: bool = False,
+    engine: str = "auto",
+    precision: str = "auto",
 ) -> PredictionRun:
     """`autounet predict -i IN -o OUT -m MODEL`: segment images (folders and/or files) with a
     trained model (``W/NAME/results/CONFIG``, one ``fold_K`` or the selected model ``W/NAME``).
 
-    For repeated use in Python keep a :class:`autounet.Predictor` instead (it loads the model once).
+    An output folder that already holds files this prediction would write (``CASE.nii.gz``,
+    ``CASE.npz``, ``CASE.png``) stops it before anything is predicted, unless ``overwrite``
+    (replace them; ``--overwrite``) or ``skip_complete`` (skip the cases whose outputs are all
+    there; ``--continue``). ``engine`` / ``precision``: what runs the networks (``auto``: OpenVINO
+    on a CPU where installed, PyTorch on a GPU; bf16 where the hardware runs it natively; ``torch``
+    + ``fp32`` reproduces PyTorch's full-precision results). For repeated use in Python keep a
+    :class:`autounet.Predictor` instead (it loads the model once).
     """
     from autounet.inference.predictor import Predictor
 
+    arguments.step(step)
+    _folds(folds)
     predictor = Predictor(
-        model, folds=folds, checkpoints=checkpoints, device=device, tta=tta, step=step, postprocess=postprocess
+        model,
+        folds=folds,
+        checkpoints=checkpoints,
+        device=device,
+        tta=tta,
+        step=step,
+        postprocess=postprocess,
+        engine=engine,
+        precision=precision,
     )
-    timings = predictor.predict(inputs, output, save_probabilities=save_probabilities, png=png)
-    return PredictionRun(Path(output), timings, predictor.postprocessing)
+    timings = predictor.predict(
+        inputs, output, save_probabilities=save_probabilities, png=png, overwrite=overwrite, skip_complete=skip_complete
+    )
+    return PredictionRun(Path(output), timings, predictor.postprocessing, list(predictor.skipped))
+
+
+def export(
+    model: str | Path,
+    output: str | Path,
+    *,
+    formats: Sequence[str] = ("onnx", "openvino"),
+    folds: Sequence[int | str] | None = None,
+    checkpoints: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """`autounet export MODEL -o OUT`: write the model's networks (one file per fold and
+    checkpoint, ONNX and/or OpenVINO) and ``model.json``, everything needed to reproduce
+    `autounet predict` without autounet (docs/model_json.md); returns the ``model.json`` path."""
+    from autounet.inference.export import export_model
+
+    _folds(folds)
+    return export_model(model, output, tuple(formats), folds=folds, checkpoints=checkpoints, overwrite=overwrite)
 
 
 def evaluate(
@@ -311,8 +362,14 @@ def evaluate(
     (default: NaN, left out of means). ``json_path``: also write the result there (the command
     writes :func:`evaluation_json_path`).
     """
-    from autounet.evaluation.evaluate import evaluate_folders, parse_regions, save_evaluation
+    from autounet.evaluation.evaluate import check_evaluation_target, evaluate_folders, parse_regions, save_evaluation
 
+    arguments.workers(workers)
+    arguments.real("--tolerance", tolerance_mm, above=0)
+    if labels is not None:
+        labels = [arguments.whole("--labels", v, 0) for v in labels]
+    if json_path is not None:
+        check_evaluation_target(json_path)  # refused before anything is computed
     if regions is not None and not isinstance(regions, Mapping):
         regions = parse_regions(list(regions)) if regions else None
     result = evaluate_folders(
@@ -341,6 +398,8 @@ def show(
     segmentation overlaid; returns its path (default ``./<image name>.png``)."""
     from autounet.visualization import show_files
 
+    arguments.whole("--channel", channel, 0)
+    arguments.whole("--slices", slices, 1)
     return show_files(images, seg_path=seg, out=out, channel=channel, slices=slices)
 
 
@@ -359,6 +418,7 @@ def select(
     ``W/NAME/selection.json``."""
     from autounet.selection.select import select as select_model
 
+    arguments.workers(workers)
     ws = Workspace.at(work, name)
     return select_model(ws, _list(configurations), workers=workers)
 
@@ -373,9 +433,11 @@ def postprocess(
     """`autounet postprocess IN OUT --from W/NAME`: apply the post-processing `select` chose for
     the workspace folder ``W/NAME`` to every segmentation in ``input_dir`` (which may equal
     ``output_dir``); returns the files written."""
-    from autounet.postprocessing.apply import apply_to_folder
+    from autounet.postprocessing.apply import apply_to_folder, segmentation_files
     from autounet.selection_document import postprocessing_of
 
+    arguments.workers(workers)
+    segmentation_files(input_dir, output_dir)  # an empty or missing folder before the selection is read
     return apply_to_folder(input_dir, output_dir, postprocessing_of(workspace), workers)
 
 
@@ -407,6 +469,7 @@ def run(
     device: str | None = None,
     workers: int | None = None,
     seed: int = 0,
+    precision: str = "auto",
 ) -> RunResult:
     """`autounet run RAW`: check, plan, preprocess, train every configuration (default every
     planned one) on every fold, select and report; resumable at every step. ``max_minutes`` is
@@ -427,7 +490,8 @@ def run(
         device=device,
         workers=workers,
         seed=seed,
-    )
+        precision=precision,
+    ).validate()
     ws = Workspace.at(work, name or Path(raw).resolve().name)
     return run_pipeline(raw, ws, options)
 
@@ -444,10 +508,11 @@ def demo(
     demo's budget)."""
     from autounet.pipeline.demo import DemoSettings, run_demo
 
+    _folder_or_new("--dir", folder)
     settings = DemoSettings(device=device)
-    if epochs:
+    if arguments.whole("--epochs", epochs, 1) is not None:
         settings.epochs = epochs
-    if iterations_per_epoch:
+    if arguments.whole("--iters-per-epoch", iterations_per_epoch, 1) is not None:
         settings.iterations_per_epoch = iterations_per_epoch
     return run_demo(folder, settings)
 
@@ -470,6 +535,10 @@ def make_synthetic(
     nnU-Net v2 layout; ``classes`` includes the background); returns its folder."""
     from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 
+    for mm in spacing:  # the rest is checked by SyntheticSpec.validate
+        arguments.real("--spacing", mm, above=0)
+    arguments.whole("--seed", seed, 0)
+    _folder_or_new("OUT", out)
     spec = SyntheticSpec(
         cases=cases,
         test_cases=test_cases,
@@ -530,6 +599,18 @@ def format_timings(timings: Sequence[CaseTiming]) -> str:
     text = io.StringIO()
     print_timings(timings, file=text)
     return text.getvalue().rstrip("\n")
+
+
+def _folder_or_new(option: str, path: str | Path) -> None:
+    if Path(path).exists() and not Path(path).is_dir():
+        raise AutounetError(f"{path}: a file, where a folder should be ({option} names a folder)")
+
+
+def _folds(folds: Sequence[int | str] | None) -> None:
+    """``-f/--folds`` of predict: fold numbers (or 'all'); whether they are trained is checked when loading."""
+    for f in folds or []:
+        if str(f) != "all" and not (isinstance(f, int) and not isinstance(f, bool) and f >= 0) and not str(f).isdigit():
+            raise AutounetError(f"-f/--folds: {f!r} is not a fold number (0, 1, ...) or 'all'")
 
 
 def _list(values: Sequence | None) -> list | None:

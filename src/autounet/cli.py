@@ -40,6 +40,34 @@ def _configs(parser: argparse.ArgumentParser, text: str, old: str | None = None)
         _alias(parser, old, "-c/--configs", dest="configurations", nargs="+", metavar="CONFIG")
 
 
+def _engine(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` and ``--precision`` of prediction."""
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        default="auto",
+        help="what runs the networks (default auto: OpenVINO on a CPU where installed, else PyTorch); a missing "
+        "or failing engine falls back to PyTorch with a note",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto (default): bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else "
+        "fp32 (fp16 on older GPUs); fp32 gives PyTorch's full-precision results",
+    )
+
+
+def _training_precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="training precision: auto (default: bf16 on GPUs from Ampere on, fp16 with a gradient scaler before; "
+        "fp32 on the CPU, see README), fp32, bf16 (autocast; native on AVX512-BF16/AMX CPUs) or fp16 (CUDA only)",
+    )
+
+
 def _recipe(parser: argparse.ArgumentParser) -> None:
     """``--recipe nnunet|brats`` and ``--patch-size`` of planning (``plan`` and ``run``)."""
     choices = ["nnunet", "brats"]
@@ -157,6 +185,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         deeper=args.deeper,
         width_multiplier=args.width_multiplier,
         foreground_channel=False if args.no_foreground_channel else None,
+        precision=args.precision,
     )
     return 0
 
@@ -174,13 +203,31 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         postprocess=not args.no_postprocessing,
         save_probabilities=args.save_probabilities,
         png=args.png,
+        overwrite=args.overwrite,
+        skip_complete=args.skip_complete,
+        engine=args.engine,
+        precision=args.precision,
     )
     if result.postprocessing is not None:
         print(f"post-processing: {result.postprocessing.describe()}")
-    print(f"{len(result.timings)} segmentation(s) -> {args.output}")
+    skipped = f" ({len(result.skipped)} case(s) already complete, skipped)" if result.skipped else ""
+    print(f"{len(result.timings)} segmentation(s) -> {args.output}{skipped}")
     timings = api.format_timings(result.timings)
     if timings:
         print(timings)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    document = api.export(
+        args.model,
+        args.output,
+        formats=["onnx", "openvino"] if args.format == "all" else [args.format],
+        folds=args.folds,
+        checkpoints=[args.checkpoint] if args.checkpoint else None,
+        overwrite=args.overwrite,
+    )
+    print(f"exported -> {document}")
     return 0
 
 
@@ -237,6 +284,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         seed=args.seed,
+        precision=args.precision,
     )
     print(
         f"\nfinished in {result.seconds / 60:.1f} min ({len(result.trained)} fold(s) trained, {len(result.skipped)} already complete)"
@@ -353,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-iters", type=int, help="validation batches per epoch (default 50)")
     p.add_argument("--batch-size", type=int, help="global batch size (default: the plan's)")
     p.add_argument("--lr", type=float, help="initial learning rate (default: the preset's)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when present)")
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the network initialisation and of every batch (default 0)"
     )
@@ -392,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--features", type=int, nargs="+", metavar="F", help="features per encoder stage (more: deeper)")
     g.add_argument("--deeper", action="store_true", help="seed 004's encoder: 64, 96, 128, 192, 256, 384, 512")
     g.add_argument("--width-multiplier", type=float, metavar="X", help="every stage's features times X")
+    _training_precision(p)
     g.add_argument(
         "--no-foreground-channel",
         action="store_true",
@@ -429,8 +478,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with the class probabilities")
     p.add_argument("--png", action="store_true", help="also write CASE.png: slices with the segmentation overlaid")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files already in OUT that this prediction writes (default: refuse, naming them)",
+    )
+    g.add_argument(
+        "--continue",
+        dest="skip_complete",
+        action="store_true",
+        help="skip the cases whose outputs are all in OUT already (an interrupted run); redo the others",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when present)")
+    _engine(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="write a model's networks as ONNX / OpenVINO files with a model.json to run them anywhere",
+        description="Export MODEL (W/NAME: the selected model; W/NAME/results/CONFIG; one fold_K) to OUT: one "
+        "network file per fold and checkpoint (dynamic batch axis) and model.json, which holds everything needed "
+        "to reproduce `autounet predict` without autounet (docs/model_json.md; examples/onnx_predict.py).",
+    )
+    p.add_argument("model", metavar="MODEL", help="W/NAME, W/NAME/results/CONFIG or one fold_K folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument(
+        "--format", choices=["onnx", "openvino", "all"], default="all", help="network file format(s) (default all)"
+    )
+    p.add_argument(
+        "-f", "--folds", nargs="+", metavar="K", help="folds (default: every trained fold, or the selection's)"
+    )
+    p.add_argument("--checkpoint", metavar="C", help="final, best, second_best or latest (default: what predict uses)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "show",
@@ -440,7 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image file, or one file per channel")
     p.add_argument("--seg", "-s", metavar="S", help="segmentation (label map) on the image's grid")
-    p.add_argument("--out", "-o", metavar="PNG", help="output file or folder (default: ./<image name>.png)")
+    p.add_argument(
+        "--out",
+        "-o",
+        metavar="PNG",
+        help="output file or folder (default: ./<image name>.png); an existing file is replaced only if it is a PNG",
+    )
     p.add_argument("--channel", type=int, default=0, metavar="N", help="channel to show (default 0)")
     p.add_argument("--slices", type=int, default=3, metavar="N", help="slices per view (default 3)")
     p.set_defaults(func=_cmd_show)
@@ -467,7 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: nnU-Net's, NaN and left out of means)",
     )
     p.add_argument("--tolerance", type=float, default=1.0, metavar="MM", help="surface Dice tolerance (default 1 mm)")
-    p.add_argument("--json", metavar="OUT", help="JSON output (default: PRED/evaluation.json)")
+    p.add_argument(
+        "--json",
+        metavar="OUT",
+        help="JSON output (default: PRED/evaluation.json); an existing file is replaced only if it is an evaluation",
+    )
     p.add_argument("--per-case", action="store_true", help="also print one row per case and class")
     _workers(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -568,10 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help="every network stage's features times X (as `autounet train`)",
     )
+    _training_precision(p)
     p.add_argument(
         "--no-validation-tta", action="store_true", help="no mirroring when the folds' validation cases are predicted"
     )
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0)
     _workers(p)
     p.set_defaults(func=_cmd_run)
@@ -585,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="autounet_demo", metavar="DIR", help="demo folder (default ./autounet_demo)")
     p.add_argument("--epochs", type=int, help="epochs per fold")
     p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when present)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -609,6 +700,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # the file system refused: read-only, full, a file where a folder is needed
+        print(f"autounet {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """``PATH: reason`` (``strerror``, e.g. "No space left on device"), else the error's text."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 else "")
+    return f"{where}: {reason}"
 
 
 if __name__ == "__main__":

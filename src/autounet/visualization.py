@@ -11,16 +11,17 @@ global ``pyplot`` state (and any backend another part of the program chose) is l
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from autounet.data.geometry import Geometry, geometry_differences
-from autounet.data.image_io import image_suffix, read_image, read_label
+from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix, read_image, read_label
 from autounet.errors import AutounetError
 from autounet.utils.atomic import atomic_write
+from autounet.utils.loaders import read_json
 
 # Qualitative colours (matplotlib's tab20 order: tab10's colours, then their light variants,
 # without the greys, which would vanish on a grey image).
@@ -314,8 +315,8 @@ def _label_names_near(seg_path: Path) -> dict[int, str] | None:
     """Label names from the ``dataset.json`` two folders above a dataset's label file, if any."""
     descriptor = seg_path.resolve().parent.parent / "dataset.json"
     try:
-        raw = json.loads(descriptor.read_text(encoding="utf-8")).get("labels")
-    except (OSError, ValueError, AttributeError):
+        raw = read_json(descriptor, dict).get("labels")
+    except AutounetError:
         return None
     if not isinstance(raw, dict):
         return None
@@ -337,6 +338,40 @@ def default_output(image_path: str | Path) -> Path:
     suffix = image_suffix(name)
     stem = name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
     return Path.cwd() / f"{stem}.png"
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def picture_path(out: str | Path | None, image_path: str | Path) -> Path:
+    """Where `autounet show` writes: ``out`` (a folder gets ``<image name>.png`` inside it),
+    default ``./<image name>.png``.
+
+    The rule that keeps it from destroying a file it did not make: an existing file is replaced
+    only when it is a PNG picture (by its content, whatever its name), and a name with a medical
+    image ending (``.nii.gz``, ``.mha``, ...) is refused even when new."""
+    if out is None:
+        out = default_output(image_path)
+    else:
+        out = Path(out)
+        if out.is_dir():
+            out = out / default_output(image_path).name
+    if image_suffix(out) in IMAGE_SUFFIXES:
+        raise AutounetError(f"{out}: an image file name; `autounet show` writes a PNG picture: give -o a .png name")
+    if out.is_dir():
+        raise AutounetError(f"{out}: a folder is in the way of the picture; give -o another name")
+    if os.path.lexists(out):
+        try:
+            with open(out, "rb") as fh:
+                head = fh.read(len(PNG_SIGNATURE))
+        except OSError as exc:
+            raise AutounetError(f"{out}: exists and cannot be read ({exc.strerror}); not replaced") from None
+        if head != PNG_SIGNATURE:
+            raise AutounetError(
+                f"{out}: exists and is not a PNG picture; `autounet show` replaces only a PNG: choose another -o "
+                "or remove the file"
+            )
+    return out
 
 
 def show_files(
@@ -362,6 +397,7 @@ def show_files(
     paths = [Path(p) for p in image_paths]
     if not paths:
         raise AutounetError("no image file given")
+    out = picture_path(out, paths[0])  # refused before anything is read
     image, geometry = read_image(paths)
     if not 0 <= channel < image.shape[0]:
         raise AutounetError(f"{paths[0]}: channel {channel} does not exist: the image has {image.shape[0]} channel(s)")
@@ -380,12 +416,6 @@ def show_files(
             label_names = _label_names_near(seg_path)
     shape = image.shape[1:]
     image, seg, spacing, oriented = _to_lps(image, seg, geometry)
-    if out is None:
-        out = default_output(paths[0])
-    else:
-        out = Path(out)
-        if out.is_dir():
-            out = out / default_output(paths[0]).name
     if title is None:
         sp = " x ".join(f"{s:g}" for s in geometry.spacing[3 - geometry.spatial_dims :])
         dims = "x".join(str(n) for n in shape[3 - geometry.spatial_dims :])

@@ -10,6 +10,7 @@ next-stage inputs, selection, ensembles, report) is built here. ::
       results/CONFIG/            cv_summary.json  next_stage/CASE_previous.npy
       results/CONFIG/fold_K/     checkpoint_{latest,best,second_best,final}.pt log.jsonl progress.png
       results/CONFIG/fold_K/validation/   CASE.nii.gz CASE.npz summary.json
+      results/CONFIG/fold_K/engines/      KEY.onnx KEY.xml KEY.bin (conversions for other inference engines)
       results/ensembles/A+B/     a pair ensemble's cross-validation predictions
 """
 
@@ -76,6 +77,18 @@ def manifest_path(preprocessed_dir: str | Path) -> Path:
     return Path(preprocessed_dir) / "manifest.json"
 
 
+def engine_cache_dir(fold_dir: str | Path) -> Path:
+    """Where a fold's networks converted for another inference engine are kept: ``fold_K/engines/``."""
+    return Path(fold_dir) / "engines"
+
+
+def engine_cache_path(fold_dir: str | Path, key: str, suffix: str) -> Path:
+    """One cached conversion: ``fold_K/engines/KEY.SUFFIX`` (``suffix`` with its dot, e.g. ``.onnx``)."""
+    if not key or "/" in key or "\\" in key or key.startswith("."):
+        raise ValueError(f"not a usable cache key: {key!r}")
+    return engine_cache_dir(fold_dir) / f"{key}{suffix}"
+
+
 def previous_stage_path(next_stage_dir: str | Path, case_id: str) -> Path:
     """A cascade's first-stage prediction of a case, as its second stage reads it."""
     return Path(next_stage_dir) / f"{case_id}_previous.npy"
@@ -88,7 +101,11 @@ class Workspace:
 
     @classmethod
     def at(cls, work: str | Path | None, name: str) -> Workspace:
-        return cls(Path(work) if work else default_work_dir(), validate_name(name))
+        ws = cls(Path(work) if work else default_work_dir(), validate_name(name))
+        for folder in (ws.work, ws.root):
+            if folder.exists() and not folder.is_dir():
+                raise AutounetError(f"{folder}: a file, where the workspace folder should be (--work W names a folder)")
+        return ws
 
     @classmethod
     def of(cls, root: str | Path) -> Workspace:
@@ -134,7 +151,7 @@ class Workspace:
 
         if not self.dataset_json.is_file():
             raise AutounetError(f"{self.dataset_json} not found: run `autounet plan RAW --work {self.work}` first")
-        raw_path = read_json(self.dataset_json).get("raw_path")
+        raw_path = read_json(self.dataset_json, dict).get("raw_path")
         if not raw_path:
             raise AutounetError(
                 f"{self.dataset_json} does not name the raw dataset (raw_path); run `autounet plan` again"
@@ -165,6 +182,11 @@ class Workspace:
     @property
     def preprocess_lock(self) -> Path:
         return self.root / "preprocessed" / ".lock"
+
+    def fold_lock(self, configuration: str, fold: int | str) -> Path:
+        """Held by the process training (or validating) a fold: ``results/CONFIG/.fold_K.lock``
+        (beside the fold's folder, so that a refused fold number leaves no folder behind)."""
+        return self.results_dir(configuration) / f".fold_{fold}.lock"
 
     def next_stage_dir(self, configuration: str) -> Path:
         """Where a cascade's first stage leaves its predictions of the training cases for the next stage."""

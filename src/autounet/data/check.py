@@ -22,6 +22,8 @@ from autounet.utils.parallel import default_workers, map_cases
 PLAUSIBLE_SPACING_MM = (0.01, 50.0)
 # A case whose spacing differs from the dataset median by more than this factor on an axis is flagged.
 SPACING_OUTLIER_FACTOR = 2.0
+# A case shorter than this fraction of the dataset's median shape along an axis is flagged.
+SMALL_CASE_FRACTION = 0.25
 
 
 @dataclass
@@ -47,6 +49,28 @@ class CheckReport:
 
     def format(self) -> str:
         return format_report(self)
+
+
+def _small_cases(inspections: list[CaseInspection]) -> list[Finding]:
+    """A warning per case shorter than :data:`SMALL_CASE_FRACTION` of the median shape along an axis."""
+    shaped = [(i.case_id, i.shape) for i in inspections if i.shape is not None]
+    if len(shaped) < 2:
+        return []
+    median = np.median(np.array([s for _, s in shaped], dtype=float), axis=0)
+    out = []
+    for cid, shape in shaped:
+        axes = [a for a in range(3) if shape[a] < SMALL_CASE_FRACTION * median[a]]
+        if axes:
+            out.append(
+                warning(
+                    "small_case",
+                    cid,
+                    f"shape {'x'.join(map(str, shape))} (Z, Y, X) is below {SMALL_CASE_FRACTION:.0%} of the dataset's "
+                    f"median {'x'.join(f'{m:g}' for m in median)} along {', '.join('zyx'[a] for a in axes)}; "
+                    "check that the image is complete",
+                )
+            )
+    return out
 
 
 def _dataset_findings(dataset: RawDataset, inspections: list[CaseInspection]) -> list[Finding]:
@@ -100,6 +124,8 @@ def _dataset_findings(dataset: RawDataset, inspections: list[CaseInspection]) ->
                 )
             )
 
+    out.extend(_small_cases(inspections))
+
     present = set()
     for i in inspections:
         present.update(i.labels_present)
@@ -124,8 +150,9 @@ def check_dataset(
     report = CheckReport(root=root, dataset=dataset, findings=list(findings))
     if dataset is None:
         return report
+    # the folder as given (case paths are built on it, also through a symbolic link), for messages
     tasks = [
-        InspectTask(c, dataset.num_channels, frozenset(dataset.labels), tolerance, compute_stats, dataset.root)
+        InspectTask(c, dataset.num_channels, frozenset(dataset.labels), tolerance, compute_stats, root)
         for c in dataset.cases
     ]
     workers = default_workers() if workers is None else workers

@@ -15,7 +15,6 @@ descriptor as :class:`~autounet.data.findings.Finding` objects beside what could
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,7 +22,9 @@ from pathlib import Path
 
 from autounet.data.findings import Finding, error, warning
 from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
-from autounet.errors import DatasetInvalid
+from autounet.data.image_verify import name_problem
+from autounet.errors import AutounetError, DatasetInvalid
+from autounet.utils.loaders import read_json
 
 MSD = "msd"
 NNUNET_V2 = "nnunetv2"
@@ -163,6 +164,10 @@ def _resolve(root: Path, rel: object, what: str, case: str | None, findings: lis
             error("path_outside_dataset", case, f"dataset.json: {what} path {rel!r} leaves the dataset folder")
         )
         return None
+    problem = name_problem(rel)
+    if problem:
+        findings.append(error("invalid_file_name", None, f"dataset.json: {what} path {problem}"))
+        return None
     return root / os.path.normpath(rel)
 
 
@@ -183,7 +188,11 @@ def _parse_msd(
             )
             continue
         image_rel = entry["image"]
-        case_id = _case_id_from_file(image_rel) if isinstance(image_rel, str) else f"training[{i}]"
+        case_id = (
+            _case_id_from_file(image_rel)
+            if isinstance(image_rel, str) and name_problem(image_rel) is None
+            else f"training[{i}]"
+        )
         image = _resolve(root, image_rel, "image", case_id, findings)
         label = _resolve(root, entry["label"], "label", case_id, findings)
         if image is not None and label is not None:
@@ -198,6 +207,19 @@ def _parse_msd(
     return channels, labels, {}, cases
 
 
+def _valid_names(folder: Path, findings: list[Finding]) -> list[Path]:
+    """The entries of ``folder``; one whose name is not valid UTF-8 is a finding instead (SimpleITK
+    would abort the process on it)."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        problem = name_problem(p)
+        if problem is None:
+            out.append(p)
+        elif p.name.lower().endswith(IMAGE_SUFFIXES):
+            findings.append(error("invalid_file_name", None, problem))
+    return out
+
+
 def _v2_cases(root: Path, d: dict, num_channels: int, ending: str, findings: list[Finding]) -> list[CaseFiles]:
     explicit = d.get("dataset")
     cases: list[CaseFiles] = []
@@ -206,6 +228,9 @@ def _v2_cases(root: Path, d: dict, num_channels: int, ending: str, findings: lis
             findings.append(error("malformed_descriptor", None, "dataset.json: 'dataset' must map case names to files"))
             return cases
         for case_id, entry in explicit.items():
+            if name_problem(case_id):
+                findings.append(error("invalid_file_name", None, f"dataset.json: case name {name_problem(case_id)}"))
+                continue
             if not isinstance(entry, dict) or not isinstance(entry.get("images"), list) or "label" not in entry:
                 findings.append(
                     error("malformed_descriptor", case_id, "dataset.json: entry needs 'images' (a list) and 'label'")
@@ -222,12 +247,14 @@ def _v2_cases(root: Path, d: dict, num_channels: int, ending: str, findings: lis
         findings.append(error("missing_file", None, f"{labels_dir}: folder not found"))
         return cases
     label_ids = sorted(
-        p.name[: -len(ending)] for p in labels_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
+        p.name[: -len(ending)]
+        for p in _valid_names(labels_dir, findings)
+        if p.name.endswith(ending) and not p.name.startswith(".")
     )
     image_ids: dict[str, set[int]] = {}
     if images_dir.is_dir():
         pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
-        for p in images_dir.iterdir():
+        for p in _valid_names(images_dir, findings):
             m = pattern.match(p.name)
             if m:
                 image_ids.setdefault(m.group(1), set()).add(int(m.group(2)))
@@ -293,16 +320,16 @@ def parse_raw_dataset(root: str | Path) -> tuple[RawDataset | None, list[Finding
     root = Path(root)
     findings: list[Finding] = []
     desc_path = root / "dataset.json"
+    if name_problem(root):
+        return None, [error("invalid_file_name", None, str(name_problem(root)))]
     if not root.is_dir():
         return None, [error("missing_file", None, f"{root}: dataset folder not found")]
     if not desc_path.is_file():
         return None, [error("malformed_descriptor", None, f"{desc_path}: file not found")]
     try:
-        descriptor = json.loads(desc_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, [error("malformed_descriptor", None, f"{desc_path}: not valid JSON ({exc})")]
-    if not isinstance(descriptor, dict):
-        return None, [error("malformed_descriptor", None, f"{desc_path}: must hold a JSON object")]
+        descriptor = read_json(desc_path, dict)
+    except AutounetError as exc:
+        return None, [error("malformed_descriptor", None, str(exc))]
     layout = detect_layout(descriptor)
     if layout is None:
         return None, [

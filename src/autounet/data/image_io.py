@@ -12,20 +12,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from autounet.data.geometry import SPACING_2D_IMAGES, Geometry, geometry_differences
-from autounet.errors import AutounetError
+from autounet.data.image_verify import ImageReadError, check_name, verify_image_file
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-class ImageReadError(AutounetError):
-    """A file is missing, unreadable, or not an image we can use.
-
-    ``kind`` is the finding kind it corresponds to (see :mod:`autounet.data.findings`).
-    """
-
-    def __init__(self, message: str, kind: str = "unreadable_file"):
-        super().__init__(message)
-        self.kind = kind
 
 
 def _geometry_of(img: sitk.Image, path: Path) -> Geometry:
@@ -59,11 +48,20 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read one file as ``(C, Z, Y, X)`` in its stored dtype, with its geometry.
 
     3D files give C = 1; 4D files (MSD multi-modal) put the 4th axis first; vector-pixel files put
-    their components first; 2D files become a single slice (Z = 1).
+    their components first; 2D files become a single slice (Z = 1). The file's name and bytes are
+    verified first (:func:`~autounet.data.image_verify.verify_image_file`): a truncated or corrupt
+    file, a NIfTI spacing of 0 or a name that is not UTF-8 raise :class:`ImageReadError`.
     """
+    arr, geometry, _ = _read_volume(path, count_nonfinite=False)
+    return arr, geometry
+
+
+def _read_volume(path: str | Path, count_nonfinite: bool) -> tuple[np.ndarray, Geometry, list[int] | None]:
+    check_name(path)
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found", kind="missing_file")
+    nonfinite = verify_image_file(path, count_nonfinite)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -79,7 +77,9 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
         arr = arr[:, None]
     if arr.ndim != 4:
         raise ImageReadError(f"{path}: unexpected array shape {arr.shape}")
-    return arr, geometry
+    if nonfinite is not None and len(nonfinite) != arr.shape[0]:
+        nonfinite = None
+    return arr, geometry, nonfinite
 
 
 def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
@@ -88,9 +88,38 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     Returns ``(C, Z, Y, X)`` and the geometry of the first file. Channel files must share shape
     and geometry; a mismatch raises :class:`ImageReadError` naming the file.
     """
-    arrays, geometry = [], None
+    arr, geometry, _ = _read_image(paths, count_nonfinite=False)
+    return arr, geometry
+
+
+def read_image_scanned(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry, list[int]]:
+    """:func:`read_image`, plus the NaN/infinite voxels per channel found in the files' bytes.
+
+    SimpleITK's NIfTI reader turns non-finite voxels into 0 (see :mod:`~autounet.data.nifti_scan`),
+    so for float NIfTI files they are counted on disk, in the pass that verifies the file (no
+    extra read); for other files in the array.
+    """
+    return _read_image(paths, count_nonfinite=True)
+
+
+def read_label_scanned(path: str | Path) -> tuple[np.ndarray, Geometry, int]:
+    """:func:`read_label`, plus its NaN/infinite voxels (see :func:`read_image_scanned`)."""
+    arr, geometry, nonfinite = _read_image([path], count_nonfinite=True)
+    return _one_channel(arr, path), geometry, nonfinite[0]
+
+
+def _nonfinite_in(arr: np.ndarray, on_disk: list[int] | None) -> list[int]:
+    if on_disk is not None:  # counted in the file's bytes (the array has them as 0)
+        return on_disk
+    return [int(np.count_nonzero(~np.isfinite(c))) if arr.dtype.kind == "f" else 0 for c in arr]
+
+
+def _read_image(paths: Sequence[str | Path], count_nonfinite: bool) -> tuple[np.ndarray, Geometry, list[int]]:
+    arrays, geometry, nonfinite = [], None, []
     for p in paths:
-        arr, geo = read_volume(p)
+        arr, geo, on_disk = _read_volume(p, count_nonfinite)
+        if count_nonfinite:
+            nonfinite += _nonfinite_in(arr, on_disk)
         if geometry is None:
             geometry = geo
         else:
@@ -107,17 +136,21 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     if geometry is None:
         raise ImageReadError("no image files given")
     if len(arrays) == 1:
-        return arrays[0], geometry
+        return arrays[0], geometry, nonfinite
     dtype = np.result_type(*[a.dtype for a in arrays])
-    return np.concatenate([a.astype(dtype, copy=False) for a in arrays], axis=0), geometry
+    return np.concatenate([a.astype(dtype, copy=False) for a in arrays], axis=0), geometry, nonfinite
+
+
+def _one_channel(arr: np.ndarray, path: str | Path) -> np.ndarray:
+    if arr.shape[0] != 1:
+        raise ImageReadError(f"{path}: a label map must have one channel, found {arr.shape[0]}")
+    return arr[0]
 
 
 def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a label map as ``(Z, Y, X)`` in its stored dtype; it must have one channel."""
     arr, geometry = read_volume(path)
-    if arr.shape[0] != 1:
-        raise ImageReadError(f"{path}: a label map must have one channel, found {arr.shape[0]}")
-    return arr[0], geometry
+    return _one_channel(arr, path), geometry
 
 
 def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
@@ -147,6 +180,7 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:
     """Write ``array`` with ``geometry`` (not atomic; see :mod:`autounet.utils.atomic`)."""
+    check_name(path)  # SimpleITK aborts the process on a name that is not UTF-8
     img = to_sitk(np.ascontiguousarray(array), geometry)
     sitk.WriteImage(img, str(path), useCompression=compress)
 
@@ -158,3 +192,98 @@ def image_suffix(path: str | Path) -> str:
         if name.endswith(s):
             return s
     return Path(path).suffix
+
+
+# --- writing a file atomically (every command that writes an image uses this) ---------------------
+
+TWO_FILE_SUFFIXES = (".mhd", ".nhdr")  # a header that names a separate data file
+_DATA_FILE_ENDINGS = {".mhd": ".zraw", ".nhdr": ".raw.gz"}  # what ITK names the data file (compressed)
+
+
+def companion_files(path: str | Path) -> list[Path]:
+    """The data file that :func:`save_image` writes beside a ``.mhd``/``.nhdr`` header (none for
+    one-file formats)."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix not in TWO_FILE_SUFFIXES:
+        return []
+    return [path.parent / (path.name[: -len(suffix)] + _DATA_FILE_ENDINGS[suffix])]
+
+
+def save_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path:
+    """Write ``array`` with ``geometry`` atomically: a reader sees the old file or the new one,
+    never a part. A header + data file pair (``.mhd``, ``.nhdr``) is written under its final names
+    in a temporary folder beside ``path`` (so the header names its data file, not a temporary),
+    then the data file is moved into place and the header last. A failed write (disk full, file
+    size limit, read-only folder) raises :class:`OSError` naming ``path`` and leaves no temporary
+    and any earlier file of that name as it was."""
+    import os
+    import shutil
+    import tempfile
+
+    from autounet.utils.atomic import atomic_write, make_folder
+    from autounet.utils.temporary import temporary_prefix, write_failure
+
+    path = Path(path)
+    if image_suffix(path) not in TWO_FILE_SUFFIXES:
+        return atomic_write(path, lambda p: _write_verified(p, path, array, geometry))
+    make_folder(path.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(), suffix="." + path.name, dir=path.parent))
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    try:
+        staged = staging / path.name
+        _write_verified(staged, path, array, geometry)
+        for f in staging.iterdir():
+            if f.name != path.name:
+                os.replace(f, path.parent / f.name)
+        os.replace(staged, path)
+    except OSError as exc:
+        if exc.errno is None:
+            raise write_failure(path, str(exc)) from None
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _write_verified(tmp: Path, final: Path, array: np.ndarray, geometry: Geometry) -> None:
+    """:func:`write_image` to ``tmp``, with ITK's failures as :class:`OSError` naming ``final``.
+
+    ITK's NIfTI writer reports no error when a write stops short (disk full, file size limit):
+    the file is checked to hold the whole array."""
+    from autounet.utils.temporary import write_failure
+
+    try:
+        write_image(tmp, array, geometry)
+    except RuntimeError as exc:
+        raise write_failure(final, str(exc)) from None
+    if image_suffix(tmp) in (".nii", ".nii.gz"):
+        needed = 348 + np.asarray(array).nbytes  # the NIfTI-1 header, then the voxels
+        if _uncompressed_bytes(tmp, image_suffix(tmp) == ".nii.gz") < needed:
+            raise write_failure(final, "the NIfTI file was written incompletely")
+
+
+def _uncompressed_bytes(path: Path, gzipped: bool) -> int:
+    """The file's size, or its gzip stream's decompressed size (0 when the stream is cut short)."""
+    import zlib
+
+    if not gzipped:
+        return path.stat().st_size
+    total = 0
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                total += len(inflate.decompress(chunk))
+            except zlib.error:
+                return 0
+            while inflate.unused_data and inflate.eof:  # a further gzip member
+                rest = inflate.unused_data
+                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                try:
+                    total += len(inflate.decompress(rest))
+                except zlib.error:
+                    return 0
+    return total if inflate.eof else 0

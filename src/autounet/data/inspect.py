@@ -5,6 +5,7 @@ Runs in worker processes, so inputs and outputs are small picklable dataclasses.
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,7 @@ from autounet.data.crop import bounding_box
 from autounet.data.dataset import CaseFiles
 from autounet.data.findings import Finding, error, warning
 from autounet.data.geometry import Geometry, GeometryTolerance, geometry_differences
-from autounet.data.image_io import ImageReadError, read_image, read_label
-from autounet.data.nifti_scan import nonfinite_per_volume
+from autounet.data.image_io import ImageReadError, read_image_scanned, read_label_scanned
 
 # Voxels sampled per case and channel from the foreground for the dataset's intensity statistics
 # (the public nnU-Net samples the same number).
@@ -38,10 +38,15 @@ class InspectTask:
     def show(self, path: Path | None) -> str:
         if path is None or self.root is None:
             return str(path)
-        try:
-            return str(Path(path).relative_to(self.root))
-        except ValueError:
-            return str(path)
+        path = Path(path)
+        # The dataset's root is resolved; the case's files keep the folder as given, which may
+        # pass through a symbolic link: compare like with like (the file itself is not resolved).
+        for base, p in ((self.root, path), (Path(self.root).resolve(), path.parent.resolve() / path.name)):
+            try:
+                return str(p.relative_to(base))
+            except ValueError:
+                continue
+        return str(path)
 
 
 @dataclass
@@ -89,7 +94,10 @@ def _read(fn, task: InspectTask, shown: str, what: str, findings: list[Finding])
     try:
         return fn()
     except ImageReadError as exc:
-        message = str(exc).replace(f"{task.root}/", "") if task.root is not None else str(exc)
+        message = str(exc)
+        if task.root is not None:  # the dataset folder as given, and resolved
+            for base in dict.fromkeys((str(task.root), str(Path(task.root).resolve()))):
+                message = message.replace(f"{base}{os.sep}", "")
         findings.append(error(exc.kind, task.case.case_id, f"{what}: {message}"))
     except (MemoryError, OSError, ValueError) as exc:
         findings.append(error("unreadable_file", task.case.case_id, f"{what} {shown}: {exc}"))
@@ -107,31 +115,15 @@ def _label_values(label: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
     return lab, {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def _nonfinite_per_channel(paths: tuple[Path, ...], image: np.ndarray) -> list[int]:
-    """NaN/Inf voxels per channel, from the array and, for NIfTI, from the bytes on disk.
-
-    SimpleITK's NIfTI reader turns non-finite voxels into 0 (see :mod:`nifti_scan`), so the
-    array alone cannot show them there.
-    """
-    counts = [int(np.count_nonzero(~np.isfinite(image[c]))) for c in range(image.shape[0])]
-    on_disk: list[int] = []
-    for p in paths:
-        scanned = nonfinite_per_volume(p)
-        on_disk.extend(scanned if scanned is not None else [0] * (image.shape[0] // len(paths)))
-    if len(on_disk) == len(counts):
-        counts = [max(a, b) for a, b in zip(counts, on_disk)]
-    return counts
-
-
 def _check_label(
-    label: np.ndarray, file: Path, path: str, case_id: str, declared: frozenset[int], findings: list[Finding]
+    label: np.ndarray, nonfinite: int, path: str, case_id: str, declared: frozenset[int], findings: list[Finding]
 ):
-    """Validate label values; return (integer label array, counts) or None if unusable."""
+    """Validate label values (``nonfinite``: its NaN/Inf voxels, see :func:`read_label_scanned`);
+    return (integer label array, counts) or None if unusable."""
     if label.size == 0:
         findings.append(error("empty_image", case_id, f"label {path} has no voxels"))
         return None
     if label.dtype.kind == "f":
-        nonfinite = _nonfinite_per_channel((file,), label[None])[0]
         if nonfinite:
             findings.append(error("non_integer_label", case_id, f"label {path} has {nonfinite} NaN/infinite values"))
             return None
@@ -301,10 +293,12 @@ def inspect_case(task: InspectTask) -> CaseInspection:
     out = CaseInspection(cid)
     f: list[Finding] = []
     img_what = "image " + ", ".join(task.show(p) for p in case.images)
-    read = _read(lambda: read_image(case.images), task, task.show(case.images[0]), "image", f)
-    image, igeo = read if read is not None else (None, None)
-    read = _read(lambda: read_label(case.label), task, task.show(case.label), "label", f) if case.label else None
-    label, lgeo = read if read is not None else (None, None)
+    read = _read(lambda: read_image_scanned(case.images), task, task.show(case.images[0]), "image", f)
+    image, igeo, image_nonfinite = read if read is not None else (None, None, [])
+    read = (
+        _read(lambda: read_label_scanned(case.label), task, task.show(case.label), "label", f) if case.label else None
+    )
+    label, lgeo, label_nonfinite = read if read is not None else (None, None, 0)
 
     if image is not None:
         out.image_dtype, out.geometry, out.shape = str(image.dtype), igeo, tuple(int(v) for v in image.shape[1:])
@@ -323,13 +317,9 @@ def inspect_case(task: InspectTask) -> CaseInspection:
             f.append(error("unreadable_file", cid, f"{img_what} has unsupported pixel type {image.dtype}"))
             image = None
     if image is not None:
-        if image.dtype.kind == "f":
-            per = _nonfinite_per_channel(case.images, image)
-            if any(per):
-                detail = ", ".join(f"channel {c}: {n}" for c, n in enumerate(per) if n)
-                f.append(
-                    error("nonfinite_intensity", cid, f"{img_what} has NaN/infinite intensities ({detail} voxels)")
-                )
+        if any(image_nonfinite):
+            detail = ", ".join(f"channel {c}: {n}" for c, n in enumerate(image_nonfinite) if n)
+            f.append(error("nonfinite_intensity", cid, f"{img_what} has NaN/infinite intensities ({detail} voxels)"))
         if not np.any(image != 0):
             f.append(error("empty_image", cid, f"{img_what} is empty: every voxel is 0"))
         else:
@@ -349,7 +339,7 @@ def inspect_case(task: InspectTask) -> CaseInspection:
     checked = None
     if label is not None:
         out.label_dtype = str(label.dtype)
-        checked = _check_label(label, case.label, task.show(case.label), cid, task.declared_labels, f)
+        checked = _check_label(label, label_nonfinite, task.show(case.label), cid, task.declared_labels, f)
         if checked is not None:
             out.labels_present = tuple(sorted(checked[1]))
     if image is not None and label is not None:

@@ -1,42 +1,271 @@
-"""Count NaN/infinite voxels in floating-point NIfTI files, reading the bytes on disk.
+"""NIfTI files read byte by byte: the header's numbers as stored, the voxel data's length, and
+NaN/infinite voxels of floating-point data.
 
-ITK's NIfTI reader (and so SimpleITK's, up to ITK 5) silently replaces every NaN and +-Inf with 0
-while reading (fixed only in ITK 6: InsightSoftwareConsortium/ITK#6683), so an array read through
-SimpleITK can never show them. Validation therefore scans the voxel data itself: the header
-gives the data type, the dimensions and where the voxels start; the data are streamed in chunks.
+ITK's NIfTI reader (and so SimpleITK's, up to ITK 5) hides three kinds of damage:
+
+* it silently replaces every NaN and +-Inf with 0 while reading (fixed only in ITK 6:
+  InsightSoftwareConsortium/ITK#6683), so an array read through SimpleITK can never show them;
+* it reads a file that ends inside its voxel data (a ``.nii`` cut short, a ``.nii.gz`` whose
+  compressed stream stops early) without a word, filling the missing voxels with 0;
+* it reads a spacing (``pixdim``) of 0 as 1 mm and a negative one as its absolute value.
+
+:func:`scan_nifti` therefore reads the header itself and streams the data once: the compressed
+stream of a ``.nii.gz`` to its end (Python's :mod:`gzip` checks the CRC and length in its
+trailer), counting the bytes after the voxel offset and, when asked, the non-finite values.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
+import os
 import struct
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 _FLOAT_TYPES = {16: np.float32, 64: np.float64}  # NIfTI datatype codes
-_CHUNK_BYTES = 32 * 1024 * 1024
+# Bytes per voxel of each NIfTI datatype code (nifti1.h).
+_DATATYPE_BYTES = {
+    2: 1,  # uint8
+    4: 2,  # int16
+    8: 4,  # int32
+    16: 4,  # float32
+    32: 8,  # complex64
+    64: 8,  # float64
+    128: 3,  # RGB24
+    256: 1,  # int8
+    512: 2,  # uint16
+    768: 4,  # uint32
+    1024: 8,  # int64
+    1280: 8,  # uint64
+    1536: 16,  # float128
+    1792: 16,  # complex128
+    2048: 32,  # complex256
+    2304: 4,  # RGBA32
+}
+_SINGLE_FILE_MAGIC = (b"n+1\0", b"n+2\0")  # voxels in the same file as the header
+_CHUNK_BYTES = 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class NiftiDataError(ValueError):
+    """The file's bytes are damaged (message without the path; the caller adds it).
+
+    ``truncated``: the compressed data end early (else they are corrupt)."""
+
+    def __init__(self, message: str, truncated: bool):
+        super().__init__(message)
+        self.truncated = truncated
+
+
+@dataclass(frozen=True)
+class NiftiHeader:
+    """The numbers of a NIfTI-1 or NIfTI-2 header as stored (no ITK interpretation)."""
+
+    order: str  # struct byte order, "<" or ">"
+    header_size: int  # 348 (NIfTI-1) or 540 (NIfTI-2)
+    datatype: int
+    bitpix: int
+    dims: tuple[int, ...]  # dim[1 .. dim[0]]
+    pixdim: tuple[float, ...]  # pixdim[1 .. dim[0]]
+    offset: int  # where the voxels start (at least the header's size)
+    single_file: bool  # magic n+1 / n+2: the voxels follow the header in this file
+
+    @property
+    def voxel_bytes(self) -> int | None:
+        if self.datatype in _DATATYPE_BYTES:
+            return _DATATYPE_BYTES[self.datatype]
+        return self.bitpix // 8 if self.bitpix > 0 and self.bitpix % 8 == 0 else None
+
+    @property
+    def data_bytes(self) -> int | None:
+        """Bytes of voxel data the header declares (None when it cannot say)."""
+        if self.voxel_bytes is None or any(d < 0 for d in self.dims):
+            return None
+        return math.prod(self.dims) * self.voxel_bytes
+
+    def spacing_problem(self) -> str | None:
+        """What is wrong with the spatial spacing (pixdim[1..3]), or None."""
+        bad = [
+            f"{axis} = {value:g}"
+            for axis, value in zip("xyz", self.pixdim[:3])
+            if not (math.isfinite(value) and value > 0)
+        ]
+        if not bad:
+            return None
+        return (
+            f"invalid voxel spacing in the header (pixdim {', '.join(bad)}; it must be a positive, finite number of mm)"
+        )
+
+
+def parse_header(raw: bytes) -> NiftiHeader | None:
+    """The header at the start of ``raw`` (at least 348 or 540 bytes), or None if it is not NIfTI."""
+    if len(raw) < 348:
+        return None
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", raw[:4])[0]
+        if size == 348:
+            ndim, *dims = struct.unpack(order + "8h", raw[40:56])
+            datatype, bitpix = struct.unpack(order + "2h", raw[70:74])
+            pixdim = struct.unpack(order + "8f", raw[76:108])
+            offset = struct.unpack(order + "f", raw[108:112])[0]
+            magic = raw[344:348]
+        elif size == 540 and len(raw) >= 540:
+            datatype, bitpix = struct.unpack(order + "2h", raw[12:16])
+            ndim, *dims = struct.unpack(order + "8q", raw[16:80])
+            pixdim = struct.unpack(order + "8d", raw[104:168])
+            offset = struct.unpack(order + "q", raw[168:176])[0]
+            magic = raw[4:8]
+        else:
+            continue
+        if not 1 <= ndim <= 7:
+            return None
+        offset = int(offset) if math.isfinite(offset) else 0
+        return NiftiHeader(
+            order=order,
+            header_size=size,
+            datatype=int(datatype),
+            bitpix=int(bitpix),
+            dims=tuple(int(d) for d in dims[:ndim]),
+            pixdim=tuple(float(p) for p in pixdim[1 : ndim + 1]),
+            offset=max(offset, size),
+            single_file=magic in _SINGLE_FILE_MAGIC,
+        )
+    return None
+
+
+def is_nifti_name(path: str | Path) -> bool:
+    return Path(path).name.lower().endswith((".nii", ".nii.gz"))
+
+
+def is_gzip(path: str | Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == _GZIP_MAGIC
 
 
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
 
 
-def _header(raw: bytes) -> tuple[str, int, int, list[int], int] | None:
-    """(byte order, datatype, header size, dims, voxel offset) of a NIfTI-1 or NIfTI-2 header."""
-    for order in ("<", ">"):
-        size = struct.unpack(order + "i", raw[:4])[0]
-        if size == 348 and len(raw) >= 348:
-            ndim, *dims = struct.unpack(order + "8h", raw[40:56])
-            datatype = struct.unpack(order + "h", raw[70:72])[0]
-            offset = int(struct.unpack(order + "f", raw[108:112])[0])
-            return order, datatype, 348, dims[: max(ndim, 0)], offset
-        if size == 540 and len(raw) >= 540:
-            datatype = struct.unpack(order + "h", raw[12:14])[0]
-            ndim, *dims = struct.unpack(order + "8q", raw[16:80])
-            offset = struct.unpack(order + "q", raw[168:176])[0]
-            return order, datatype, 540, dims[: max(ndim, 0)], offset
-    return None
+def read_header(path: str | Path) -> NiftiHeader | None:
+    """The header of a ``.nii`` / ``.nii.gz`` file (reads only its first bytes), or None."""
+    path = Path(path)
+    try:
+        with _open(path) as fh:
+            return parse_header(fh.read(540))
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def gzip_error(exc: BaseException) -> str:
+    """A user's description of an error raised while decompressing a gzip stream."""
+    if isinstance(exc, EOFError):
+        return "the compressed data end early: the file is truncated"
+    return f"the compressed data are corrupt ({exc})"
+
+
+@dataclass(frozen=True)
+class NiftiScan:
+    header: NiftiHeader
+    available: int  # bytes present from the voxel offset to the end of the (decompressed) file
+    nonfinite: list[int] | None  # NaN/Inf voxels per 3D volume; None when not counted or not float data
+
+
+def scan_nifti(path: str | Path, count_nonfinite: bool = False) -> NiftiScan | None:
+    """Read ``path``'s header and stream its data once (see the module docstring).
+
+    Returns None when the file is not a single-file NIfTI we can parse (SimpleITK then has its
+    say). Raises :class:`NiftiDataError` when a gzip stream is truncated or corrupt. Non-finite
+    values are counted only with ``count_nonfinite`` and for float32/float64 data.
+    """
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
+        if not compressed:
+            return _scan(raw, raw.read(540), False, count_nonfinite)
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+                return _scan(fh, fh.read(540), True, count_nonfinite)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raw.seek(0)
+            # a stream that ends early after a readable header is a truncated image; one that
+            # does not even give a header is not an image
+            truncated = isinstance(exc, EOFError) and _starts_with_header(raw.read(64 * 1024))
+            if isinstance(exc, EOFError) and not truncated:
+                raise NiftiDataError("not an image: its compressed data end before a NIfTI header", False) from None
+            raise NiftiDataError(gzip_error(exc), truncated) from None
+
+
+def _starts_with_header(compressed: bytes) -> bool:
+    try:
+        return parse_header(zlib.decompressobj(wbits=31).decompress(compressed, 540)) is not None
+    except zlib.error:
+        return False
+
+
+def _scan(fh, head: bytes, compressed: bool, count_nonfinite: bool) -> NiftiScan | None:
+    header = parse_header(head)
+    if header is None or not header.single_file:
+        if compressed:
+            _drain(fh)  # still verify the compressed stream
+        return None
+    count = count_nonfinite and header.datatype in _FLOAT_TYPES and header.data_bytes is not None
+    if not compressed and not count:
+        return NiftiScan(header, max(0, os.fstat(fh.fileno()).st_size - header.offset), None)
+    if header.offset > len(head):
+        skip = header.offset - len(head)  # header extensions
+        if _drain(fh, skip) < skip:
+            return NiftiScan(header, 0, None)
+        rest = b""
+    else:
+        rest = head[header.offset :]
+    if not count:
+        return NiftiScan(header, len(rest) + _drain(fh), None)
+    available, nonfinite = _count_nonfinite(fh, rest, header)
+    return NiftiScan(header, available, nonfinite)
+
+
+def _drain(fh, limit: int | None = None) -> int:
+    """Read (and discard) up to ``limit`` bytes (all by default); return how many were read."""
+    total = 0
+    while limit is None or total < limit:
+        data = fh.read(_CHUNK_BYTES if limit is None else min(_CHUNK_BYTES, limit - total))
+        if not data:
+            break
+        total += len(data)
+    return total
+
+
+def _count_nonfinite(fh, rest: bytes, header: NiftiHeader) -> tuple[int, list[int]]:
+    """Stream the voxel data: (bytes available after the offset, NaN/Inf count per 3D volume)."""
+    dtype = np.dtype(_FLOAT_TYPES[header.datatype]).newbyteorder(header.order)
+    per_volume = math.prod(header.dims[:3])
+    volumes = math.prod(header.dims[3:])
+    counts = [0] * volumes
+    total = per_volume * volumes
+    index = 0  # voxel index of the next value
+    available, pending = len(rest), rest  # pending: bytes read but not yet scanned
+    while True:
+        usable = min(len(pending) // dtype.itemsize, total - index)
+        if usable > 0:
+            values = np.frombuffer(pending, dtype=dtype, count=usable)
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+                vols = (bad + index) // per_volume
+                for v, n in zip(*np.unique(vols, return_counts=True)):
+                    counts[int(v)] += int(n)
+            index += usable
+            pending = pending[usable * dtype.itemsize :]
+        if index >= total:
+            return available + _drain(fh), counts
+        chunk = fh.read(_CHUNK_BYTES)
+        if not chunk:
+            return available, counts  # truncated: the caller compares the length with the header
+        available += len(chunk)
+        pending = pending + chunk if pending else chunk
 
 
 def nonfinite_per_volume(path: str | Path) -> list[int] | None:
@@ -46,39 +275,10 @@ def nonfinite_per_volume(path: str | Path) -> list[int] | None:
     (integer data cannot hold NaN).
     """
     path = Path(path)
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
+    if not is_nifti_name(path):
         return None
-    with _open(path) as fh:
-        head = fh.read(540)
-        parsed = _header(head)
-        if parsed is None:
-            return None
-        order, datatype, header_size, dims, offset = parsed
-        if datatype not in _FLOAT_TYPES or not dims:
-            return None
-        dtype = np.dtype(_FLOAT_TYPES[datatype]).newbyteorder(order)
-        per_volume = int(np.prod(dims[:3]))
-        volumes = int(np.prod(dims[3:])) if len(dims) > 3 else 1
-        offset = max(offset, header_size)
-        if offset > len(head):
-            fh.read(offset - len(head))  # skip header extensions
-        buffer = head[offset:]  # voxels already read with the header
-        counts = [0] * volumes
-        index = 0  # voxel index of the next value
-        total = per_volume * volumes
-        chunk_items = max(1, _CHUNK_BYTES // dtype.itemsize)
-        while index < total:
-            need = min(chunk_items, total - index) * dtype.itemsize - len(buffer)
-            data = buffer + (fh.read(need) if need > 0 else b"")
-            buffer = b""
-            usable = len(data) // dtype.itemsize
-            if usable == 0:
-                break  # truncated file: SimpleITK reports that as unreadable
-            values = np.frombuffer(data[: usable * dtype.itemsize], dtype=dtype)
-            bad = np.flatnonzero(~np.isfinite(values))
-            if bad.size:
-                vols = (bad + index) // per_volume
-                for v, n in zip(*np.unique(vols, return_counts=True)):
-                    counts[int(v)] += int(n)
-            index += usable
-    return counts
+    try:
+        scan = scan_nifti(path, count_nonfinite=True)
+    except NiftiDataError:
+        return None  # damaged: reading the file reports that
+    return None if scan is None else scan.nonfinite

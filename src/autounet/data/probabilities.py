@@ -11,6 +11,7 @@ import numpy as np
 
 from autounet.errors import AutounetError
 from autounet.utils.atomic import atomic_write
+from autounet.utils.loaders import load_npz
 
 
 def save_probability_file(path: Path, probabilities: np.ndarray, label_list: Sequence[int], kind: str) -> None:
@@ -31,8 +32,16 @@ def save_probability_file(path: Path, probabilities: np.ndarray, label_list: Seq
 
 def load_probability_file(path: str | Path) -> tuple[np.ndarray, list[int], str]:
     """Probabilities (float32), label values and kind written by :func:`save_probability_file`."""
+    data = load_npz(path, ("probabilities", "labels", "kind"))
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return data["probabilities"].astype(np.float32), [int(v) for v in data["labels"]], str(data["kind"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise AutounetError(f"{path}: not a readable probability file ({exc})") from None
+        labels = [int(v) for v in np.asarray(data["labels"]).ravel()]
+        kind = str(data["kind"])
+    except (TypeError, ValueError) as exc:
+        raise AutounetError(f"{path}: not a probability file ({exc})") from None
+    probabilities = data["probabilities"]
+    if probabilities.ndim != 4 or probabilities.dtype.kind != "f":
+        raise AutounetError(
+            f"{path}: not a probability file (probabilities are {probabilities.dtype} {probabilities.shape}, "
+            "expected floats (C, Z, Y, X))"
+        )
+    return probabilities.astype(np.float32), labels, kind

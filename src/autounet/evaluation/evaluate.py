@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from autounet.evaluation.metrics import (
     evaluation_targets,
 )
 from autounet.utils.atomic import atomic_write_json
+from autounet.utils.loaders import read_json
 from autounet.utils.parallel import default_workers, map_cases
 
 CaseMetrics = dict[str, dict[str, float | int]]  # class or region key -> metric -> value
@@ -134,12 +136,45 @@ def save_evaluation(result: EvaluationResult, path: str | Path) -> Path:
     return atomic_write_json(path, result.to_dict())
 
 
+EVALUATION_KEYS = frozenset({"settings", "n_cases", "foreground_mean", "mean", "per_case"})
+
+
+def check_evaluation_target(path: str | Path) -> Path:
+    """Refuse to write an evaluation over a file that is not one: an existing ``path`` is replaced
+    only when it is JSON holding an evaluation's keys (what :func:`save_evaluation` writes, and a
+    fold's ``summary.json``), never e.g. a reference label map or another JSON document."""
+    path = Path(path)
+    if path.is_dir():
+        raise AutounetError(f"{path}: a folder; --json names the file the evaluation is written to")
+    if image_suffix(path) in IMAGE_SUFFIXES:
+        raise AutounetError(f"{path}: an image file name; --json names a .json file")
+    if not os.path.lexists(path):
+        return path
+    reason = "too large to be an evaluation"
+    try:
+        if path.stat().st_size <= 256 * 1024 * 1024:
+            reason = "not JSON"
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and EVALUATION_KEYS <= set(data):
+                return path
+            reason = "JSON, but not an evaluation"
+    except OSError as exc:
+        reason = f"unreadable: {exc.strerror or exc}"
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise AutounetError(
+        f"{path}: exists and is {reason}; `autounet evaluate` replaces only an evaluation it wrote: "
+        "choose another --json or remove the file"
+    )
+
+
 def load_evaluation(path: str | Path) -> EvaluationResult:
     """Read a file written by :func:`save_evaluation`."""
+    data = read_json(path, dict)
     try:
-        return EvaluationResult.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise AutounetError(f"{path}: not an evaluation file ({exc})") from None
+        return EvaluationResult.from_dict(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AutounetError(f"{path}: not an evaluation file ({type(exc).__name__}: {exc})") from None
 
 
 def format_table(result: EvaluationResult, label_names: Mapping[str, str] | None = None, per_case: bool = False) -> str:
@@ -226,8 +261,8 @@ def label_names_near(ref: str | Path) -> dict[str, str]:
     ref = Path(ref)
     folder = ref.parent if ref.is_dir() else ref.parent.parent
     try:
-        declared = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["labels"]
-    except (OSError, ValueError, KeyError, TypeError):
+        declared = read_json(folder / "dataset.json", dict)["labels"]
+    except (AutounetError, KeyError):
         return {}
     if not isinstance(declared, dict):
         return {}

@@ -14,6 +14,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
+from autounet.data.image_verify import ImageReadError, name_problem, verify_image_file, verify_image_header
 from autounet.errors import AutounetError
 
 _CHANNEL = re.compile(r"^(.+)_(\d{4})$")
@@ -32,12 +33,18 @@ class InputCase:
 def _image_files(paths: Sequence[str | Path]) -> list[Path]:
     files = []
     for p in map(Path, paths):
+        problem = name_problem(p)
+        if problem:  # SimpleITK would abort the process on it
+            raise AutounetError(problem)
         if p.is_dir():
             found = sorted(
                 q
                 for q in p.iterdir()
                 if q.is_file() and not q.name.startswith(".") and image_suffix(q) in IMAGE_SUFFIXES
             )
+            bad = [name_problem(q) for q in found if name_problem(q)]
+            if bad:
+                raise AutounetError("\n  ".join([f"{p}: {len(bad)} input file name(s) are not valid UTF-8:", *bad]))
             if not found:
                 raise AutounetError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             files += found
@@ -105,10 +112,30 @@ def discover_cases(paths: Sequence[str | Path], num_channels: int) -> list[Input
     return cases
 
 
+def verify_inputs(cases: Sequence[InputCase]) -> None:
+    """Every input file's data, before any prediction starts (one pass over each file): a file
+    cut short, corrupt compressed data (see :mod:`autounet.data.image_verify`) or NaN/infinite
+    voxels of a float NIfTI file (which SimpleITK would read as 0) stop the command naming the case."""
+    for case in cases:
+        for f in case.files:
+            try:
+                nonfinite = verify_image_file(f, count_nonfinite=True)
+            except ImageReadError as exc:
+                raise AutounetError(f"{case.case_id}: {exc}") from None
+            if nonfinite and any(nonfinite):
+                raise AutounetError(
+                    f"{case.case_id}: the image holds NaN or infinite intensities ({sum(nonfinite)} voxel(s) in {f})"
+                )
+
+
 def check_header(case: InputCase, num_channels: int) -> None:
     """Channels and dimensions from the headers alone (no voxel data is read)."""
     total, shape = 0, None
     for f in case.files:
+        try:
+            verify_image_header(f)  # the name, a NIfTI spacing of 0, an uncompressed file cut short
+        except ImageReadError as exc:
+            raise AutounetError(f"{case.case_id}: {exc}") from None
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(f))
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,11 +25,10 @@ import numpy as np
 import torch
 
 from autounet.data.geometry import SPACING_2D_IMAGES, Geometry
-from autounet.data.image_io import image_suffix, read_image, write_image
-from autounet.data.nifti_scan import nonfinite_per_volume
+from autounet.data.image_io import companion_files, read_image_scanned, save_image
 from autounet.data.probabilities import save_probability_file
 from autounet.errors import AutounetError
-from autounet.inference.inputs import InputCase, discover_cases
+from autounet.inference.inputs import InputCase, discover_cases, verify_inputs
 from autounet.inference.model import StageModel, load_stage
 from autounet.inference.sliding_window import fits_on_device, predict_slices, predict_volume
 from autounet.postprocessing.apply import Postprocessing
@@ -45,10 +43,11 @@ from autounet.preprocessing.case import (
 from autounet.preprocessing.resample import resample_volume
 from autounet.preprocessing.store import CaseProperties
 from autounet.regions import RegionSet
-from autounet.runtime import half_precision, resolve_device
+from autounet.runtime import configure_backends, resolve_device
 from autounet.selection_document import load_selection
-from autounet.utils.atomic import atomic_write
+from autounet.utils.atomic import make_folder
 from autounet.utils.progress import progress
+from autounet.utils.temporary import remove_stale_temporaries
 from autounet.workspace import Workspace
 
 PROBABILITIES_SUFFIX = ".npz"
@@ -254,24 +253,9 @@ def finalize(
     return Prediction(seg, kept, props.geometry)
 
 
-TWO_FILE_SUFFIXES = (".mhd", ".nhdr")  # a header that names a separate data file
-
-
 def write_segmentation(path: Path, segmentation: np.ndarray, geometry: Geometry) -> None:
-    """Write a label map atomically. A header + data file pair (``.mhd``, ``.nhdr``) is written
-    under its final names in a temporary folder beside ``path`` (the header names its data file),
-    then the data file is moved into place and the header last."""
-    path = Path(path)
-    if image_suffix(path) not in TWO_FILE_SUFFIXES:
-        atomic_write(path, lambda p: write_image(p, segmentation, geometry))
-        return
-    with tempfile.TemporaryDirectory(prefix=".tmp.", dir=path.parent) as tmp:
-        staged = Path(tmp) / path.name
-        write_image(staged, segmentation, geometry)
-        for f in Path(tmp).iterdir():
-            if f.name != path.name:
-                os.replace(f, path.parent / f.name)
-        os.replace(staged, path)
+    """Write a label map atomically (``.mhd``/``.nhdr`` pairs included: :func:`save_image`)."""
+    save_image(path, segmentation, geometry)
 
 
 def write_prediction(
@@ -349,6 +333,13 @@ class Predictor:
     post-processing unless ``postprocess`` is False). ``folds``: default every trained fold (or
     the selection's). ``checkpoints``: which checkpoint(s) of each fold (default: ``final``, or
     what the training preset says, e.g. the two best for the BraTS recipe).
+
+    ``engine`` (``auto``, ``torch``, ``openvino``, ``onnxruntime``) and ``precision`` (``auto``,
+    ``fp32``, ``bf16``, ``fp16``) choose what runs the networks (:mod:`autounet.inference.engines`):
+    ``auto`` is OpenVINO on a CPU where it is installed and PyTorch on a GPU, in bf16 where the
+    hardware runs it natively. Only the network call differs: tiling, mirroring, ensembling and
+    reverting are the same for every engine. An engine that is missing or fails falls back to
+    PyTorch with a note; ``torch`` + ``fp32`` gives exactly the results of PyTorch in full precision.
     """
 
     def __init__(
@@ -362,10 +353,14 @@ class Predictor:
         postprocess: bool = True,
         members: Sequence[StageModel] | None = None,
         postprocessing: Postprocessing | None = None,
+        engine: str = "auto",
+        precision: str = "auto",
+        quiet: bool = False,
     ):
         if not 0 < step <= 1:
             raise AutounetError(f"--step must be in (0, 1], got {step}")
         self.device = resolve_device(device)
+        configure_backends(self.device)
         if members is None:
             if model_dir is None:
                 raise AutounetError("give a model folder")
@@ -373,8 +368,27 @@ class Predictor:
         _check_members(members)
         self.members = [m.to(self.device) for m in members]
         self.postprocessing = postprocessing if postprocess else None
-        self.amp_dtype = half_precision(self.device)
+        self.engines = self._compile(engine, precision, quiet)
+        self.amp_dtype = None  # each engine runs its own precision
         self.tta, self.step = tta, step
+        self.skipped: list[str] = []  # cases the last predict(skip_complete=True) found complete
+
+    def _compile(self, engine: str, precision: str, quiet: bool) -> str:
+        """Put every network of every member behind its engine; say once what runs them."""
+        from autounet.inference.engines import check_request, compile_stage
+
+        check_request(engine, precision)
+        described, notes = [], []
+        for m in self.members:
+            done = compile_stage(m, engine=engine, precision=precision, device=self.device)
+            described.append(done.describe())
+            notes += [n for n in done.notes if n not in notes]
+        summary = ", ".join(sorted(set(", ".join(described).split(", "))))
+        if not quiet:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+            print(f"networks run on {self.device} with {summary}", file=sys.stderr)
+        return summary
 
     @property
     def stage(self) -> StageModel:
@@ -430,12 +444,17 @@ class Predictor:
 
     def _load(self, case: InputCase, keep_raw: bool) -> tuple[list[Prepared], np.ndarray | None, float]:
         t = time.perf_counter()
-        image, geometry = read_image(case.files)
-        for f in case.files:
-            # ITK 5 reads NaN/Inf voxels of NIfTI files as 0: look at the bytes (see data/nifti_scan.py).
-            bad = nonfinite_per_volume(f)
-            if bad and any(bad):
-                raise AutounetError(f"{case.case_id}: {f} holds {sum(bad)} NaN or infinite voxel(s)")
+        # ITK 5 reads NaN/Inf voxels of NIfTI files as 0: they are counted in the file's bytes, in
+        # the pass that verifies the file (see data/image_verify.py).
+        image, geometry, nonfinite = read_image_scanned(case.files)
+        if any(nonfinite):
+            files = case.files
+            if len(files) == len(nonfinite):
+                files = tuple(f for f, n in zip(files, nonfinite) if n)
+            raise AutounetError(
+                f"{case.case_id}: the image holds NaN or infinite intensities "
+                f"({sum(nonfinite)} voxel(s) in {', '.join(map(str, files))})"
+            )
         prepared = self._prepare(case.case_id, image, geometry)
         return prepared, (image if keep_raw else None), time.perf_counter() - t
 
@@ -473,27 +492,67 @@ class Predictor:
             )
         return path, time.perf_counter() - t
 
+    @staticmethod
+    def output_files(case: InputCase, out_dir: Path, save_probabilities: bool = False, png: bool = False) -> list[Path]:
+        """Every file :meth:`predict` writes for ``case``: the segmentation (with the data file of a
+        ``.mhd``/``.nhdr`` header), ``CASE.npz`` and ``CASE.png`` when asked for."""
+        seg = out_dir / case.output_name()
+        files = [seg, *companion_files(seg)]
+        if save_probabilities:
+            files.append(out_dir / f"{case.case_id}{PROBABILITIES_SUFFIX}")
+        if png:
+            files.append(out_dir / f"{case.case_id}.png")
+        return files
+
     def predict(
         self,
         inputs: Sequence[str | Path] | str | Path,
         output_dir: str | Path,
         save_probabilities: bool = False,
         png: bool = False,
+        overwrite: bool = False,
+        skip_complete: bool = False,
     ) -> list[CaseTiming]:
         """Segment every case of ``inputs`` (folders and/or files) into ``output_dir``.
 
+        Files already in ``output_dir`` that the prediction would write stop it before anything
+        is predicted (naming them), unless ``overwrite`` (replace them) or ``skip_complete`` (skip
+        the cases whose outputs are all there, redo the others); the cases skipped are in
+        :attr:`skipped`. Temporaries of an earlier, killed prediction are removed first.
         Reading and preprocessing of the next case and the export of the previous one run in
         background threads while the network predicts the current case.
         """
+        if overwrite and skip_complete:
+            raise AutounetError(
+                "give --overwrite (replace existing outputs) or --continue (skip complete cases), not both"
+            )
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
-        cases = discover_cases(inputs, self.num_channels)
         out_dir = Path(output_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise AutounetError(f"{out_dir}: a file, not a folder: -o names the folder the segmentations go to")
+        cases = discover_cases(inputs, self.num_channels)
         for c in cases:
             for f in c.files:
                 if Path(f).resolve() == (out_dir / c.output_name()).resolve():
                     raise AutounetError(f"{c.case_id}: the output would overwrite the input {f}; choose another -o")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        outputs = {c.case_id: self.output_files(c, out_dir, save_probabilities, png) for c in cases}
+        present = {c.case_id: [f for f in outputs[c.case_id] if os.path.lexists(f)] for c in cases}
+        self.skipped = []
+        if skip_complete:
+            self.skipped = [c.case_id for c in cases if len(present[c.case_id]) == len(outputs[c.case_id])]
+            cases = [c for c in cases if c.case_id not in self.skipped]
+        elif not overwrite:
+            clash = [f for c in cases for f in present[c.case_id]]
+            if clash:
+                names = ", ".join(f.name for f in clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
+                raise AutounetError(
+                    f"{out_dir} already holds {len(clash)} file(s) this prediction would write ({names}); nothing was "
+                    "predicted. Add --overwrite to replace them, or --continue to skip the cases whose outputs are complete"
+                )
+        verify_inputs(cases)  # every voxel byte too, before anything is written
+        make_folder(out_dir)
+        remove_stale_temporaries(out_dir)
         timings: list[CaseTiming] = []
         with (
             ThreadPoolExecutor(1, thread_name_prefix="read") as reader,

@@ -78,7 +78,12 @@ def run_demo(folder: str | Path = "autounet_demo", settings: DemoSettings | None
     )
     predictions = folder / "test_predictions"
     print(f"\npredicting the {settings.test_cases} held-out test cases with the selected model -> {predictions}")
-    Predictor(result.workspace.root, device=settings.device).predict(raw / "imagesTs", predictions, png=True)
+    Predictor(result.workspace.root, device=settings.device).predict(
+        raw / "imagesTs",
+        predictions,
+        png=True,
+        overwrite=True,  # the demo's own folder, redone with the latest model
+    )
     evaluation = evaluate_folders(predictions, raw / "labelsTs", workers=1)
     save_evaluation(evaluation, predictions / "evaluation.json")
     print("\nDice on held-out test cases (never seen in training or selection):")
@@ -101,5 +106,5 @@ def run_demo(folder: str | Path = "autounet_demo", settings: DemoSettings | None
 def _label_names(raw: Path) -> dict[int, str]:
     from autounet.utils.atomic import read_json
 
-    labels = read_json(raw / "dataset.json").get("labels", {})
+    labels = read_json(raw / "dataset.json", dict).get("labels", {})
     return {int(k): str(v) for k, v in labels.items()}

@@ -3,10 +3,12 @@ trainer does not know about)."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from autounet.training.options import TrainOptions
 from autounet.training.trainer import TrainResult, train
+from autounet.utils.lock import exclusive
 from autounet.validation.fold import ValidationResult, validate_trained_fold
 from autounet.workspace import Workspace, validation_summary_path
 
@@ -20,7 +22,19 @@ class FoldResult:
 def validate_and_report(
     ws: Workspace, configuration: str, fold: int | str, device: str | None = None, tta: bool = True
 ) -> ValidationResult:
-    """Validate a trained fold in full and print one line with its mean Dice."""
+    """Validate a trained fold in full and print one line with its mean Dice (holding the fold's
+    lock: a `train` of the same fold fails at once meanwhile)."""
+    with ExitStack() as hold:
+        if ws.fold_dir(configuration, fold).is_dir():  # else validation says what is missing
+            hold.enter_context(
+                exclusive(ws.fold_lock(configuration, fold), f"`autounet train` of {configuration} fold {fold}")
+            )
+        return _validate_and_report(ws, configuration, fold, device, tta)
+
+
+def _validate_and_report(
+    ws: Workspace, configuration: str, fold: int | str, device: str | None, tta: bool
+) -> ValidationResult:
     result = validate_trained_fold(ws, configuration, fold, device, tta=tta)
     dice = result.evaluation.foreground_mean.get("dice")
     what = "region" if result.evaluation.settings.get("regions") else "foreground"
@@ -36,9 +50,11 @@ def train_and_validate(
     ws: Workspace, options: TrainOptions, validate: bool = True, validation_tta: bool = True
 ) -> FoldResult:
     """Train one fold (:func:`autounet.training.trainer.train`), then, on the main process and for
-    a numbered fold, predict its validation cases in full and score them."""
-    trained = train(ws, options)
-    validation = None
-    if validate and trained.is_main_process and str(options.fold) != "all":
-        validation = validate_and_report(ws, options.configuration, options.fold, options.device, validation_tta)
+    a numbered fold, predict its validation cases in full and score them; the fold's lock is held
+    throughout."""
+    with ExitStack() as hold:
+        trained = train(ws, options, hold)
+        validation = None
+        if validate and trained.is_main_process and str(options.fold) != "all":
+            validation = _validate_and_report(ws, options.configuration, options.fold, options.device, validation_tta)
     return FoldResult(trained, validation)

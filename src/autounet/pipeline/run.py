@@ -12,7 +12,9 @@ state                                        action
 nothing                                      trained from scratch
 ==========================================  ==============================================
 
-A cascade's first stage (``3d_lowres``) is trained on every fold before its second stage.
+A cascade's first stage (``3d_lowres``) is trained on every fold before its second stage. With a
+subset of ``--folds``, the second stage is skipped (one line says so) unless the first stage's
+predictions of every case are already there: only all five first-stage folds make them.
 Selection is recomputed from the validation results (cheap), then the report.
 """
 
@@ -30,7 +32,9 @@ from autounet.planning.run import plan_dataset
 from autounet.preprocessing.run import preprocess_dataset
 from autounet.selection_document import Selection
 from autounet.training.options import TrainOptions
-from autounet.workspace import Workspace, checkpoint_path
+from autounet.utils import arguments
+from autounet.utils.atomic import read_json
+from autounet.workspace import Workspace, checkpoint_path, manifest_path, previous_stage_path
 
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
 
@@ -50,6 +54,19 @@ class RunOptions:
     seed: int = 0
     width_multiplier: float | None = None  # narrower/wider networks (e.g. a CPU smoke run of the brats preset)
     validation_tta: bool = True  # mirroring in the end-of-training validation
+    precision: str = "auto"  # training precision (see runtime.training_dtype)
+
+    def validate(self) -> RunOptions:
+        """Refuse impossible numbers with one clear message each (before anything is written)."""
+        _check_folds(self.folds)
+        arguments.whole("--epochs", self.epochs, 1)
+        arguments.whole("--iters-per-epoch", self.iterations_per_epoch, 1)
+        arguments.whole("--val-iters", self.validation_iterations, 0)
+        arguments.real("--max-minutes", self.max_minutes, above=0)
+        arguments.workers(self.workers)
+        arguments.whole("--seed", self.seed, 0)
+        arguments.real("--width-multiplier", self.width_multiplier, above=0)
+        return self
 
 
 @dataclass
@@ -89,6 +106,8 @@ def _order(names: Sequence[str], plans: Plans) -> list[str]:
 
 
 def _check_folds(folds: Sequence[int | str]) -> list[int | str]:
+    if not folds:
+        raise AutounetError("--folds needs at least one fold (0..4 or 'all')")
     out: list[int | str] = []
     for f in folds:
         if str(f) == "all":
@@ -102,6 +121,20 @@ def _check_folds(folds: Sequence[int | str]) -> list[int | str]:
             raise AutounetError(f"fold {k} does not exist (folds are 0..{len(DEFAULT_FOLDS) - 1})")
         out.append(k)
     return list(dict.fromkeys(out))
+
+
+def _missing_cascade_inputs(ws: Workspace, plans: Plans, configuration: str) -> list[str]:
+    """The cases whose first-stage prediction a cascade's second stage lacks (none for other
+    configurations). The first stage's validation writes them, so they are complete only after
+    all five of its folds: a run with a subset of --folds skips the second stage instead of failing
+    at it (training five first-stage folds nobody asked for would blow the run's budget)."""
+    plan = plans.configurations[configuration]
+    if not plan.previous_stage:
+        return []
+    manifest = manifest_path(ws.preprocessed_dir(plan.data_identifier))
+    cases = list(read_json(manifest)["cases"]) if manifest.is_file() else []
+    folder = ws.next_stage_dir(plan.previous_stage)
+    return [c for c in cases if not previous_stage_path(folder, c).is_file()]
 
 
 def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunOptions) -> str:
@@ -127,6 +160,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunO
             max_minutes=options.max_minutes,
             resume=state == "resume",
             width_multiplier=options.width_multiplier,
+            precision=options.precision,
         ),
         validation_tta=options.validation_tta,
     )
@@ -137,7 +171,7 @@ def run_pipeline(raw: str | Path, ws: Workspace, options: RunOptions | None = No
     """The whole method on one raw dataset, resumably (see the module docstring)."""
     from autounet.selection.select import format_selection, select
 
-    options = options or RunOptions()
+    options = (options or RunOptions()).validate()
     start = time.time()
     folds = _check_folds(options.folds)
     print(f"[1/5] check and plan {raw}", flush=True)
@@ -157,7 +191,21 @@ def run_pipeline(raw: str | Path, ws: Workspace, options: RunOptions | None = No
     print(
         f"[3/5] train {len(jobs)} fold(s): {', '.join(configurations)} x folds {', '.join(map(str, folds))}", flush=True
     )
+    cascade_skipped: set[str] = set()
+    every_fold = set(DEFAULT_FOLDS) <= set(folds)  # else a cascade's second stage may lack its inputs
     for i, (configuration, fold) in enumerate(jobs, 1):
+        if configuration in cascade_skipped:
+            continue
+        missing = [] if every_fold else _missing_cascade_inputs(ws, plans, configuration)
+        if missing:
+            previous = plans.configurations[configuration].previous_stage
+            cascade_skipped.add(configuration)
+            print(
+                f"  {configuration}: skipped: it trains on the {previous} predictions of every case, which only all five "
+                f"{previous} folds make ({len(missing)} missing, e.g. {missing[0]}); run with --folds 0 1 2 3 4 to train it",
+                flush=True,
+            )
+            continue
         state = fold_state(ws.fold_dir(configuration, fold))
         label = f"{configuration} fold {fold}"
         if state == "done":
@@ -176,6 +224,7 @@ def run_pipeline(raw: str | Path, ws: Workspace, options: RunOptions | None = No
     numbered = [f for f in folds if f != "all"]
     if not numbered:
         raise AutounetError("selection needs cross-validation folds (0..4), not only 'all'")
+    configurations = [c for c in configurations if c not in cascade_skipped]
     selection = select(ws, configurations, workers=options.workers)
     print(format_selection(selection, plans.labels))
     print("[5/5] report", flush=True)

@@ -230,6 +230,43 @@ def _lowres_spacing(fp: Fingerprint, target: np.ndarray, opts: PlannerOptions) -
     return spacing, shape
 
 
+def coarsest_map_voxels(plan: ConfigurationPlan) -> list[int]:
+    """Per network axis (3 values, network order), the voxels one voxel of the coarsest feature
+    map covers: the product of that axis's pooling strides (1 on the slice axis of a 2D plan)."""
+    strides = [1] * plan.network_dims
+    for kernel in plan.pool_op_kernel_sizes:
+        strides = [s * int(k) for s, k in zip(strides, kernel)]
+    return ([1] if plan.network_dims == 2 else []) + strides
+
+
+def small_case_warnings(fp: Fingerprint, plans: Plans, shown: int = 10) -> list[str]:
+    """A warning (a plan note) per configuration naming the cases that, resampled to its spacing,
+    are shorter along some axis than one voxel of its coarsest feature map: they are almost all
+    zero padding in every patch, and most likely a damaged or wrongly cropped image."""
+    notes = []
+    for plan in plans.configurations.values():
+        if plan.previous_stage:
+            continue  # the data and network of the full-resolution configuration it follows
+        need = coarsest_map_voxels(plan)
+        forward = list(plan.transpose_forward)
+        small = []
+        for c in fp.cases:
+            extent = (np.asarray(c.shape_after_crop, dtype=float) * np.asarray(c.spacing, dtype=float))[forward]
+            shape = np.maximum(_round_half_up(extent / np.asarray(plan.spacing, dtype=float)), 1)
+            if any(int(s) < n for s, n in zip(shape, need)):
+                small.append(f"{c.case_id} ({'x'.join(map(str, shape))})")
+        if small:
+            listed = ", ".join(small[:shown]) + (f" and {len(small) - shown} more" if len(small) > shown else "")
+            spacing = "x".join(f"{s:.4g}" for s in plan.spacing)
+            notes.append(
+                f"warning: {plan.name}: {len(small)} case(s) are smaller along some axis than the "
+                f"{'x'.join(map(str, need))} voxels that one voxel of the network's coarsest feature map covers "
+                f"(network axis order, at {spacing} mm): {listed}. Their patches are nearly all zero padding; "
+                "check these cases."
+            )
+    return notes
+
+
 def plan_experiment(fp: Fingerprint, options: PlannerOptions | None = None) -> Plans:
     """Plan every configuration the paper's rules call for, from a fingerprint alone."""
     opts = options or PlannerOptions()

@@ -34,7 +34,7 @@ import numpy as np
 
 from autounet.errors import AutounetError
 from autounet.planning.fingerprint import Fingerprint
-from autounet.planning.planner import PlannerOptions, _configuration, plan_experiment
+from autounet.planning.planner import PlannerOptions, _configuration, plan_experiment, small_case_warnings
 from autounet.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
 from autounet.planning.topology import NVIDIA_FEATURES, max_stages, pools_for_size, round_up_to_pools
 from autounet.regions import RegionSet, brats_regions_for, regions_from_v2
@@ -248,6 +248,8 @@ def plan_with_recipe(
     recipe = check_recipe(recipe)
     check_patch_size(recipe, patch_size)
     if recipe == "brats":
-        return plan_brats(fp, regions, options, patch_size)
-    plans = plan_experiment(fp, options)
-    return _with_regions(plans, regions) if regions is not None else plans
+        plans = plan_brats(fp, regions, options, patch_size)
+    else:
+        plans = plan_experiment(fp, options)
+        plans = _with_regions(plans, regions) if regions is not None else plans
+    return replace(plans, notes=[*plans.notes, *small_case_warnings(fp, plans)])

@@ -37,8 +37,8 @@ def claim_workspace(ws: Workspace, raw_root: Path) -> None:
     """Refuse to plan into a workspace that belongs to another raw dataset."""
     if ws.dataset_json.is_file():
         try:
-            owner = read_json(ws.dataset_json).get("raw_path")
-        except (ValueError, OSError, AttributeError):
+            owner = read_json(ws.dataset_json, dict).get("raw_path")
+        except AutounetError:  # a damaged dataset.json of ours: plan writes it anew
             owner = None
         if owner and Path(owner) != raw_root:
             raise AutounetError(f"{ws.root} already holds the dataset from {owner}; choose another --name or --work")

@@ -43,5 +43,5 @@ def format_plans(plans: Plans) -> str:
     if plans.recipe != "nnunet":
         lines.append(f"recipe: {plans.recipe} (training preset {first.training_preset})")
     lines.append("axes (network order) = raw (z, y, x) permuted by " + str(first.transpose_forward))
-    lines.extend(f"note: {n}" for n in plans.notes)
+    lines.extend(n if n.startswith("warning:") else f"note: {n}" for n in plans.notes)
     return "\n".join(lines)

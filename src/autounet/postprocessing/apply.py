@@ -84,9 +84,8 @@ class Postprocessing:
 
 
 def _brats_file(pair: tuple[Path, Path, Path], pp: Postprocessing) -> Path:
-    from autounet.data.image_io import read_label, write_image
+    from autounet.data.image_io import read_label, save_image
     from autounet.data.probabilities import load_probability_file
-    from autounet.utils.atomic import atomic_write
 
     seg_path, probs_path, out = pair
     seg, geometry = read_label(seg_path)
@@ -94,7 +93,27 @@ def _brats_file(pair: tuple[Path, Path, Path], pp: Postprocessing) -> Path:
     if kind != "sigmoid" or probs.shape[1:] != seg.shape:
         raise AutounetError(f"{probs_path}: not region probabilities on the grid of {seg_path}")
     result = pp.apply(seg, probs)
-    return atomic_write(out, lambda p: write_image(p, result, geometry))
+    return save_image(out, result, geometry)
+
+
+def segmentation_files(in_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """The segmentations `autounet postprocess` works on (image files, not hidden ones) in
+    ``in_dir``; a clear error for a missing or empty folder, or an ``out_dir`` that is a file."""
+    from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
+
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise AutounetError(
+            f"{in_dir}: " + ("a file, not a folder of segmentations" if in_dir.exists() else "folder not found")
+        )
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise AutounetError(f"{out_dir}: a file, not a folder: OUT names the folder the segmentations go to")
+    files = sorted(
+        p for p in in_dir.iterdir() if p.is_file() and not p.name.startswith(".") and image_suffix(p) in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise AutounetError(f"no segmentations in {in_dir} (image endings: {', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 
 def apply_to_folder(
@@ -104,27 +123,26 @@ def apply_to_folder(
     None: none) to every segmentation in a folder; ``brats_et`` reads each one's saved probabilities."""
     import functools
 
-    from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
+    from autounet.data.image_io import image_suffix
     from autounet.postprocessing.components import postprocess_folder
+    from autounet.utils.atomic import make_folder
     from autounet.utils.parallel import default_workers, map_cases
+    from autounet.utils.temporary import remove_stale_temporaries
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if not in_dir.is_dir():
-        raise AutounetError(f"{in_dir}: folder not found")
+    files = segmentation_files(in_dir, out_dir)
+    items = []
+    for f in files if pp is not None and pp.kind == "brats_et" else []:
+        probs = f.parent / (f.name[: -len(image_suffix(f))] + ".npz")
+        if not probs.is_file():
+            raise AutounetError(f"{f}: the ET post-processing needs {probs.name} (predict with --save-probabilities)")
+        items.append((f, probs, out_dir / f.name))
+    make_folder(out_dir)
+    remove_stale_temporaries(out_dir)  # of a killed run
     if pp is None or pp.kind == "components":
         decision = pp.decision if pp is not None else None
         if decision is None:
             decision = PostprocessingDecision(False, [], [], {})
         return postprocess_folder(in_dir, out_dir, decision, workers)
-    files = sorted(
-        p for p in in_dir.iterdir() if p.is_file() and not p.name.startswith(".") and image_suffix(p) in IMAGE_SUFFIXES
-    )
-    items = []
-    for f in files:
-        probs = f.parent / (f.name[: -len(image_suffix(f))] + ".npz")
-        if not probs.is_file():
-            raise AutounetError(f"{f}: the ET post-processing needs {probs.name} (predict with --save-probabilities)")
-        items.append((f, probs, out_dir / f.name))
-    out_dir.mkdir(parents=True, exist_ok=True)
     fn = functools.partial(_brats_file, pp=pp)
     return map_cases(fn, items, default_workers() if workers is None else workers, "post-processing")

@@ -26,6 +26,7 @@ from autounet.data.image_io import read_label, read_volume
 from autounet.errors import AutounetError
 from autounet.postprocessing.components import _bbox, _components
 from autounet.regions import RegionSet, labels_to_regions, region_masks, regions_to_labels
+from autounet.utils.loaders import load_npy, load_npz
 from autounet.utils.parallel import map_cases
 
 ArrayOrPath = np.ndarray | str | Path
@@ -224,14 +225,14 @@ def _load_probabilities(item: ArrayOrPath) -> np.ndarray:
         return item
     path = Path(item)
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        return load_npy(path)
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "probabilities" in z.files:
-                return z["probabilities"]
-            if len(z.files) == 1:
-                return z[z.files[0]]
-            raise AutounetError(f"{path}: expected one array or one named 'probabilities', found {z.files}")
+        arrays = load_npz(path)
+        if "probabilities" in arrays:
+            return arrays["probabilities"]
+        if len(arrays) == 1:
+            return next(iter(arrays.values()))
+        raise AutounetError(f"{path}: expected one array or one named 'probabilities', found {sorted(arrays)}")
     return read_volume(path)[0]
 
 

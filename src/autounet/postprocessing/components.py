@@ -32,9 +32,8 @@ from typing import Any
 import cc3d
 import numpy as np
 
-from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix, read_label, write_image
+from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix, read_label, save_image
 from autounet.errors import AutounetError
-from autounet.utils.atomic import atomic_write
 from autounet.utils.parallel import default_workers, map_cases
 
 CONNECTIVITY = 26
@@ -397,7 +396,7 @@ def _postprocess_file(pair: tuple[Path, Path], decision: PostprocessingDecision)
     src, dst = pair
     seg, geometry = read_label(src)
     out = apply_postprocessing(seg, decision)
-    return atomic_write(dst, lambda tmp: write_image(tmp, out, geometry))
+    return save_image(dst, out, geometry)
 
 
 def postprocess_folder(

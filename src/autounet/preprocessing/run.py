@@ -99,6 +99,8 @@ def _process(job: CaseJob) -> CaseOutcome:
         out.error = str(exc)
     except MemoryError:
         out.error = "out of memory (try fewer workers, -j 1)"
+    except OSError as exc:  # disk full, read-only folder: the file and the reason
+        out.error = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
     except Exception as exc:  # report any failure by case, never lose the others
         where = traceback.extract_tb(exc.__traceback__)[-1]
         out.error = f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"

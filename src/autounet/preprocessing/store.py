@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from autounet.data.geometry import Geometry
+from autounet.errors import AutounetError
 from autounet.utils.atomic import atomic_write, atomic_write_json
+from autounet.utils.loaders import load_npy, npy_header, npy_problem
 from autounet.utils.plain_data import load_json_dataclass, to_plain
 
 PROPERTIES_SCHEMA_VERSION = 1
@@ -131,16 +133,67 @@ def is_complete(folder: Path, case_id: str, key: str) -> bool:
         return False
     if props.preprocess_key != key:
         return False
+    return not case_problems(folder, props)
+
+
+def case_problems(folder: Path, props: CaseProperties) -> list[str]:
+    """What is wrong with a written case's arrays, judged from their headers and sizes only (a few
+    hundred bytes read per file): missing, of another size than when written, truncated, an array
+    of Python objects, or shapes and types that disagree with the properties."""
+    paths = case_paths(folder, props.case_id)
+    problems, headers = [], {}
     for name in ARRAY_FILES:
         p = paths[name]
-        if not p.is_file() or p.stat().st_size != props.file_bytes.get(name):
-            return False
-    return True
+        if not p.is_file():
+            problems.append(f"{p.name}: missing")
+            continue
+        problem = npy_problem(p)  # not an array, Python objects, shorter than its header says
+        if problem is None:
+            size, written = p.stat().st_size, props.file_bytes.get(name)
+            if size != written:
+                problem = f"{size} bytes, " + (f"{written} when it was written" if written else "size not recorded")
+        if problem:
+            problems.append(f"{p.name}: {problem}")
+        else:
+            headers[name] = npy_header(p)
+    shape = tuple(props.shape_after_resampling)
+    if "image" in headers and (len(headers["image"].shape) != 4 or headers["image"].shape[1:] != shape):
+        problems.append(
+            f"{paths['image'].name}: shape {headers['image'].shape}, expected (C, {', '.join(map(str, shape))})"
+        )
+    if "seg" in headers and headers["seg"].shape != shape:
+        problems.append(f"{paths['seg'].name}: shape {headers['seg'].shape}, expected {shape}")
+    if "locations" in headers and (len(headers["locations"].shape) != 2 or headers["locations"].shape[1] != 4):
+        problems.append(f"{paths['locations'].name}: shape {headers['locations'].shape}, expected (N, 4)")
+    return problems
+
+
+def check_preprocessed(folder: Path, case_ids: list[str], command: str) -> None:
+    """Refuse to train on damaged preprocessed cases: every case of ``case_ids`` in ``folder`` is
+    checked from its arrays' headers and sizes (see :func:`case_problems`); one error lists the bad
+    cases and the ``command`` that redoes exactly them."""
+    bad = []
+    for case_id in case_ids:
+        try:
+            problems = case_problems(folder, read_properties(folder, case_id))
+        except AutounetError as exc:
+            problems = [str(exc)]
+        if problems:
+            bad.append(f"{case_id} ({'; '.join(problems)})")
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise AutounetError(
+            f"{folder}: {len(bad)} preprocessed case(s) are damaged:\n  {shown}\n"
+            f"run `{command}` to redo them (it redoes only the damaged cases)"
+        )
 
 
 def remove_temporaries(folder: Path) -> int:
-    """Delete ``.tmp.*`` files left by an interrupted run; return how many."""
-    n = 0
+    """Delete the temporaries left by an interrupted run (of a dead process, see
+    :mod:`autounet.utils.temporary`; and ``.tmp.*`` of versions before it); return how many."""
+    from autounet.utils.temporary import remove_stale_temporaries
+
+    n = len(remove_stale_temporaries(folder))
     if folder.is_dir():
         for p in folder.glob(".tmp.*"):
             p.unlink(missing_ok=True)
@@ -154,7 +207,7 @@ def open_case(
     """Image, segmentation, class locations (memory-mapped by default) and properties of a case."""
     paths = case_paths(folder, case_id)
     mode = "r" if mmap else None
-    image = np.load(paths["image"], mmap_mode=mode, allow_pickle=False)
-    seg = np.load(paths["seg"], mmap_mode=mode, allow_pickle=False)
-    locations = np.load(paths["locations"], allow_pickle=False)
+    image = load_npy(paths["image"], mmap_mode=mode)
+    seg = load_npy(paths["seg"], mmap_mode=mode)
+    locations = load_npy(paths["locations"])
     return image, seg, locations, read_properties(folder, case_id)

@@ -3,7 +3,6 @@ every trained fold's log and validation scores, and each configuration's cross-v
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from autounet.planning.plans import Plans, load_plans
 from autounet.reporting.common import SKIPPABLE, class_key, is_number
 from autounet.selection_document import Selection, load_selection
 from autounet.utils.atomic import read_json
+from autounet.utils.loaders import read_json_lines
 from autounet.workspace import (
     Workspace,
     checkpoint_path,
@@ -60,17 +60,7 @@ class FoldSummary:
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The entries of a ``log.jsonl`` (blank lines skipped; NaN allowed, as the trainer writes it)."""
-    entries = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                entry = json.loads(line)
-            except ValueError as exc:
-                raise AutounetError(f"{path}: line {n} is not JSON ({exc})") from None
-            if not isinstance(entry, dict):
-                raise AutounetError(f"{path}: line {n} is not a JSON object")
-            entries.append(entry)
-    return entries
+    return read_json_lines(path)
 
 
 def _fold_order(name: str) -> tuple[int, int]:
@@ -142,7 +132,7 @@ def read_cv_summary(ws: Workspace, configuration: str) -> CvSummary | None:
     path = cv_summary_path(ws.results_dir(configuration))
     if not path.is_file():
         return None
-    raw = read_json(path)
+    raw = read_json(path, dict)
     return CvSummary(
         load_evaluation(path), sorted(map(str, raw.get("folds", {})), key=class_key), bool(raw.get("complete"))
     )

@@ -67,7 +67,7 @@ def example_section(ctx: ReportContext) -> list[str]:
     config, fold, preds = choice
     if not ctx.ws.dataset_json.is_file():
         return note(f"Skipped: {ctx.ws.dataset_json.name} not found, so the raw images cannot be located.")
-    raw_path = read_json(ctx.ws.dataset_json).get("raw_path")
+    raw_path = read_json(ctx.ws.dataset_json, dict).get("raw_path")
     if not raw_path:
         return note(f"Skipped: {ctx.ws.dataset_json.name} does not name the raw dataset (raw_path).")
     dataset = load_raw_dataset(raw_path)

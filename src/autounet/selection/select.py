@@ -77,8 +77,8 @@ class Candidate:
 
 def _expected_folds(ws: Workspace) -> int | None:
     try:
-        return len(read_json(ws.splits_json))
-    except (OSError, ValueError, TypeError):
+        return len(read_json(ws.splits_json, list))
+    except AutounetError:
         return None
 
 

@@ -5,6 +5,7 @@ workspace and `autounet train`'s options. The trainer, the benchmarks and the te
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from autounet.errors import AutounetError
 from autounet.networks.spec import NetworkSpec
 from autounet.networks.unet import UNet
 from autounet.planning.plans import ConfigurationPlan, Plans, load_plans
-from autounet.preprocessing.store import case_paths
+from autounet.preprocessing.store import case_paths, check_preprocessed
 from autounet.runtime import configure_backends, resolve_device, training_precision
 from autounet.training.augmentation.pipeline import Augmenter
 from autounet.training.augmentation.preset import AugmentationPreset, load_augmentation_preset
@@ -37,6 +38,7 @@ from autounet.training.setup import (
 )
 from autounet.training.splits import fold_cases, load_or_create_splits
 from autounet.utils.atomic import read_json
+from autounet.utils.lock import exclusive
 from autounet.utils.plain_data import from_plain, to_plain
 from autounet.workspace import Workspace, checkpoint_path, manifest_path, previous_stage_path
 
@@ -88,7 +90,10 @@ def _complete_cases(folder: Path, name: str, configuration: str) -> list[str]:
         raise AutounetError(
             f"{folder} is not completely preprocessed: run `autounet preprocess {name} -c {configuration}` first"
         )
-    return list(read_json(manifest)["cases"])
+    cases = read_json(manifest, dict).get("cases")
+    if not isinstance(cases, list) or not all(isinstance(c, str) for c in cases):
+        raise AutounetError(f"{manifest}: no list of case names; run `autounet preprocess {name} -c {configuration}`")
+    return list(cases)
 
 
 def _previous_stage(ws: Workspace, plan: ConfigurationPlan, cases: list[str]) -> Path | None:
@@ -111,8 +116,13 @@ def _local_batch(batch: int, info: Distributed) -> int:
     return batch // info.world_size + (1 if info.rank < batch % info.world_size else 0)
 
 
-def assemble_run(ws: Workspace, options: TrainOptions) -> tuple[Run, dict[str, Any] | None]:
-    """Build every piece of the run; also return the checkpoint to resume from, if any."""
+def assemble_run(
+    ws: Workspace, options: TrainOptions, hold: ExitStack | None = None
+) -> tuple[Run, dict[str, Any] | None]:
+    """Build every piece of the run; also return the checkpoint to resume from, if any.
+
+    ``hold``: where the fold's lock goes (taken by the main process only, so the ranks of one
+    torchrun job never wait for each other; a second job or process on the fold fails at once)."""
     device = resolve_device(options.device)
     info = init_distributed(device)
     if info.enabled and device.type == "cuda":
@@ -123,6 +133,9 @@ def assemble_run(ws: Workspace, options: TrainOptions) -> tuple[Run, dict[str, A
     plans = load_plans(ws.plans_json)
     planned = plans.configuration(options.configuration)
     fold_dir = ws.fold_dir(options.configuration, options.fold)
+    if hold is not None and info.is_main:
+        what = f"`autounet train` of {options.configuration} fold {options.fold}"
+        hold.enter_context(exclusive(ws.fold_lock(options.configuration, options.fold), what))
     latest = checkpoint_path(fold_dir, "latest")
     stored = load_checkpoint(latest) if (options.resume and latest.is_file()) else None
     if latest.is_file() and not options.resume:
@@ -140,6 +153,13 @@ def assemble_run(ws: Workspace, options: TrainOptions) -> tuple[Run, dict[str, A
             raise AutounetError(f"{latest}: --no-foreground-channel cannot change when a run is resumed")
         if options.focal is not None and options.focal != preset.focal_loss:
             raise AutounetError(f"{latest}: --focal cannot change when a run is resumed")
+        source = stored.get("configuration") or stored_plan.name
+        if source != options.configuration:
+            raise AutounetError(
+                f"{latest}: this checkpoint is of a {source} run (fold {stored.get('fold', '?')}), not of {options.configuration}: "
+                f"resuming a {source} run's checkpoint into a {options.configuration} fold is not possible; remove it from "
+                f"{fold_dir} (or resume it in {ws.fold_dir(source, stored.get('fold', options.fold))})"
+            )
         plan = run_plan(planned, stored_plan.foreground_channel)
         if to_plain(plan) != to_plain(stored_plan):
             raise AutounetError(
@@ -174,6 +194,8 @@ def assemble_run(ws: Workspace, options: TrainOptions) -> tuple[Run, dict[str, A
     missing = [c for c in train_cases + val_cases if not case_paths(folder, c)["properties"].is_file()]
     if missing:
         raise AutounetError(f"{folder}: case(s) of the split are not preprocessed: {', '.join(missing[:5])}")
+    redo = f"autounet preprocess {ws.name} -c {options.configuration} --work {ws.work}"
+    check_preprocessed(folder, sorted(set(train_cases + val_cases)), redo)
     previous = _previous_stage(ws, plan, sorted(set(train_cases + val_cases)))
 
     batch_size = options.batch_size or (stored["training"]["batch_size"] if stored else plan.batch_size)
@@ -231,7 +253,7 @@ def assemble_run(ws: Workspace, options: TrainOptions) -> tuple[Run, dict[str, A
         )
     optimizer = make_optimizer(network.parameters(), preset.optimizer)
     schedule = Schedule(preset.schedule, preset.optimizer.lr, preset.max_epochs, preset.iterations_per_epoch)
-    amp_dtype, scaler = training_precision(device)
+    amp_dtype, scaler = training_precision(device, options.precision)
     run = Run(
         ws=ws,
         plans=plans,

@@ -15,12 +15,13 @@ def write_log(path: Path, entries: list[dict[str, Any]]) -> None:
 
 
 def format_epoch(e: dict[str, Any]) -> str:
-    dice = " ".join(f"{v:.3f}" for v in e["val_dice"].values()) if e.get("val_dice") else "-"
+    dice = " ".join("-" if v is None else f"{v:.3f}" for v in e["val_dice"].values()) if e.get("val_dice") else "-"
     val = f"{e['val_loss']:.4f}" if e.get("val_loss") is not None else "-"
+    ema = f"{e['ema_dice']:.3f}" if e.get("ema_dice") is not None else "-"  # none yet without validation batches
     partial = " (partial: time limit)" if e.get("partial") else ""
     return (
         f"epoch {e['epoch']:4d}  lr {e['lr']:.2e}  train {e['train_loss']:.4f}  val {val}  "
-        f"dice {dice}  ema {e.get('ema_dice', float('nan')):.3f}  {e['seconds']:.0f}s  "
+        f"dice {dice}  ema {ema}  {e['seconds']:.0f}s  "
         f"{e['iterations_per_s']:.2f} it/s  data wait {100 * e['data_wait_fraction']:.0f}%{partial}"
     )
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autounet.errors import AutounetError
+from autounet.utils import arguments
+
 
 @dataclass
 class TrainOptions:
@@ -23,6 +26,7 @@ class TrainOptions:
     max_minutes: float | None = None
     resume: bool = False
     loader_threads: int | None = None
+    precision: str = "auto"  # fp32, bf16, fp16 (CUDA) or auto: see runtime.training_dtype
     # seed 004 ablation switches (Tables 2-3); None keeps the plan's network / the preset's loss
     attention: bool | None = None  # attention gates in the decoder
     residual: bool | None = None  # residual blocks (encoder and decoder)
@@ -33,3 +37,26 @@ class TrainOptions:
     deeper: bool = False  # seed 004's 64, 96, 128, 192, 256, 384, 512 encoder
     width_multiplier: float | None = None  # every stage's features times this
     foreground_channel: bool | None = None  # False: drop the one-hot foreground input channel
+
+    def validate(self) -> TrainOptions:
+        """Refuse impossible numbers with one clear message each (before anything is read or written)."""
+        fold = self.fold
+        if not (str(fold) == "all" or isinstance(fold, int) or (isinstance(fold, str) and fold.strip().isdigit())):
+            raise AutounetError(f"-f/--fold must be a fold number (0..4) or 'all', got {fold!r}")
+        if isinstance(fold, int):
+            arguments.whole("-f/--fold", fold, 0)
+        arguments.whole("--epochs", self.epochs, 1)
+        arguments.whole("--iters-per-epoch", self.iterations_per_epoch, 1)
+        arguments.whole("--val-iters", self.validation_iterations, 0)
+        arguments.whole("--batch-size", self.batch_size, 1)
+        arguments.real("--lr", self.lr, above=0)
+        arguments.whole("--seed", self.seed, 0)
+        arguments.real("--max-minutes", self.max_minutes, above=0)
+        arguments.whole("--threads", self.loader_threads, 1)
+        arguments.real("--drop-block", self.drop_block, at_least=0, below=1)
+        arguments.whole("--deep-supervision-heads", self.deep_supervision_heads, 0)
+        arguments.sizes("--features", self.features)
+        arguments.real("--width-multiplier", self.width_multiplier, above=0)
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise AutounetError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        return self

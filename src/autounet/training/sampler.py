@@ -23,6 +23,7 @@ import numpy as np
 from autounet.errors import AutounetError
 from autounet.preprocessing.store import case_paths
 from autounet.training.augmentation.cascade import remove_random_component
+from autounet.utils.loaders import load_npy
 from autounet.workspace import previous_stage_path
 
 
@@ -96,9 +97,9 @@ class PatchSampler:
                 self._open.move_to_end(case_id)
                 return self._open[case_id]
         paths = case_paths(self.folder, case_id)
-        image = np.load(paths["image"], mmap_mode="r", allow_pickle=False)
-        seg = np.load(paths["seg"], mmap_mode="r", allow_pickle=False)
-        locations = np.load(paths["locations"], allow_pickle=False)
+        image = load_npy(paths["image"], mmap_mode="r")
+        seg = load_npy(paths["seg"], mmap_mode="r")
+        locations = load_npy(paths["locations"])
         previous = None
         if self.settings.previous_stage_dir is not None:
             path = previous_stage_path(self.settings.previous_stage_dir, case_id)
@@ -106,7 +107,7 @@ class PatchSampler:
                 raise AutounetError(
                     f"{path}: previous-stage prediction missing (train and predict the previous cascade stage first)"
                 )
-            previous = np.load(path, mmap_mode="r")
+            previous = load_npy(path, mmap_mode="r")
             if previous.shape != seg.shape:
                 raise AutounetError(f"{path}: shape {previous.shape} differs from the case's {seg.shape}")
         classes = np.unique(locations[:, 0]) if locations.size else np.zeros(0, np.int32)

@@ -74,7 +74,7 @@ class TrainingPreset:
         if self.schedule.name not in SCHEDULES:
             raise AutounetError(f"training preset {self.name}: schedule must be one of {SCHEDULES}")
         if (
-            self.optimizer.lr <= 0
+            not 0 < self.optimizer.lr < float("inf")  # NaN too
             or self.max_epochs < 1
             or self.iterations_per_epoch < 1
             or self.validation_iterations < 0

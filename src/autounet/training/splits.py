@@ -6,13 +6,12 @@ Schema: a list of folds, each ``{"train": [case ids], "val": [case ids]}``. A fi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from autounet.errors import AutounetError
-from autounet.utils.atomic import atomic_write_json
+from autounet.utils.atomic import atomic_write_json, read_json
 
 DEFAULT_FOLDS = 5
 DEFAULT_SEED = 12345  # fixed so that every configuration of a dataset shares the same folds
@@ -58,11 +57,7 @@ def load_or_create_splits(path: Path, case_ids: list[str], write: bool = True) -
     """The dataset's folds: read and validated if ``path`` exists, else made and written."""
     path = Path(path)
     if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AutounetError(f"{path}: not valid JSON ({exc})") from None
-        return validate_splits(data, case_ids, str(path))
+        return validate_splits(read_json(path), case_ids, str(path))
     splits = make_splits(case_ids)
     if write:
         atomic_write_json(path, splits)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ from autounet.training.logbook import format_epoch, plot_progress, write_log
 from autounet.training.losses import one_hot
 from autounet.training.options import TrainOptions
 from autounet.training.step import LossTracker, must_stop, train_step
+from autounet.utils.atomic import make_folder
 from autounet.utils.plain_data import to_plain
 from autounet.utils.progress import progress_enabled
+from autounet.utils.temporary import remove_stale_temporaries
 from autounet.workspace import Workspace, checkpoint_path, progress_plot_path, training_log_path
 
 
@@ -298,15 +301,23 @@ def kept_scores(fold_dir: Path, keep: int, recorded: list[float]) -> list[float]
     return scores
 
 
-def train(ws: Workspace, options: TrainOptions) -> TrainResult:
-    """Train one fold (see the module docstring); returns when the schedule, the epoch budget or the time limit ends it."""
-    options = replace(options, fold=parse_fold(options.fold))
+def train(ws: Workspace, options: TrainOptions, hold: ExitStack | None = None) -> TrainResult:
+    """Train one fold (see the module docstring); returns when the schedule, the epoch budget or the time limit ends it.
+
+    The fold's lock is held until then, or in ``hold`` (to keep it for what follows, e.g. validation)."""
+    options = replace(options.validate(), fold=parse_fold(options.fold))
+    with ExitStack() as own:
+        return _train(ws, options, own if hold is None else hold)
+
+
+def _train(ws: Workspace, options: TrainOptions, hold: ExitStack) -> TrainResult:
     started = time.time()
     deadline = started + 60 * options.max_minutes if options.max_minutes else None
-    run, stored = assemble_run(ws, options)
+    run, stored = assemble_run(ws, options, hold)
     state = _restore(run, stored) if stored is not None else RunState()
     if run.info.is_main:
-        run.fold_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run.fold_dir)
+        remove_stale_temporaries(run.fold_dir)  # of a killed run (the fold's lock is held)
         where = f"resuming after epoch {state.epoch}" if stored is not None else "starting"
         print(
             f"{options.configuration} fold {options.fold}: {where}; {len(run.train_cases)} training / {len(run.val_cases)} validation cases, "

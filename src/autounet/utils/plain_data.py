@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from autounet.errors import AutounetError
+from autounet.utils.loaders import read_json
 
 T = TypeVar("T")
 
@@ -116,13 +116,9 @@ def read_json_document(path: str | Path, what: str, schema_version: int, hint: s
     file does not exist (e.g. which command writes it).
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise AutounetError(f"{path}: {what} file not found" + (f" ({hint})" if hint else "")) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AutounetError(f"{path}: not valid JSON ({exc})") from None
+    if not path.exists():
+        raise AutounetError(f"{path}: {what} file not found" + (f" ({hint})" if hint else ""))
+    data = read_json(path)
     if isinstance(data, dict) and data.get("schema_version", schema_version) != schema_version:
         found = data.get("schema_version")
         raise AutounetError(f"{path}: {what} schema version {found} is not supported (expected {schema_version})")

@@ -34,8 +34,8 @@ def fold_summaries(results_dir: Path) -> dict[int, Path]:
 def _expected_folds(results_dir: Path) -> int | None:
     splits = Workspace.of_results_dir(results_dir).splits_json
     try:
-        return len(read_json(splits))
-    except (OSError, ValueError, TypeError):
+        return len(read_json(splits, list))
+    except AutounetError:
         return None
 
 
@@ -49,7 +49,7 @@ def pool_folds(results_dir: Path) -> tuple[EvaluationResult, dict[str, Any]]:
     settings = None
     for fold, path in summaries.items():
         result = load_evaluation(path)
-        stored = read_json(path)
+        stored = read_json(path, dict)
         if settings is None:
             settings = result.settings
         elif result.settings != settings:

@@ -28,8 +28,10 @@ from autounet.evaluation.evaluate import EvaluationResult, evaluate_arrays
 from autounet.inference.model import StageModel
 from autounet.inference.predictor import finalize, stage_probabilities, write_prediction
 from autounet.preprocessing.store import case_paths, read_properties
-from autounet.utils.atomic import atomic_write_json, read_json
+from autounet.utils.atomic import atomic_write_json, make_folder, read_json
+from autounet.utils.loaders import load_npy
 from autounet.utils.progress import progress
+from autounet.utils.temporary import remove_stale_temporaries
 from autounet.validation.cross_validation import write_cv_summary
 from autounet.workspace import (
     Workspace,
@@ -77,8 +79,8 @@ def is_validated(fold_dir: Path, step: int | None = None) -> bool:
     if step is None:
         return True
     try:
-        return read_json(path).get("checkpoint", {}).get("step") == step
-    except (OSError, ValueError, AttributeError):
+        return read_json(path, dict).get("checkpoint", {}).get("step") == step
+    except (AutounetError, AttributeError):
         return False
 
 
@@ -118,7 +120,8 @@ def validate_fold(
         raise AutounetError(f"no reference label for validation case(s) {', '.join(missing[:5])} in the raw dataset")
     previous_dir = ws.next_stage_dir(plan.previous_stage) if plan.previous_stage else None
     out_dir = validation_dir(fold_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
+    remove_stale_temporaries(out_dir)  # of a killed validation
     validation_summary_path(fold_dir).unlink(missing_ok=True)  # the folder is incomplete until the summary is written
     labels = stage.label_values
     for net in stage.networks:
@@ -135,10 +138,10 @@ def validate_fold(
         pending: Future | None = None
         channels = plan.image_channels + (1 if plan.foreground_channel else 0)  # without a dropped one
         for case in progress(cases, total=len(cases), desc="validation"):
-            image = np.load(case_paths(folder, case)["image"], mmap_mode="r")[:channels]
+            image = load_npy(case_paths(folder, case)["image"], mmap_mode="r")[:channels]
             previous = None
             if previous_dir is not None:
-                previous = np.load(previous_stage_path(previous_dir, case), mmap_mode="r")
+                previous = load_npy(previous_stage_path(previous_dir, case), mmap_mode="r")
             probs = stage_probabilities(stage, image, device, amp_dtype, tta=tta, previous_seg=previous).cpu()
             if pending is not None:
                 pending.result()
@@ -165,7 +168,7 @@ def validation_cases(ws: Workspace, plan_identifier: str, fold: int | str) -> li
         raise AutounetError(
             f"{manifest.parent} is not completely preprocessed: run `autounet preprocess {ws.name}` first"
         )
-    cases = list(read_json(manifest)["cases"])
+    cases = list(read_json(manifest, dict).get("cases", ()))
     if not ws.splits_json.is_file():
         raise AutounetError(f"{ws.splits_json} not found: this dataset has not been trained yet")
     splits = load_or_create_splits(ws.splits_json, cases, write=False)
@@ -189,7 +192,7 @@ def validate_trained_fold(
     """
     from autounet.inference.model import load_stage
     from autounet.planning.plans import load_plans
-    from autounet.runtime import half_precision, resolve_device
+    from autounet.runtime import configure_backends, half_precision, resolve_device
     from autounet.training.checkpoint import load_checkpoint
     from autounet.validation.next_stage import next_stage_writer
 
@@ -201,6 +204,7 @@ def validate_trained_fold(
         raise AutounetError(f"fold must be a number, got {fold!r}") from None
     fold_dir = ws.fold_dir(configuration, fold)
     dev = resolve_device(device)
+    configure_backends(dev)
     stage = load_stage(fold_dir, None, checkpoints)
     stage.previous = None  # validation reads the stored first-stage predictions instead
     stage.to(dev)

@@ -19,7 +19,8 @@ import torch
 from autounet.inference.predictor import argmax_on_grid
 from autounet.planning.plans import Plans
 from autounet.preprocessing.store import read_properties
-from autounet.utils.atomic import atomic_write
+from autounet.utils.atomic import atomic_write, make_folder
+from autounet.utils.temporary import remove_stale_temporaries
 from autounet.workspace import Workspace, manifest_path, previous_stage_path
 
 
@@ -39,7 +40,8 @@ def next_stage_writer(ws: Workspace, plans: Plans, configuration: str) -> Callab
         )
         return None
     out_dir = ws.next_stage_dir(configuration)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
+    remove_stale_temporaries(out_dir)  # of a killed validation (a live one's are kept)
 
     def write(case: str, probs: torch.Tensor) -> None:
         shape = read_properties(full_dir, case).shape_after_resampling

@@ -1,0 +1,682 @@
+"""Inference engines: what runs a network's forward pass for the sliding window (issue 12).
+
+The sliding window (:mod:`autounet.inference.sliding_window`) calls ``network(tiles)`` on float32
+tiles ``(B, C, *patch)`` and wants logits ``(B, K, *patch)``. An :class:`Engine` is such a
+callable (a :class:`torch.nn.Module`, so it also goes wherever a network went: ``_SliceNet``,
+``StageModel.networks``), built by :func:`compile_network` for one of
+
+* ``torch``: the network itself, eager, in fp32 or under autocast (bf16 on the CPU, bf16/fp16 on
+  CUDA);
+* ``onnxruntime``: the network exported to ONNX (dynamic batch axis), fp32, CPU;
+* ``openvino``: the same ONNX file converted to OpenVINO IR, fp32 or bf16 (OpenVINO's inference
+  precision hint; the CPU must run bf16 natively: AVX512-BF16 or AMX).
+
+``auto`` picks OpenVINO on a CPU when it is installed and PyTorch otherwise (always on CUDA);
+precision ``auto`` picks bf16 where the hardware runs it natively, else fp32 (see
+:func:`resolve_engine`, :func:`resolve_precision`).
+
+Engines are optional: onnxruntime and openvino are imported only when asked for. An engine that
+is not installed, cannot run the requested precision or fails to compile raises
+:class:`EngineUnavailable` (an :class:`AutounetError`), which :func:`compile_or_fallback` and
+:func:`compile_stage` turn into a PyTorch engine plus a one-line reason, so a case is never lost
+to an engine; an engine that fails at run time hands over to PyTorch for good with a note.
+
+Conversions are cached beside the checkpoints (``fold_K/engines/KEY.onnx``, ``KEY.xml`` +
+``KEY.bin``; :func:`autounet.workspace.engine_cache_path`), written atomically, under a key made
+of the network's weights and structure, the patch shape, this module's
+:data:`CONVERSION_VERSION`, the exporter's opset and the converting library's version
+(:func:`conversion_key`). A file of the key is reused as it is; another key writes a new file.
+The precision is not part of the key: the converted files are fp32 and the precision is chosen
+when they are loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import inspect
+import io
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from autounet.errors import AutounetError
+from autounet.runtime import cpu_flags, half_precision, native_bf16
+from autounet.utils.atomic import atomic_write, make_folder
+from autounet.utils.temporary import temporary_prefix
+from autounet.workspace import engine_cache_path
+
+if TYPE_CHECKING:
+    from autounet.inference.model import StageModel
+
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The Python packages each engine needs (the first is the engine; onnxruntime also needs onnx,
+# which PyTorch's ONNX exporter uses), and the extra that brings them.
+ENGINE_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino",)}
+ENGINE_EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
+# ONNX opset of the exported files: InstanceNormalization, ConvTranspose and the rest are stable
+# since long before; 17 is read by onnxruntime >= 1.12 and OpenVINO >= 2022.
+ONNX_OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+# Bump when a change here alters the converted files, so that cached conversions are redone.
+CONVERSION_VERSION = 1
+# CPU flags that mean native bf16 arithmetic (Linux /proc/cpuinfo names).
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_OPENVINO_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class EngineUnavailable(AutounetError):
+    """An engine cannot run here (not installed, precision not supported, conversion failed).
+
+    ``engine`` is the engine asked for, ``reason`` says why in a few words; the caller falls back
+    to PyTorch (:func:`compile_or_fallback`).
+    """
+
+    def __init__(self, engine: str, reason: str):
+        super().__init__(f"{engine}: {reason}")
+        self.engine = engine
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# What is installed and what the hardware runs
+# ---------------------------------------------------------------------------------------------
+
+
+def _import(engine: str) -> Any:
+    """The engine's Python module, or :class:`EngineUnavailable` naming the extra to install."""
+    modules = []
+    for package in ENGINE_PACKAGES[engine]:
+        try:
+            modules.append(importlib.import_module(package))
+        except Exception as exc:  # ImportError, or a broken install failing on import
+            detail = str(exc).splitlines()[0] if str(exc) else package
+            raise EngineUnavailable(
+                engine,
+                f"not installed ({type(exc).__name__}: {detail}); pip install 'autounet[{ENGINE_EXTRAS[engine]}]'",
+            ) from None
+    return modules[0]
+
+
+def onnx_exporter_available() -> bool:
+    """Whether PyTorch can write ONNX here (its exporter needs the ``onnx`` package)."""
+    try:
+        importlib.import_module("onnx")
+    except Exception:
+        return False
+    return True
+
+
+def engine_installed(engine: str) -> bool:
+    """Whether ``engine`` can be imported (``torch`` always can)."""
+    if engine == "torch":
+        return True
+    try:
+        _import(engine)
+    except EngineUnavailable:
+        return False
+    return True
+
+
+def available_engines() -> list[str]:
+    """The engines importable here, ``torch`` first."""
+    return [e for e in ENGINES[1:] if engine_installed(e)]
+
+
+def engine_version(engine: str) -> str:
+    """The version of the library behind ``engine`` (raises :class:`EngineUnavailable` if missing)."""
+    if engine == "torch":
+        return torch.__version__
+    module = _import(engine)
+    if engine == "openvino":
+        get = getattr(module, "get_version", None)
+        return str(get()) if callable(get) else str(getattr(module, "__version__", "unknown"))
+    return str(getattr(module, "__version__", "unknown"))
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    return native_bf16(cpu_flags())
+
+
+def openvino_cpu_supports_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin offers bf16 here (its ``OPTIMIZATION_CAPABILITIES``)."""
+    try:
+        ov = _import("openvino")
+    except EngineUnavailable:
+        return False
+    return _openvino_bf16(ov.get_version())
+
+
+@functools.cache
+def _openvino_bf16(version: str) -> bool:
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:
+        return False
+
+
+def check_request(engine: str, precision: str) -> None:
+    """Refuse unknown names (an :class:`AutounetError`, not a fallback): for the CLI to call early."""
+    if engine not in ENGINES:
+        raise AutounetError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise AutounetError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+
+
+def resolve_engine(engine: str, device: str | torch.device = "cpu") -> str:
+    """The engine ``engine`` stands for on ``device``.
+
+    ``auto``: OpenVINO on a CPU when it is installed, else PyTorch (always PyTorch on CUDA or MPS).
+    A named engine is returned as it is (:func:`compile_network` checks that it is installed);
+    onnxruntime and OpenVINO run on the CPU only, so on another device they are refused.
+    """
+    check_request(engine, "auto")
+    device = torch.device(device)
+    if engine == "auto":
+        return "openvino" if device.type == "cpu" and engine_installed("openvino") else "torch"
+    if engine != "torch" and device.type != "cpu":
+        raise EngineUnavailable(engine, f"runs on the CPU only, not on {device}")
+    return engine
+
+
+def resolve_precision(precision: str, engine: str, device: str | torch.device = "cpu") -> str:
+    """The precision ``precision`` stands for with ``engine`` (resolved) on ``device``.
+
+    ``auto``: on CUDA the autocast type of the GPU (bf16 from Ampere on, else fp16); on a CPU bf16
+    where the engine runs it natively (PyTorch: AVX512-BF16 or AMX; OpenVINO: its CPU plugin says
+    BF16; onnxruntime: never), else fp32. An explicit precision the engine cannot run raises
+    :class:`EngineUnavailable`.
+    """
+    check_request(engine if engine != "auto" else "torch", precision)
+    device = torch.device(device)
+    if engine == "torch":
+        if precision == "auto":
+            if device.type == "cuda":
+                dtype = half_precision(device)
+                return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+            return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        if precision == "fp16" and device.type == "cpu":
+            raise EngineUnavailable("torch", "fp16 runs on CUDA only (use bf16 or fp32 on the CPU)")
+        return precision
+    if engine == "onnxruntime":
+        if precision in ("auto", "fp32"):
+            return "fp32"
+        raise EngineUnavailable("onnxruntime", f"runs fp32 only here, not {precision}")
+    if engine == "openvino":
+        if precision == "auto":
+            return "bf16" if openvino_cpu_supports_bf16() else "fp32"
+        if precision == "fp32":
+            return "fp32"
+        if precision == "bf16":
+            if not openvino_cpu_supports_bf16():
+                raise EngineUnavailable("openvino", "this CPU has no native bf16 (AVX512-BF16 or AMX)")
+            return "bf16"
+        raise EngineUnavailable("openvino", f"precision {precision} is not offered on the CPU (fp32 or bf16)")
+    raise AutounetError(f"unknown engine {engine!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+# ---------------------------------------------------------------------------------------------
+
+
+class Engine(torch.nn.Module):
+    """A compiled network: ``engine(x)`` with float32 tiles ``(B, C, *patch)`` returns float32
+    logits ``(B, K, *patch)`` on ``x``'s device.
+
+    ``name`` and ``precision`` say what actually runs (after a fallback: ``torch``); ``cached``
+    whether the conversion came from the cache; ``file`` the converted file run (None for torch).
+    """
+
+    def __init__(self, name: str, precision: str):
+        super().__init__()
+        self.name = name
+        self.precision = precision
+        self.cached = False
+        self.file: Path | None = None
+
+    def describe(self) -> str:
+        return f"{self.name} {self.precision}"
+
+    def extra_repr(self) -> str:
+        return self.describe()
+
+
+class TorchEngine(Engine):
+    """The PyTorch network itself, in fp32 or under autocast; its own precision wins over any
+    autocast context the caller is in."""
+
+    def __init__(self, network: torch.nn.Module, precision: str = "fp32"):
+        if precision not in _DTYPES:
+            raise AutounetError(f"unknown precision {precision!r}")
+        super().__init__("torch", precision)
+        self.network = network.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _DTYPES[self.precision]
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            out = self.network(x)
+        return out.float()
+
+
+class _ConvertedEngine(Engine):
+    """An engine that runs a converted file on the CPU, with the torch network as a standby: if
+    the engine fails at run time, PyTorch (fp32) takes over for good and a note says why."""
+
+    def __init__(self, name: str, precision: str, network: torch.nn.Module | None):
+        super().__init__(name, precision)
+        self.standby = network  # PyTorch's network, should the engine fail at run time
+        self._fallback: TorchEngine | None = None
+        self.failure: str | None = None
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fallback is not None:
+            return self._fallback(x)
+        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        try:
+            out = self._run(array)
+        except Exception as exc:
+            if self.standby is None:
+                raise
+            self.failure = (
+                f"{self.name} failed at run time ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            )
+            print(f"note: {self.failure}; PyTorch fp32 predicts from here on", file=sys.stderr)
+            self._fallback = TorchEngine(self.standby.to(x.device), "fp32")
+            self.name, self.precision = "torch", "fp32"
+            return self._fallback(x)
+        return torch.from_numpy(out).to(x.device)
+
+
+class OnnxRuntimeEngine(_ConvertedEngine):
+    def __init__(self, path: Path, threads: int | None = None, network: torch.nn.Module | None = None):
+        super().__init__("onnxruntime", "fp32", network)
+        ort = _import("onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.file = Path(path)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32, copy=False)
+
+
+class OpenVinoEngine(_ConvertedEngine):
+    def __init__(
+        self,
+        path: Path,
+        precision: str = "fp32",
+        threads: int | None = None,
+        network: torch.nn.Module | None = None,
+        mmap: bool = True,
+    ):
+        super().__init__("openvino", precision, network)
+        ov = _import("openvino")
+        core = ov.Core()
+        if not mmap:  # the file is temporary: read the weights, do not map them
+            core.set_property({"ENABLE_MMAP": False})
+        config = {
+            "INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[precision],
+            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        actual = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+        self.precision = "bf16" if "bf16" in actual or "bfloat16" in actual else "fp32"
+        self.request = self.compiled.create_infer_request()
+        self.file = Path(path)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        self.request.infer({0: x})
+        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion (shared with autounet.inference.export)
+# ---------------------------------------------------------------------------------------------
+
+
+def network_digest(network: torch.nn.Module) -> str:
+    """sha256 of a network's structure (its module tree, with every layer's settings) and weights."""
+    h = hashlib.sha256(str(network).encode())
+    for name, tensor in network.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def conversion_key(network: torch.nn.Module, engine: str, example_shape: Sequence[int]) -> str:
+    """The cache key of ``network`` converted for ``engine`` with tiles of ``example_shape``
+    (its batch size does not matter: the batch axis is dynamic)."""
+    version = engine_version(engine)
+    h = hashlib.sha256()
+    h.update(network_digest(network).encode())
+    h.update(repr([int(s) for s in example_shape[1:]]).encode())
+    route = "onnx" if engine == "onnxruntime" or onnx_exporter_available() else "pytorch-frontend"
+    h.update(f"{engine}:{version}:{route}:opset{ONNX_OPSET}:v{CONVERSION_VERSION}:torch{torch.__version__}".encode())
+    return f"{engine}-{h.hexdigest()[:24]}"
+
+
+def _tile_shape(example_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in example_shape)
+    if len(shape) not in (4, 5) or any(s < 1 for s in shape):
+        raise AutounetError(f"example_shape must be (B, C, *patch) with a 2D or 3D patch, got {list(shape)}")
+    return shape
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' warnings (tracer notes, instance norm in eval mode) and prints, hidden."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_onnx(network: torch.nn.Module, path: str | Path, example_shape: Sequence[int]) -> Path:
+    """Write ``network`` (eval mode, fp32, on the CPU) as ONNX to ``path`` (not atomic: see
+    :func:`write_onnx`): input ``image`` ``(batch, C, *patch)``, output ``logits``; the batch axis
+    is dynamic, the patch fixed. The TorchScript-based exporter is used (no onnxscript needed);
+    the torch.export-based one when that is missing from the installed PyTorch."""
+    shape = _tile_shape(example_shape)
+    path = Path(path)
+    network = network.eval()
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    if device.type != "cpu":
+        network = _cpu_copy(network)
+    example = torch.zeros(shape, dtype=torch.float32)
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": ONNX_OPSET}
+    legacy = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, "do_constant_folding": True}
+    takes_dynamo = "dynamo" in inspect.signature(torch.onnx.export).parameters
+    with _quiet(), torch.no_grad():
+        try:
+            extra = {"dynamo": False} if takes_dynamo else {}
+            torch.onnx.export(network, (example,), str(path), **names, **legacy, **extra)
+        except Exception as legacy_error:
+            if not takes_dynamo:
+                raise
+            # a PyTorch whose TorchScript exporter is gone or failed: the torch.export-based one
+            # (it needs onnxscript); if that fails too, the first error is the one to report
+            try:
+                torch.onnx.export(
+                    network,
+                    (example,),
+                    str(path),
+                    **names,
+                    dynamo=True,
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    external_data=False,
+                )
+            except Exception:
+                raise legacy_error from None
+    return path
+
+
+def _cpu_copy(network: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(network).to("cpu").eval()
+
+
+def write_onnx(network: torch.nn.Module, path: str | Path, example_shape: Sequence[int]) -> Path:
+    """:func:`export_onnx` written atomically (temporary file beside ``path``, then a rename)."""
+    return atomic_write(path, lambda tmp: export_onnx(network, tmp, example_shape))
+
+
+def _save_ir(model: Any, xml_path: Path) -> Path:
+    """Save an OpenVINO model as ``xml_path`` + its ``.bin`` (fp32 weights), atomically: both are
+    written in a temporary folder beside them and renamed, the ``.bin`` first, so that an ``.xml``
+    never exists without its weights."""
+    ov = _import("openvino")
+    make_folder(xml_path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(), suffix="." + xml_path.stem, dir=xml_path.parent))
+    try:
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        os.replace(tmp / "model.bin", xml_path.with_suffix(".bin"))
+        os.replace(tmp / "model.xml", xml_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return xml_path
+
+
+def write_openvino_ir(onnx_path: str | Path, xml_path: str | Path) -> Path:
+    """Convert an ONNX file to OpenVINO IR ``xml_path`` (+ ``.bin``), atomically."""
+    ov = _import("openvino")
+    with _quiet():
+        model = ov.convert_model(str(onnx_path))
+    return _save_ir(model, Path(xml_path))
+
+
+def write_openvino_ir_from_network(
+    network: torch.nn.Module, xml_path: str | Path, example_shape: Sequence[int]
+) -> Path:
+    """Convert the PyTorch network directly (OpenVINO's own PyTorch frontend; for when the
+    ``onnx`` package is missing) to IR ``xml_path`` (+ ``.bin``), atomically; dynamic batch axis."""
+    ov = _import("openvino")
+    shape = _tile_shape(example_shape)
+    network = network.eval()
+    if next((p.device.type for p in network.parameters()), "cpu") != "cpu":
+        network = _cpu_copy(network)
+    with _quiet(), torch.no_grad():
+        model = ov.convert_model(network, example_input=torch.zeros(shape), input=[ov.PartialShape([-1, *shape[1:]])])
+    return _save_ir(model, Path(xml_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# compile_network
+# ---------------------------------------------------------------------------------------------
+
+
+def _converted_file(
+    network: torch.nn.Module,
+    engine: str,
+    example_shape: Sequence[int],
+    cache_dir: Path | None,
+    cache_key: str | None,
+    scratch: Path,
+) -> tuple[Path, bool]:
+    """The converted file for ``engine`` (``.onnx`` or ``.xml``), from the cache when it holds
+    one, else converted (into the cache when there is one, else into ``scratch``); and whether it
+    came from the cache. A cache that cannot be written is skipped with a note."""
+    suffix = ".xml" if engine == "openvino" else ".onnx"
+    target = None
+    if cache_dir is not None:
+        key = cache_key or conversion_key(network, engine, example_shape)
+        target = engine_cache_path(cache_dir, key, suffix)
+        if target.is_file() and (suffix != ".xml" or target.with_suffix(".bin").is_file()):
+            return target, True
+    try:
+        return _convert(network, engine, example_shape, target or scratch / f"network{suffix}", scratch), False
+    except OSError as exc:
+        if target is None:
+            raise
+        print(
+            f"note: cannot write the {engine} conversion to {target.parent} ({exc}); converting in memory",
+            file=sys.stderr,
+        )
+        return _convert(network, engine, example_shape, scratch / f"network{suffix}", scratch), False
+
+
+def _convert(network: torch.nn.Module, engine: str, example_shape: Sequence[int], target: Path, scratch: Path) -> Path:
+    if engine == "onnxruntime":
+        return write_onnx(network, target, example_shape)
+    if not onnx_exporter_available():
+        return write_openvino_ir_from_network(network, target, example_shape)
+    onnx_path = export_onnx(network, scratch / "network.onnx", example_shape)
+    return write_openvino_ir(onnx_path, target)
+
+
+def compile_network(
+    network: torch.nn.Module,
+    *,
+    engine: str = "auto",
+    precision: str = "auto",
+    example_shape: Sequence[int],
+    cache_dir: str | Path | None = None,
+    cache_key: str | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> Engine:
+    """``network`` (eval mode, no deep supervision) as an :class:`Engine` for the sliding window.
+
+    ``example_shape``: the tiles it will get, ``(B, C, *patch)`` (2D networks: ``(B, C, Y, X)``);
+    the batch axis stays dynamic. ``cache_dir``: the fold folder whose ``engines/`` keeps the
+    conversion (:func:`autounet.workspace.engine_cache_path`; None: convert in a temporary
+    folder each time); ``cache_key``: default :func:`conversion_key`. ``threads``: for
+    onnxruntime and OpenVINO (default ``torch.get_num_threads()``).
+
+    Raises :class:`EngineUnavailable` when the engine is missing, cannot run ``precision`` here
+    or fails to convert or load (the caller falls back to PyTorch: :func:`compile_or_fallback`),
+    and :class:`AutounetError` for unknown names.
+    """
+    check_request(engine, precision)
+    shape = _tile_shape(example_shape)
+    name = resolve_engine(engine, device)
+    prec = resolve_precision(precision, name, device)
+    if name == "torch":
+        return TorchEngine(network, prec)
+    _import(name)
+    network = network.eval()
+    try:
+        with tempfile.TemporaryDirectory(prefix="autounet-engine-") as scratch:
+            path, cached = _converted_file(
+                network, name, shape, Path(cache_dir) if cache_dir is not None else None, cache_key, Path(scratch)
+            )
+            standby = network
+            if name == "onnxruntime":
+                compiled: _ConvertedEngine = OnnxRuntimeEngine(path, threads, standby)
+            else:
+                compiled = OpenVinoEngine(path, prec, threads, standby, mmap=Path(scratch) not in path.parents)
+            if Path(scratch) in path.parents:
+                compiled.file = None  # a temporary file, gone with the folder (the engine holds the model)
+    except EngineUnavailable:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise EngineUnavailable(name, f"conversion failed ({type(exc).__name__}: {first[:300]})") from exc
+    compiled.cached = cached
+    return compiled
+
+
+def torch_precision_for(precision: str, device: str | torch.device = "cpu") -> str:
+    """The precision PyTorch runs for a request of ``precision`` (used after a fallback): as
+    asked when PyTorch can, else its ``auto`` choice."""
+    try:
+        return resolve_precision(precision, "torch", device)
+    except EngineUnavailable:
+        return resolve_precision("auto", "torch", device)
+
+
+def compile_or_fallback(
+    network: torch.nn.Module,
+    *,
+    engine: str = "auto",
+    precision: str = "auto",
+    example_shape: Sequence[int],
+    cache_dir: str | Path | None = None,
+    cache_key: str | None = None,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> tuple[Engine, str | None]:
+    """:func:`compile_network`, or PyTorch when that raises :class:`EngineUnavailable`; returns
+    the engine and None, or the PyTorch engine and the reason (one line, for a note)."""
+    try:
+        return (
+            compile_network(
+                network,
+                engine=engine,
+                precision=precision,
+                example_shape=example_shape,
+                cache_dir=cache_dir,
+                cache_key=cache_key,
+                device=device,
+                threads=threads,
+            ),
+            None,
+        )
+    except EngineUnavailable as exc:
+        fallback = TorchEngine(network, torch_precision_for(precision, device))
+        return fallback, f"engine {exc}; using {fallback.describe()}"
+
+
+@dataclass
+class StageEngines:
+    """What :func:`compile_stage` did: the engines of a stage's networks and any fallback notes."""
+
+    engines: list[Engine]
+    notes: list[str]
+
+    def describe(self) -> str:
+        kinds = sorted({e.describe() for e in self.engines})
+        return ", ".join(kinds)
+
+
+def compile_stage(
+    stage: StageModel,
+    *,
+    engine: str = "auto",
+    precision: str = "auto",
+    device: str | torch.device = "cpu",
+    tiles_per_batch: int | None = None,
+    cache: bool = True,
+    threads: int | None = None,
+) -> StageEngines:
+    """Replace every network of ``stage`` (and of a cascade's first stage) by an :class:`Engine`,
+    in place; conversions are cached in each checkpoint's fold folder (``cache``). Engines that
+    are unavailable fall back to PyTorch: their reasons are in ``notes`` (one per distinct reason).
+    Call it after ``stage.to(device)``; afterwards predict with ``amp_dtype=None`` (each engine
+    runs its own precision).
+    """
+    engines: list[Engine] = []
+    notes: list[str] = []
+    s: StageModel | None = stage
+    while s is not None:
+        three_d = s.plan.network_dims == 3
+        batch = tiles_per_batch or (4 if three_d else 32)
+        shape = (batch, s.spec.in_channels, *s.plan.patch_size)
+        compiled = []
+        for network, source in zip(s.networks, s.sources):
+            inner = network.network if isinstance(network, TorchEngine) else network
+            if isinstance(inner, Engine):  # compiled already
+                compiled.append(inner)
+                continue
+            cache_dir = Path(source).parent if cache and source else None
+            e, note = compile_or_fallback(
+                inner,
+                engine=engine,
+                precision=precision,
+                example_shape=shape,
+                cache_dir=cache_dir,
+                device=device,
+                threads=threads,
+            )
+            if note and note not in notes:
+                notes.append(note)
+            compiled.append(e)
+        s.networks = compiled
+        engines += compiled
+        s = s.previous
+    return StageEngines(engines, notes)
