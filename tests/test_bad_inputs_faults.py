@@ -435,6 +435,16 @@ def test_a_checkpoint_of_another_configuration_is_named_as_such(trained, tmp_pat
     assert "plans" not in err
 
 
+def test_a_checkpoint_of_another_fold_is_not_resumed(trained, tmp_path, capsys):
+    """A fold's checkpoint copied into another fold holds another split's training cases."""
+    work = copy_workspace(trained, tmp_path)
+    other = work / "raw" / "results" / "3d_fullres" / "fold_3"
+    other.mkdir(parents=True)
+    shutil.copy(checkpoint_path(model(trained) / "fold_0", "latest"), checkpoint_path(other, "latest"))
+    code, _, err = cli(capsys, "train", "raw", "-c", "3d_fullres", "-f", "3", "-w", work, "--resume", "--device", "cpu")
+    assert code == 2 and "checkpoint is of fold 0, not fold 3" in err and "Traceback" not in err
+
+
 class _Code:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

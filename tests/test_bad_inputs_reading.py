@@ -445,3 +445,17 @@ def test_scanned_reads_count_nan_in_the_verifying_pass(tmp_path):
     label = tmp_path / "label.nii.gz"
     write_image(label, np.zeros((12, 14, 16), np.uint8), geometry())
     assert read_label(label)[0].shape == (12, 14, 16)
+
+
+def test_an_input_folder_entry_named_like_an_image_but_not_a_file_is_refused(tmp_path):
+    """A folder (or a dangling link) called CASE.nii.gz among the inputs is a case that would be
+    skipped silently: refused, naming it."""
+    from autounet.inference.inputs import discover_cases
+
+    inputs = tmp_path / "in"
+    (inputs / "a.nii.gz").mkdir(parents=True)
+    (inputs / "b.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    with pytest.raises(
+        AutounetError, match=r"2 entries are named like an image but not a file: a\.nii\.gz \(a folder\)"
+    ):
+        discover_cases([inputs], 1)

@@ -37,11 +37,15 @@ def _image_files(paths: Sequence[str | Path]) -> list[Path]:
         if problem:  # SimpleITK would abort the process on it
             raise AutounetError(problem)
         if p.is_dir():
-            found = sorted(
-                q
-                for q in p.iterdir()
-                if q.is_file() and not q.name.startswith(".") and image_suffix(q) in IMAGE_SUFFIXES
-            )
+            named = [q for q in p.iterdir() if not q.name.startswith(".") and image_suffix(q) in IMAGE_SUFFIXES]
+            # a folder (or a dangling link) named like an image looks like a case: never skip it silently
+            odd = sorted(q for q in named if not q.is_file())
+            if odd:
+                what = ", ".join(f"{q.name} ({'a folder' if q.is_dir() else 'not a readable file'})" for q in odd[:5])
+                raise AutounetError(
+                    f"{p}: {len(odd)} entr{'y is' if len(odd) == 1 else 'ies are'} named like an image but not a file: {what}"
+                )
+            found = sorted(q for q in named if q.is_file())
             bad = [name_problem(q) for q in found if name_problem(q)]
             if bad:
                 raise AutounetError("\n  ".join([f"{p}: {len(bad)} input file name(s) are not valid UTF-8:", *bad]))

@@ -160,6 +160,11 @@ def assemble_run(
                 f"resuming a {source} run's checkpoint into a {options.configuration} fold is not possible; remove it from "
                 f"{fold_dir} (or resume it in {ws.fold_dir(source, stored.get('fold', options.fold))})"
             )
+        if "fold" in stored and str(stored["fold"]) != str(options.fold):
+            raise AutounetError(
+                f"{latest}: this checkpoint is of fold {stored['fold']}, not fold {options.fold}: its training cases "
+                f"are another split's, so it cannot be resumed here; remove it from {fold_dir} to start this fold anew"
+            )
         plan = run_plan(planned, stored_plan.foreground_channel)
         if to_plain(plan) != to_plain(stored_plan):
             raise AutounetError(
