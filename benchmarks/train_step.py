@@ -1,6 +1,7 @@
 """Training-step throughput with the real data pipeline and with ready tensors. One JSON line.
 
     python benchmarks/train_step.py ../shared/data/hippocampus 3d_fullres [--work W] [--iterations N]
+    python benchmarks/train_step.py ../shared/data/hippocampus 3d_fullres --precision fp32 bf16
 
 Uses the trainer's own run and step (the plan's network and batch size, the training preset's
 optimiser, autocast on CUDA, gradient clipping). Peak memory: resident set of this process (and CUDA's peak allocation on a GPU).
@@ -14,10 +15,66 @@ import resource
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from data_pipeline import interleaved_iterations
+
+
+def compare_precisions(args) -> int:
+    """The trainer's step in each precision on one augmented batch, interleaved (the same machine
+    state for all), after a warm-up step each."""
+    from autounet.api import plan, preprocess
+    from autounet.training.assemble import assemble_run
+    from autounet.training.options import TrainOptions
+    from autounet.training.step import train_step
+    from autounet.workspace import Workspace
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        name = args.raw.resolve().name
+        plan(args.raw, work=work, name=name)
+        preprocess(name, work=work, configurations=[args.configuration])
+        runs = {}
+        for p in args.precision:
+            options = TrainOptions(args.configuration, "all", augmentation=args.preset, device=str(device), precision=p)
+            runs[p], _ = assemble_run(Workspace.at(work, name), options)
+            runs[p].model.train()
+        first = next(iter(runs.values()))
+        batch = first.train_sampler.batch(10_000)
+        image, seg = first.augmenter(
+            torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed
+        )
+        times: dict[str, list[float]] = {p: [] for p in runs}
+        for i in range(args.iterations + 1):
+            for p, run in runs.items():
+                start = time.perf_counter()
+                train_step(run, image, seg, run.preset.optimizer.lr)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i:
+                    times[p].append(time.perf_counter() - start)
+    base = statistics.median(times[args.precision[0]])
+    result = {
+        "dataset": str(args.raw),
+        "configuration": args.configuration,
+        "device": str(device),
+        "batch_size": first.batch_size,
+        "patch_size": first.plan.patch_size,
+        "precisions": {
+            p: {
+                "autocast": str(runs[p].amp_dtype or "fp32").replace("torch.", ""),
+                "s_per_step": round(statistics.median(t), 3),
+                "steps": [round(x, 3) for x in t],
+                "speedup": round(base / statistics.median(t), 2),
+            }
+            for p, t in times.items()
+        },
+    }
+    print(json.dumps(result))
+    return 0
 
 
 def main() -> int:
@@ -28,7 +85,16 @@ def main() -> int:
     parser.add_argument("--preset", default="paper", help="augmentation preset")
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        metavar="P",
+        help="compare training precisions (fp32, bf16, auto, ...) on one ready batch, steps interleaved A, B, A, B; "
+        "prints seconds per step and the speed-up over the first",
+    )
     args = parser.parse_args()
+    if args.precision:
+        return compare_precisions(args)
 
     from autounet.api import plan, preprocess
     from autounet.training.assemble import assemble_run

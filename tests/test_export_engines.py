@@ -229,6 +229,14 @@ def test_a_missing_engine_gives_the_fallback_signal(monkeypatch, tmp_path):
     assert not engine_cache_dir(tmp_path).exists()
 
 
+def test_auto_engine_is_openvino_on_a_cpu_but_pytorch_for_an_explicit_fp32():
+    """`--precision fp32` alone reproduces PyTorch's full-precision results."""
+    needs("openvino")
+    assert resolve_engine("auto", "cpu") == "openvino"
+    assert resolve_engine("auto", "cpu", "fp32") == "torch"
+    assert resolve_engine("openvino", "cpu", "fp32") == "openvino"
+
+
 def test_a_failed_conversion_and_a_runtime_failure_fall_back(monkeypatch, tmp_path, capsys):
     needs("onnxruntime")
     net, shape = network("3d")
@@ -474,3 +482,44 @@ def test_the_scripts_postprocessing_and_region_labels_are_autounets():
     rule = EtRule(component_voxels=5, total_voxels=40, et_threshold=0.6)
     pp = to_plain(Postprocessing("brats_et", rule=rule, regions=regions))
     np.testing.assert_array_equal(script.postprocess(None, probs, pp), brats_postprocess(probs, regions, rule))
+
+
+@pytest.fixture(scope="module")
+def segmenting(tmp_path_factory) -> Path:
+    """A 3d_fullres fold trained long enough to segment the synthetic shapes (120 steps)."""
+    root = tmp_path_factory.mktemp("guard")
+    raw = make_synthetic_dataset(root / "raw", SyntheticSpec(cases=6, shape=(16, 20, 18), classes=3, seed=31))
+    plan(raw, work=root / "W", workers=1)
+    preprocess("raw", work=root / "W", workers=1, configurations=["3d_fullres"])
+    ws = Workspace.at(root / "W", "raw")
+    options = TrainOptions("3d_fullres", 0, epochs=6, iterations_per_epoch=20, validation_iterations=1, device="cpu")
+    train_and_validate(ws, options, False, False)
+    return ws.results_dir("3d_fullres")
+
+
+def test_accuracy_guard_every_engine_and_precision_on_a_trained_model(segmenting, test_image):
+    """bf16 segmentations keep Dice >= 0.99 per class against fp32, and fp32 engines agree except
+    where two classes are within 1e-4 of each other (a decision boundary)."""
+    from autounet.data.image_io import read_image
+
+    image, geometry = read_image([test_image])
+    model = segmenting
+    reference = Predictor(model, device="cpu", engine="torch", precision="fp32", quiet=True)
+    ref = reference.predict_array(image, geometry, "c", True)
+    top2 = np.sort(ref.probabilities, axis=0)[-2:]
+    boundary = (top2[1] - top2[0]) < 1e-4
+    combos = [("torch", "bf16")] + [(e, p) for e in CONVERTED for p in ("fp32", "bf16") if engines.engine_installed(e)]
+    for engine, precision in combos:
+        if engine == "onnxruntime" and precision == "bf16":
+            continue  # onnxruntime runs fp32 only (it says so and falls back)
+        predictor = Predictor(model, device="cpu", engine=engine, precision=precision, quiet=True)
+        assert predictor.engines == f"{engine} {precision}", predictor.engines
+        seg = predictor.predict_array(image, geometry, "c").segmentation
+        if precision == "fp32":
+            differ = seg != ref.segmentation
+            assert not np.any(differ & ~boundary), f"{engine} fp32 differs away from decision boundaries"
+        for value in (1, 2):
+            a, b = seg == value, ref.segmentation == value
+            assert b.sum() > 30, "the reference model must segment the class for the guard to mean something"
+            dice = 2 * np.sum(a & b) / (np.sum(a) + np.sum(b))
+            assert dice >= 0.99, (engine, precision, value, dice)

@@ -17,7 +17,7 @@ from autounet.inference.model import StageModel
 from autounet.inference.sliding_window import accumulator_bytes, activation_bytes, fits_in_memory
 from autounet.networks.dropblock import DropBlock
 from autounet.networks.spec import spec_from_plan
-from autounet.runtime import autocast_dtype_for, half_precision, training_precision
+from autounet.runtime import autocast_dtype_for, half_precision, native_bf16, training_dtype, training_precision
 from autounet.training.augmentation import intensity, spatial
 from autounet.training.augmentation.preset import load_augmentation_preset
 from autounet.training.checkpoint import rng_state, rng_state_for_rank, set_rng_state
@@ -36,7 +36,20 @@ def test_bf16_only_from_ampere_on_else_fp16_with_a_scaler():
     assert autocast_dtype_for((8, 0)) == torch.bfloat16  # A100
     assert autocast_dtype_for((9, 0)) == torch.bfloat16  # H100
     assert autocast_dtype_for(None) is None
-    assert half_precision(CPU) is None and training_precision(CPU) == (None, None)
+    assert half_precision(CPU) is None and training_precision(CPU, "fp32") == (None, None)
+
+
+def test_training_precision_from_the_device_facts():
+    assert training_dtype("cuda", "auto", (7, 5), False) == torch.float16
+    assert training_dtype("cuda", "auto", (8, 6), False) == torch.bfloat16
+    assert training_dtype("cuda", "fp32", (9, 0), False) is None
+    # the CPU: bf16 by default only where it is native (measured faster at the same Dice: README)
+    assert training_dtype("cpu", "auto", None, cpu_bf16=True) == torch.bfloat16
+    assert training_dtype("cpu", "auto", None, cpu_bf16=False) is None
+    assert training_dtype("cpu", "bf16", None, cpu_bf16=False) == torch.bfloat16
+    with pytest.raises(AutounetError, match="fp16 needs a CUDA GPU"):
+        training_dtype("cpu", "fp16", None, cpu_bf16=True)
+    assert native_bf16(frozenset({"avx512f", "avx512_bf16"})) and not native_bf16(frozenset({"avx2"}))
 
 
 def test_the_budget_counts_the_fold_ensemble_and_the_activations():
@@ -198,7 +211,8 @@ def test_the_gpu_smoke_test_runs_its_paths_in_cpu_dry_mode(tmp_path, capsys):
     assert code == 0 and report["ok"], report.get("error")
     checks = report["checks"]
     assert set(checks) == {"amp_steps", "train_resume", "cascade", "predict", "ddp", "engines"}
-    assert checks["amp_steps"]["fp16_scaler"]["scaler"] and checks["amp_steps"]["auto"]["dtype"] == "float32"
+    auto = checks["amp_steps"]["auto"]
+    assert checks["amp_steps"]["fp16_scaler"]["scaler"] and auto["dtype"] == auto["expected_dtype"]
     assert checks["cascade"]["next_stage_cases"] > 0
     assert {"device_accumulation", "host_accumulation", "injected_oom"} <= set(checks["predict"])
     assert "skipped" in checks["ddp"]

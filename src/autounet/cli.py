@@ -64,7 +64,7 @@ def _training_precision(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
         help="training precision: auto (default: bf16 on GPUs from Ampere on, fp16 with a gradient scaler before; "
-        "fp32 on the CPU, see README), fp32, bf16 (autocast; native on AVX512-BF16/AMX CPUs) or fp16 (CUDA only)",
+        "bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32), fp32, bf16 or fp16 (CUDA only)",
     )
 
 

@@ -180,16 +180,20 @@ def check_request(engine: str, precision: str) -> None:
         raise AutounetError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
-def resolve_engine(engine: str, device: str | torch.device = "cpu") -> str:
+def resolve_engine(engine: str, device: str | torch.device = "cpu", precision: str = "auto") -> str:
     """The engine ``engine`` stands for on ``device``.
 
-    ``auto``: OpenVINO on a CPU when it is installed, else PyTorch (always PyTorch on CUDA or MPS).
+    ``auto``: OpenVINO on a CPU when it is installed, else PyTorch (always PyTorch on CUDA or MPS);
+    with an explicit ``precision`` of ``fp32``, PyTorch, so that ``--precision fp32`` alone gives
+    exactly PyTorch's full-precision results (ask for ``openvino`` to run it in fp32).
     A named engine is returned as it is (:func:`compile_network` checks that it is installed);
     onnxruntime and OpenVINO run on the CPU only, so on another device they are refused.
     """
     check_request(engine, "auto")
     device = torch.device(device)
     if engine == "auto":
+        if precision == "fp32":
+            return "torch"
         return "openvino" if device.type == "cpu" and engine_installed("openvino") else "torch"
     if engine != "torch" and device.type != "cpu":
         raise EngineUnavailable(engine, f"runs on the CPU only, not on {device}")
@@ -554,7 +558,7 @@ def compile_network(
     """
     check_request(engine, precision)
     shape = _tile_shape(example_shape)
-    name = resolve_engine(engine, device)
+    name = resolve_engine(engine, device, precision)
     prec = resolve_precision(precision, name, device)
     if name == "torch":
         return TorchEngine(network, prec)
