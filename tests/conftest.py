@@ -60,3 +60,15 @@ def tiny_v2(tmp_path: Path) -> Path:
     """Four 2-channel cases in nnU-Net v2 layout (one file per channel)."""
     spec = SyntheticSpec(cases=4, shape=(10, 12, 14), channels=2, classes=3, seed=2, layout="nnunetv2")
     return make_synthetic_dataset(tmp_path / "tiny_v2", spec)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One PyTorch thread for a test module: tiny networks gain nothing from a second (and the
+    inference engines follow torch's count)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -47,12 +47,7 @@ ENV = {**os.environ, "AUTOUNET_PROGRESS": "0"}
 CLI = [sys.executable, "-m", "autounet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

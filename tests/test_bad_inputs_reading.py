@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from autounet import api
 from autounet.cli import main
@@ -47,12 +46,7 @@ CLI = [sys.executable, "-m", "autounet"]
 BAD_NAME = os.fsdecode(b"synth_bad\xff")  # byte 0xff: not UTF-8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

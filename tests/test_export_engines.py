@@ -58,13 +58,7 @@ def needs(engine: str) -> None:
         pytest.importorskip(package)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny networks gain nothing from a second thread (and the engines follow torch's count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def network(kind: str, seed: int = 0) -> tuple[torch.nn.Module, tuple[int, ...]]:
