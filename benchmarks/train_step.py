@@ -22,25 +22,30 @@ import torch
 from data_pipeline import interleaved_iterations
 
 
+def _planned_workspace(args, tmp: Path):
+    """``args.raw`` planned and preprocessed for ``args.configuration`` (in ``--work``, else ``tmp``)."""
+    from autounet.api import plan, preprocess
+
+    work = args.work or tmp
+    planned = plan(args.raw, work=work, name=args.raw.resolve().name)
+    preprocess(planned.workspace.name, work=work, configurations=[args.configuration])
+    return planned.workspace
+
+
 def compare_precisions(args) -> int:
     """The trainer's step in each precision on one augmented batch, interleaved (the same machine
     state for all), after a warm-up step each."""
-    from autounet.api import plan, preprocess
     from autounet.training.assemble import assemble_run
     from autounet.training.options import TrainOptions
     from autounet.training.step import train_step
-    from autounet.workspace import Workspace
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        name = args.raw.resolve().name
-        plan(args.raw, work=work, name=name)
-        preprocess(name, work=work, configurations=[args.configuration])
+        ws = _planned_workspace(args, Path(tmp))
         runs = {}
         for p in args.precision:
             options = TrainOptions(args.configuration, "all", augmentation=args.preset, device=str(device), precision=p)
-            runs[p], _ = assemble_run(Workspace.at(work, name), options)
+            runs[p], _ = assemble_run(ws, options)
             runs[p].model.train()
         first = next(iter(runs.values()))
         batch = first.train_sampler.batch(10_000)
@@ -96,20 +101,15 @@ def main() -> int:
     if args.precision:
         return compare_precisions(args)
 
-    from autounet.api import plan, preprocess
     from autounet.training.assemble import assemble_run
     from autounet.training.loader import default_loader_threads
     from autounet.training.options import TrainOptions
-    from autounet.workspace import Workspace
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        name = args.raw.resolve().name
-        plan(args.raw, work=work, name=name)
-        preprocess(name, work=work, configurations=[args.configuration])
+        ws = _planned_workspace(args, Path(tmp))
         options = TrainOptions(args.configuration, "all", augmentation=args.preset, device=str(device))
-        run, _ = assemble_run(Workspace.at(work, name), options)
+        run, _ = assemble_run(ws, options)
         threads = args.threads or default_loader_threads(device)
         batch = run.train_sampler.batch(10_000)
         image = torch.from_numpy(batch.image).to(device)

@@ -378,12 +378,13 @@ class Predictor:
         from autounet.inference.engines import check_request, compile_stage
 
         check_request(engine, precision)
-        described, notes = [], []
+        described: set[str] = set()
+        notes: list[str] = []
         for m in self.members:
             done = compile_stage(m, engine=engine, precision=precision, device=self.device)
-            described.append(done.describe())
+            described.update(e.describe() for e in done.engines)
             notes += [n for n in done.notes if n not in notes]
-        summary = ", ".join(sorted(set(", ".join(described).split(", "))))
+        summary = ", ".join(sorted(described))
         if not quiet:
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
