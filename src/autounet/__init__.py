@@ -28,6 +28,8 @@ _API = {
     "predict": "autounet.api",
     "evaluate": "autounet.api",
     "export": "autounet.api",
+    "package": "autounet.api",
+    "info": "autounet.api",
     "show": "autounet.api",
     "select": "autounet.api",
     "postprocess": "autounet.api",

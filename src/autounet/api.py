@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from autounet.data.check import CheckReport
     from autounet.evaluation.evaluate import EvaluationResult
     from autounet.inference.predictor import CaseTiming
+    from autounet.packaging.create import CreatedPackage
+    from autounet.packaging.info import ModelInfo
     from autounet.pipeline.demo import DemoResult
     from autounet.pipeline.fold import FoldResult
     from autounet.pipeline.run import RunResult
@@ -47,10 +49,13 @@ __all__ = [
     "evaluation_json_path",
     "fingerprint_dataset",
     "format_evaluation",
+    "format_info",
     "format_plans",
     "format_selection",
     "format_timings",
+    "info",
     "make_synthetic",
+    "package",
     "plan",
     "plan_from_fingerprint",
     "postprocess",
@@ -101,6 +106,7 @@ def plan(
     force: bool = False,
     workers: int | None = None,
     options: PlannerOptions | None = None,
+    plans_from: str | Path | None = None,
 ) -> PlanResult:
     """`autounet plan RAW`: check, fingerprint and plan a raw dataset into ``W/NAME/``
     (``name`` defaults to RAW's folder name).
@@ -108,7 +114,9 @@ def plan(
     The fingerprint is reused when it was made from the same files unless ``force``. With
     ``fingerprint=F.json`` (and ``name``) instead of RAW, plan from that fingerprint alone.
     ``recipe``: ``nnunet`` (default) or ``brats``; ``patch_size``: the brats recipe's 3D patch
-    instead of 128³ (a CPU convenience).
+    instead of 128³ (a CPU convenience). ``plans_from``: a planned workspace ``W/NAME``, a model
+    package ``.zip`` or a plans.json whose networks, patch, spacing and normalisation the plans
+    keep (fine-tuning; :mod:`autounet.planning.transfer`).
     """
     arguments.workers(workers)
     if fingerprint is not None:
@@ -117,15 +125,30 @@ def plan(
         if not name:
             raise AutounetError("--fingerprint needs --name NAME")
         return plan_from_fingerprint(
-            fingerprint, work=work, name=name, recipe=recipe, patch_size=patch_size, options=options
+            fingerprint,
+            work=work,
+            name=name,
+            recipe=recipe,
+            patch_size=patch_size,
+            options=options,
+            plans_from=plans_from,
         )
     if raw is None or str(raw) == "":
         raise AutounetError("give a raw dataset folder RAW, or --fingerprint F.json --name NAME")
     from autounet.planning.run import plan_dataset
 
     ws = Workspace.at(work, name or Path(raw).resolve().name)
+    source = _model_source(plans_from) if plans_from is not None else None
     return plan_dataset(
-        raw, ws, workers=workers, force=force, options=options, recipe=recipe, patch_size=_list(patch_size)
+        raw,
+        ws,
+        workers=workers,
+        force=force,
+        options=options,
+        recipe=recipe,
+        patch_size=_list(patch_size),
+        plans_from=source,
+        plans_from_label=None if plans_from is None else str(plans_from),
     )
 
 
@@ -137,13 +160,23 @@ def plan_from_fingerprint(
     recipe: str | None = None,
     patch_size: Sequence[int] | None = None,
     options: PlannerOptions | None = None,
+    plans_from: str | Path | None = None,
 ) -> PlanResult:
     """`autounet plan --fingerprint F --name NAME`: plan from a fingerprint.json alone (no images
-    needed); writes ``W/NAME/fingerprint.json`` and ``W/NAME/plans.json``."""
+    needed); writes ``W/NAME/fingerprint.json`` and ``W/NAME/plans.json``. ``plans_from`` as :func:`plan`."""
     from autounet.planning.run import plan_from_fingerprint as plan_fingerprint
 
     ws = Workspace.at(work, name)
-    return plan_fingerprint(fingerprint, ws, options=options, recipe=recipe, patch_size=_list(patch_size))
+    source = _model_source(plans_from) if plans_from is not None else None
+    return plan_fingerprint(
+        fingerprint,
+        ws,
+        options=options,
+        recipe=recipe,
+        patch_size=_list(patch_size),
+        plans_from=source,
+        plans_from_label=None if plans_from is None else str(plans_from),
+    )
 
 
 # --- autounet preprocess / train -----------------------------------------------------------------
@@ -202,6 +235,7 @@ def train(
     width_multiplier: float | None = None,
     foreground_channel: bool | None = None,
     precision: str = "auto",
+    pretrained: str | Path | None = None,
 ) -> FoldResult:
     """`autounet train NAME -c CONFIG -f FOLD`: train one fold (``"all"``: every case), then
     predict its validation cases in full and score them (unless ``validate`` is False).
@@ -209,7 +243,9 @@ def train(
     ``preset``/``augmentation``: training and augmentation presets (default the plan's); None
     keeps the preset's (or, with ``resume``, the run's) value. The ablation switches
     (``attention`` ... ``foreground_channel``) are those of seed 004 (see
-    :class:`autounet.training.options.TrainOptions`).
+    :class:`autounet.training.options.TrainOptions`). ``pretrained``: start from the weights of a
+    checkpoint, fold, configuration folder, workspace ``W/NAME`` or model package ``.zip`` (every
+    tensor whose name and shape match; :mod:`autounet.training.pretrained`), unless resuming.
     """
     from autounet.pipeline.fold import train_and_validate
     from autounet.training.options import TrainOptions
@@ -239,6 +275,8 @@ def train(
         width_multiplier=width_multiplier,
         foreground_channel=foreground_channel,
         precision=precision,
+        pretrained=None if pretrained is None else str(_model_source(pretrained)),
+        pretrained_label=None if pretrained is None else str(pretrained),
     ).validate()
     ws = Workspace.at(work, name)
     return train_and_validate(ws, options, validate=validate, validation_tta=validation_tta)
@@ -293,24 +331,45 @@ def predict(
     skip_complete: bool = False,
     engine: str = "auto",
     precision: str = "auto",
+    name_by: str = "series",
+    dicom_seg: bool = False,
+    executor: str = "local",
+    address: str | None = None,
+    part: Sequence[int] | None = None,
 ) -> PredictionRun:
     """`autounet predict -i IN -o OUT -m MODEL`: segment images (folders and/or files) with a
     trained model (``W/NAME/results/CONFIG``, one ``fold_K`` or the selected model ``W/NAME``).
 
     An output folder that already holds files this prediction would write (``CASE.nii.gz``,
-    ``CASE.npz``, ``CASE.png``) stops it before anything is predicted, unless ``overwrite``
+    ``CASE.npz``, ``CASE.png``, ``CASE.dcm``) stops it before anything is predicted, unless ``overwrite``
     (replace them; ``--overwrite``) or ``skip_complete`` (skip the cases whose outputs are all
     there; ``--continue``). ``engine`` / ``precision``: what runs the networks (``auto``: OpenVINO
     on a CPU where installed, PyTorch on a GPU; bf16 where the hardware runs it natively; ``torch``
-    + ``fp32`` reproduces PyTorch's full-precision results). For repeated use in Python keep a
-    :class:`autounet.Predictor` instead (it loads the model once).
+    + ``fp32`` reproduces PyTorch's full-precision results). Folders of DICOM series give one case
+    per series, named by SeriesInstanceUID or (``name_by="patientid"``) PatientID; ``dicom_seg``
+    also writes ``CASE.dcm``, a DICOM SEG of each series (``--dicom-seg``; needs highdicom). For
+    repeated use in Python keep a :class:`autounet.Predictor` instead (it loads the model once).
+
+    ``part=(I, N)``: only the I-th of N interleaved shares of the sorted cases (N jobs with
+    I = 0 .. N-1, on any scheduler, predict every case once). ``executor="ray"``: shard the cases
+    over the workers of a Ray cluster (``address``: ``auto`` or ``HOST:PORT``; None: a local
+    instance), each loading the model once; the same output files as a local run.
     """
+    from autounet.inference.dicom_seg import require_highdicom
+    from autounet.inference.inputs import NAME_BY
     from autounet.inference.predictor import Predictor
 
+    if name_by not in NAME_BY:
+        raise AutounetError(f"--name-by {name_by}: expected one of {', '.join(NAME_BY)}")
+    if dicom_seg:
+        require_highdicom()  # before the model is loaded
     arguments.step(step)
     _folds(folds)
-    predictor = Predictor(
-        model,
+    _executor(executor, address)
+    share = _part(part)
+    if share is not None and executor == "ray":
+        raise AutounetError("give --part (run the shares yourself) or --executor ray (Ray shares the cases), not both")
+    predictor_options = dict(
         folds=folds,
         checkpoints=checkpoints,
         device=device,
@@ -320,9 +379,24 @@ def predict(
         engine=engine,
         precision=precision,
     )
-    timings = predictor.predict(
-        inputs, output, save_probabilities=save_probabilities, png=png, overwrite=overwrite, skip_complete=skip_complete
+    predict_options = dict(
+        save_probabilities=save_probabilities,
+        png=png,
+        overwrite=overwrite,
+        skip_complete=skip_complete,
+        name_by=name_by,
+        dicom_seg=dicom_seg,
     )
+    if executor == "ray":
+        from autounet.cluster.ray_predict import predict_on_ray
+
+        inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+        timings, postprocessing, skipped = predict_on_ray(
+            inputs, output, model, predictor_options, predict_options, address
+        )
+        return PredictionRun(Path(output), timings, postprocessing, skipped)
+    predictor = Predictor(model, **predictor_options)
+    timings = predictor.predict(inputs, output, **predict_options, part=share)
     return PredictionRun(Path(output), timings, predictor.postprocessing, list(predictor.skipped))
 
 
@@ -354,15 +428,23 @@ def evaluate(
     tolerance_mm: float = 1.0,
     json_path: str | Path | None = None,
     workers: int | None = None,
+    ignore_label: int | None = None,
 ) -> EvaluationResult:
     """`autounet evaluate PRED GT`: Dice, IoU, HD95 and surface Dice of label maps (two folders
     or two files) per case and class, and their means.
 
     ``regions``: ``{"WT": [1, 2, 3]}`` or ``["WT=1,2,3"]``; ``brats``: both masks empty score 1
     (default: NaN, left out of means). ``json_path``: also write the result there (the command
-    writes :func:`evaluation_json_path`).
+    writes :func:`evaluation_json_path`). ``ignore_label``: reference voxels of this value count
+    in no metric (default: the ``ignore`` label of a ``dataset.json`` beside GT, if any).
     """
-    from autounet.evaluation.evaluate import check_evaluation_target, evaluate_folders, parse_regions, save_evaluation
+    from autounet.evaluation.evaluate import (
+        check_evaluation_target,
+        evaluate_folders,
+        ignore_label_near,
+        parse_regions,
+        save_evaluation,
+    )
 
     arguments.workers(workers)
     arguments.real("--tolerance", tolerance_mm, above=0)
@@ -372,6 +454,7 @@ def evaluate(
         check_evaluation_target(json_path)  # refused before anything is computed
     if regions is not None and not isinstance(regions, Mapping):
         regions = parse_regions(list(regions)) if regions else None
+    ignore_label = ignore_label_near(gt) if ignore_label is None else arguments.whole("--ignore-label", ignore_label, 1)
     result = evaluate_folders(
         pred,
         gt,
@@ -380,6 +463,7 @@ def evaluate(
         tolerance_mm=tolerance_mm,
         empty="one" if brats else "nan",
         workers=workers,
+        ignore_label=ignore_label,
     )
     if json_path is not None:
         save_evaluation(result, json_path)
@@ -448,6 +532,50 @@ def report(name: str, *, work: str | Path | None = None) -> Path:
     return write_report(Workspace.at(work, name))
 
 
+# --- autounet package / info ---------------------------------------------------------------------
+
+
+def package(
+    model: str | Path,
+    output: str | Path,
+    *,
+    configurations: Sequence[str] | None = None,
+    folds: Sequence[int | str] | None = None,
+    description: str = "",
+    license: str = "",
+    overwrite: bool = False,
+) -> CreatedPackage:
+    """`autounet package W/NAME -o FILE.zip`: write one file holding everything `predict` needs
+    (the selected model's inference checkpoints without training state, plans, selection with its
+    post-processing, dataset.json, fingerprint, report, and a manifest with versions, ``description``,
+    ``license`` and every file's SHA-256). ``configurations`` / ``folds``: package those instead of
+    the selection's winner (then without post-processing unless they are the winner's
+    configurations). ``predict -m FILE.zip`` and :class:`autounet.Predictor` use the file directly."""
+    from autounet.packaging.create import create_package
+
+    chosen_folds = None
+    if folds is not None:
+        chosen_folds = [arguments.whole("--folds", int(f) if str(f).isdigit() else f, 0) for f in folds]
+    return create_package(
+        model,
+        output,
+        configurations=_list(configurations),
+        folds=chosen_folds,
+        description=description,
+        license=license,
+        overwrite=overwrite,
+    )
+
+
+def info(model: str | Path) -> ModelInfo:
+    """`autounet info FILE.zip|W/NAME`: what a model is (labels, channels, configurations, folds,
+    post-processing, training data, cross-validation Dice; a package's versions, description and
+    license). A package is verified and unpacked into the cache first, as `predict` does."""
+    from autounet.packaging.info import model_info
+
+    return model_info(model)
+
+
 # --- autounet run / demo / make-synthetic --------------------------------------------------------
 
 
@@ -470,11 +598,29 @@ def run(
     workers: int | None = None,
     seed: int = 0,
     precision: str = "auto",
+    plans_from: str | Path | None = None,
+    pretrained: str | Path | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    gpus_per_fold: int | None = None,
+    cpus_per_fold: int | None = None,
+    max_retries: int | None = None,
 ) -> RunResult:
     """`autounet run RAW`: check, plan, preprocess, train every configuration (default every
     planned one) on every fold, select and report; resumable at every step. ``max_minutes`` is
-    per fold; ``recipe`` and ``patch_size`` as :func:`plan`."""
+    per fold; ``recipe``, ``patch_size`` and ``plans_from`` as :func:`plan`; ``pretrained`` as
+    :func:`train` (each fold that starts from scratch).
+
+    ``executor="ray"`` trains every configuration x fold as a task of a Ray cluster (``address``:
+    ``auto`` or ``HOST:PORT``; None: a local instance sized to this machine) with
+    ``cpus_per_fold`` CPUs (None: 1) and ``gpus_per_fold`` GPUs each (None: 1 where the cluster
+    has GPUs; more than 1 trains under torchrun), resuming a fold whose worker is lost up to
+    ``max_retries`` times (None: 3); the workspace must be on a file system every node sees."""
     from autounet.pipeline.run import RunOptions, run_pipeline
+
+    _executor(executor, address)
+    if executor == "local" and (gpus_per_fold, cpus_per_fold, max_retries) != (None, None, None):
+        raise AutounetError("--gpus-per-fold, --cpus-per-fold and --max-retries need --executor ray")
 
     options = RunOptions(
         configurations=_list(configurations),
@@ -491,8 +637,17 @@ def run(
         workers=workers,
         seed=seed,
         precision=precision,
+        plans_from=None if plans_from is None else str(_model_source(plans_from)),
+        plans_from_label=None if plans_from is None else str(plans_from),
+        pretrained=None if pretrained is None else str(_model_source(pretrained)),
+        pretrained_label=None if pretrained is None else str(pretrained),
     ).validate()
     ws = Workspace.at(work, name or Path(raw).resolve().name)
+    if executor == "ray":
+        from autounet.cluster.ray_run import ClusterOptions, run_on_ray
+
+        cluster = ClusterOptions(address, gpus_per_fold, cpus_per_fold, max_retries).validate()
+        return run_on_ray(raw, ws, options, cluster)
     return run_pipeline(raw, ws, options)
 
 
@@ -582,6 +737,14 @@ def format_evaluation(result: EvaluationResult, *, gt: str | Path | None = None,
     return format_table(result, label_names=names, per_case=per_case)
 
 
+def format_info(info: ModelInfo) -> str:
+    """What `autounet info` prints: the package (versions, description, license), labels, channels,
+    training data, the model's configurations, folds and post-processing, and its cross-validation Dice."""
+    from autounet.packaging.info import format_info as describe
+
+    return describe(info)
+
+
 def evaluation_json_path(pred: str | Path, json_path: str | Path | None = None) -> Path:
     """Where `autounet evaluate` writes its JSON: ``json_path``, else ``PRED/evaluation.json``
     (``CASE_evaluation.json`` beside a single file)."""
@@ -601,6 +764,16 @@ def format_timings(timings: Sequence[CaseTiming]) -> str:
     return text.getvalue().rstrip("\n")
 
 
+def _model_source(source: str | Path) -> Path:
+    """Where a trained or planned source lies (``--plans-from``, ``--pretrained``): a model package
+    ``.zip`` is opened (extracted) to its workspace folder ``W/NAME``; anything else is itself."""
+    if str(source).lower().endswith(".zip"):
+        from autounet.packaging import open_package
+
+        return open_package(source)
+    return Path(source)
+
+
 def _folder_or_new(option: str, path: str | Path) -> None:
     if Path(path).exists() and not Path(path).is_dir():
         raise AutounetError(f"{path}: a file, where a folder should be ({option} names a folder)")
@@ -611,6 +784,28 @@ def _folds(folds: Sequence[int | str] | None) -> None:
     for f in folds or []:
         if str(f) != "all" and not (isinstance(f, int) and not isinstance(f, bool) and f >= 0) and not str(f).isdigit():
             raise AutounetError(f"-f/--folds: {f!r} is not a fold number (0, 1, ...) or 'all'")
+
+
+EXECUTORS = ("local", "ray")
+
+
+def _executor(executor: str, address: str | None) -> None:
+    """``--executor local|ray`` (``--address`` only with ray)."""
+    if executor not in EXECUTORS:
+        raise AutounetError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if executor == "local" and address is not None:
+        raise AutounetError("--address needs --executor ray")
+
+
+def _part(part: Sequence[int] | None) -> tuple[int, int] | None:
+    """``--part I N``: 0 <= I < N."""
+    if part is None:
+        return None
+    if len(part) != 2:
+        raise AutounetError(f"--part takes two numbers I N (the I-th of N shares), got {list(part)}")
+    count = arguments.whole("--part N", part[1], 1)
+    index = arguments.whole("--part I", part[0], 0, count - 1)
+    return index, count
 
 
 def _list(values: Sequence | None) -> list | None:

@@ -87,6 +87,42 @@ def _recipe(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _pretrained(parser: argparse.ArgumentParser) -> None:
+    """``--pretrained SOURCE`` of ``train`` and ``run``."""
+    parser.add_argument(
+        "--pretrained",
+        metavar="SOURCE",
+        help="start from the weights of SOURCE (a checkpoint, fold folder, W/NAME/results/CONFIG, workspace W/NAME or "
+        "model package .zip) whose name and shape match; the output heads are re-initialised when the labels differ. "
+        "Only for a fold that starts from scratch (--resume continues the fold's own checkpoint)",
+    )
+
+
+def _plans_from(parser: argparse.ArgumentParser) -> None:
+    """``--plans-from SOURCE`` of ``plan`` and ``run``."""
+    parser.add_argument(
+        "--plans-from",
+        metavar="SOURCE",
+        help="keep the networks, patch, spacing and normalisation of SOURCE's plans (a workspace W/NAME, a model "
+        "package .zip or a plans.json), e.g. to fine-tune its trained networks with --pretrained",
+    )
+
+
+def _executor(parser: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
+    """``--executor local|ray`` and ``--address`` (run and predict)."""
+    g = parser.add_argument_group("cluster (Ray; pip install autounet[ray])")
+    g.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help=f"local (default): this process; ray: the {what} as tasks of a Ray cluster",
+    )
+    g.add_argument(
+        "--address", metavar="ADDR", help="the Ray cluster to join: auto or HOST:PORT (default: a local Ray instance)"
+    )
+    return g
+
+
 def _workers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-j", "--workers", type=int, default=None, metavar="N", help="worker processes (default: CPU cores, at most 8)"
@@ -110,6 +146,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             patch_size=args.patch_size,
             force=args.force,
             workers=args.workers,
+            plans_from=args.plans_from,
         )
     except api.DatasetInvalid:
         print(api.check(args.raw, workers=args.workers).format())
@@ -186,6 +223,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         width_multiplier=args.width_multiplier,
         foreground_channel=False if args.no_foreground_channel else None,
         precision=args.precision,
+        pretrained=args.pretrained,
     )
     return 0
 
@@ -207,6 +245,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         skip_complete=args.skip_complete,
         engine=args.engine,
         precision=args.precision,
+        name_by=args.name_by,
+        dicom_seg=args.dicom_seg,
+        executor=args.executor,
+        address=args.address,
+        part=args.part,
     )
     if result.postprocessing is not None:
         print(f"post-processing: {result.postprocessing.describe()}")
@@ -231,6 +274,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_package(args: argparse.Namespace) -> int:
+    created = api.package(
+        args.model,
+        args.output,
+        configurations=args.configurations,
+        folds=args.folds,
+        description=args.description,
+        license=args.license,
+        overwrite=args.overwrite,
+    )
+    model = "+".join(created.configurations)
+    post = "with its post-processing" if created.postprocessing else "no post-processing"
+    print(
+        f"packaged {model} (folds {', '.join(map(str, created.folds))}; {created.checkpoints} checkpoint(s); {post}) "
+        f"-> {created.path} ({created.size / 1e6:.1f} MB, SHA-256 {created.sha256})"
+    )
+    if created.selection_changed:
+        print("note: not the model `autounet select` chose; the package's selection.json names the packaged one")
+    print(f"predict with it: autounet predict -i IMAGES -o OUT -m {created.path}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    print(api.format_info(api.info(args.model)))
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     print(api.show(args.images, seg=args.seg, out=args.out, channel=args.channel, slices=args.slices))
     return 0
@@ -247,6 +317,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tolerance_mm=args.tolerance,
         json_path=out,
         workers=args.workers,
+        ignore_label=args.ignore_label,
     )
     print(api.format_evaluation(result, gt=args.gt, per_case=args.per_case))
     print(f"wrote {out}")
@@ -285,6 +356,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
         precision=args.precision,
+        plans_from=args.plans_from,
+        pretrained=args.pretrained,
+        executor=args.executor,
+        address=args.address,
+        gpus_per_fold=args.gpus_per_fold,
+        cpus_per_fold=args.cpus_per_fold,
+        max_retries=args.max_retries,
     )
     print(
         f"\nfinished in {result.seconds / 60:.1f} min ({len(result.trained)} fold(s) trained, {len(result.skipped)} already complete)"
@@ -347,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprint", metavar="F", help="plan from this fingerprint.json instead of a raw dataset")
     p.add_argument("--force", action="store_true", help="recompute the fingerprint even if it is up to date")
     _recipe(p)
+    _plans_from(p)
     _workers(p)
     p.set_defaults(func=_cmd_plan)
 
@@ -411,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="end training cleanly, with a final checkpoint, when this much time has passed",
     )
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
+    _pretrained(p)
     p.add_argument("--threads", type=int, help="background loader threads (default: 1 on the CPU, more beside a GPU)")
     p.add_argument(
         "--validate-only",
@@ -454,16 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment raw images with a trained model: preprocessing as in training, sliding window (step 1/2 "
         "patch, Gaussian weights), mirroring test-time augmentation, the folds' average, reverted to the input's grid "
         "and written with its exact geometry. Inputs in MSD naming (one file per case) or nnU-Net v2 naming "
-        "(CASE_0000.nii.gz, one file per channel).",
+        "(CASE_0000.nii.gz, one file per channel), or folders (trees) of DICOM series: one case per series.",
     )
-    p.add_argument("-i", "--input", nargs="+", required=True, metavar="IN", help="folder(s) and/or image file(s)")
+    p.add_argument(
+        "-i", "--input", nargs="+", required=True, metavar="IN", help="folder(s) and/or image file(s); DICOM folders"
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument(
         "-m",
         "--model",
         required=True,
         metavar="MODEL",
-        help="W/NAME/results/CONFIG (all its folds) or one fold_K folder",
+        help="W/NAME (the selected model), W/NAME/results/CONFIG (all its folds), one fold_K folder, or a model "
+        "package FILE.zip (`autounet package`)",
     )
     p.add_argument("-f", "--folds", nargs="+", metavar="K", help="folds to ensemble (default: every trained fold)")
     p.add_argument(
@@ -478,6 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with the class probabilities")
     p.add_argument("--png", action="store_true", help="also write CASE.png: slices with the segmentation overlaid")
+    p.add_argument(
+        "--name-by",
+        choices=["series", "patientid"],
+        default="series",
+        help="name the cases of DICOM series by SeriesInstanceUID (default) or PatientID (several series of a "
+        "patient: PATIENTID_1, _2, ... in SeriesNumber order)",
+    )
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="DICOM inputs: also write CASE.dcm, a DICOM SEG that references the series (pip install autounet[dicom])",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--overwrite",
@@ -492,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when present)")
     _engine(p)
+    g = _executor(p, "cases, sharded over workers that each load the model once,")
+    g.add_argument(
+        "--part",
+        type=int,
+        nargs=2,
+        metavar=("I", "N"),
+        help="predict only the I-th (0..N-1) of N interleaved shares of the sorted cases (N jobs of any scheduler)",
+    )
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser(
@@ -512,6 +615,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="C", help="final, best, second_best or latest (default: what predict uses)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "package",
+        help="write one .zip holding everything `predict` needs (checkpoints, plans, selection, manifest)",
+        description="Write the model of W/NAME (default: the one `autounet select` chose, with its folds and "
+        "post-processing) into one zip: its inference checkpoints without training state, plans.json, "
+        "selection.json, dataset.json (labels, channels), fingerprint.json, report.md and its pictures, and "
+        "manifest.json (versions, description, license, every file's SHA-256). `autounet predict -m FILE.zip` uses "
+        "it directly, with no workspace.",
+    )
+    p.add_argument("model", metavar="W/NAME", help="the dataset's workspace folder")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.zip", help="the package file to write")
+    _configs(
+        p,
+        "package these configurations as the model (default: the selection's); without post-processing "
+        "unless they are the selected ones",
+    )
+    p.add_argument(
+        "-f", "--folds", nargs="+", type=int, metavar="K", help="folds to package (default: the selection's)"
+    )
+    p.add_argument("--description", default="", help="free text stored in the manifest (what the model is for)")
+    p.add_argument("--license", default="", help="the model's license, stored in the manifest (e.g. CC-BY-4.0)")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE.zip if it exists (default: refuse)")
+    p.set_defaults(func=_cmd_package)
+
+    p = sub.add_parser(
+        "info",
+        help="describe a model package or workspace: labels, channels, model, training data, CV Dice, versions",
+        description="Print what a model is: labels and channels, the configurations, folds and post-processing "
+        "`predict` runs, the training data (cases, median spacing and shape), the cross-validation Dice and, for a "
+        "package, the versions that made it, its description and license. A package is verified and unpacked "
+        "into the cache first, as `predict -m FILE.zip` does.",
+    )
+    p.add_argument("model", metavar="FILE.zip|W/NAME", help="a model package or a workspace folder")
+    p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
         "show",
@@ -553,6 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: nnU-Net's, NaN and left out of means)",
     )
     p.add_argument("--tolerance", type=float, default=1.0, metavar="MM", help="surface Dice tolerance (default 1 mm)")
+    p.add_argument(
+        "--ignore-label",
+        type=int,
+        metavar="V",
+        help="reference value of unannotated voxels, left out of every metric (default: the 'ignore' label of a "
+        "dataset.json beside GT, if any)",
+    )
     p.add_argument(
         "--json",
         metavar="OUT",
@@ -664,7 +809,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0)
+    _plans_from(p)
+    _pretrained(p)
     _workers(p)
+    g = _executor(p, "folds")
+    g.add_argument(
+        "--gpus-per-fold",
+        type=int,
+        metavar="N",
+        help="GPUs per fold (default: 1 where the cluster has GPUs, else 0); more than 1 trains it under torchrun",
+    )
+    g.add_argument("--cpus-per-fold", type=int, metavar="N", help="CPUs (and PyTorch threads) per fold (default 1)")
+    g.add_argument(
+        "--max-retries", type=int, metavar="N", help="times a fold whose worker or node is lost is resumed (default 3)"
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from autounet.data.dataset import IGNORE_LABEL_NAME, without_ignore
 from autounet.errors import AutounetError
 
 if TYPE_CHECKING:
@@ -193,8 +194,8 @@ def region_set_for_dataset(dataset: RawDataset) -> RegionSet | None:
     """
     if not dataset.regions:
         return None
-    raw = dataset.descriptor.get("labels", {})
-    return regions_from_v2(raw, dataset.labels, dataset.descriptor.get("regions_class_order"))
+    raw = {k: v for k, v in dataset.descriptor.get("labels", {}).items() if k != IGNORE_LABEL_NAME}
+    return regions_from_v2(raw, without_ignore(dataset.labels), dataset.descriptor.get("regions_class_order"))
 
 
 def _lookup(region_set: RegionSet, size: int) -> np.ndarray:

@@ -8,10 +8,15 @@ next-stage inputs, selection, ensembles, report) is built here. ::
       dataset.json  fingerprint.json  plans.json  splits.json  selection.json  report.md  report/
       preprocessed/DATA_ID/      CASE.npy CASE_seg.npy CASE.json ... manifest.json
       results/CONFIG/            cv_summary.json  next_stage/CASE_previous.npy
-      results/CONFIG/fold_K/     checkpoint_{latest,best,second_best,final}.pt log.jsonl progress.png
+      results/CONFIG/fold_K/     checkpoint_{latest,best,second_best,final}.pt log.jsonl progress.png console.log
       results/CONFIG/fold_K/validation/   CASE.nii.gz CASE.npz summary.json
       results/CONFIG/fold_K/engines/      KEY.onnx KEY.xml KEY.bin (conversions for other inference engines)
       results/ensembles/A+B/     a pair ensemble's cross-validation predictions
+      manifest.json              only in a model package's folder (`autounet package`): versions and checksums
+
+A model package (`autounet package`) is a zip of the files `predict` needs under ``NAME/``; it is
+unpacked once into ``package_cache_dir()/SHA256/NAME`` (a workspace folder) beside the marker
+``SHA256/complete``.
 """
 
 from __future__ import annotations
@@ -50,12 +55,31 @@ def checkpoint_path(fold_dir: str | Path, kind: str) -> Path:
     return Path(fold_dir) / f"checkpoint_{kind}.pt"
 
 
+def fold_of(folder: str | Path) -> str | None:
+    """The fold a folder ``fold_K`` holds (``"all"`` or the number as text), or None for another folder."""
+    match = re.fullmatch(r"fold_(all|\d+)", Path(folder).name)
+    return match.group(1) if match else None
+
+
 def training_log_path(fold_dir: str | Path) -> Path:
     return Path(fold_dir) / "log.jsonl"
 
 
 def progress_plot_path(fold_dir: str | Path) -> Path:
     return Path(fold_dir) / "progress.png"
+
+
+def fold_console_path(fold_dir: str | Path) -> Path:
+    """What a fold trained on a cluster printed (every attempt, appended): ``fold_K/console.log``."""
+    return Path(fold_dir) / "console.log"
+
+
+def shared_check_path(folder: str | Path, token: str) -> Path:
+    """The token file a cluster run writes into ``folder`` and reads back on every node, to make
+    sure they all see the same files: ``FOLDER/.autounet-shared-TOKEN``."""
+    if not token.isalnum():
+        raise ValueError(f"not a usable token: {token!r}")
+    return Path(folder) / f".autounet-shared-{token}"
 
 
 def validation_dir(fold_dir: str | Path) -> Path:
@@ -92,6 +116,27 @@ def engine_cache_path(fold_dir: str | Path, key: str, suffix: str) -> Path:
 def previous_stage_path(next_stage_dir: str | Path, case_id: str) -> Path:
     """A cascade's first-stage prediction of a case, as its second stage reads it."""
     return Path(next_stage_dir) / f"{case_id}_previous.npy"
+
+
+def package_cache_dir() -> Path:
+    """Where model packages are unpacked, one folder per package's SHA-256: ``$AUTOUNET_CACHE/packages``,
+    else ``$XDG_CACHE_HOME/autounet/packages``, else ``~/.cache/autounet/packages``."""
+    if os.environ.get("AUTOUNET_CACHE"):
+        return Path(os.environ["AUTOUNET_CACHE"]) / "packages"
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "autounet" / "packages"
+
+
+def package_cache_entry(sha256: str) -> Path:
+    """The unpacked copy of the package whose SHA-256 is ``sha256``: ``package_cache_dir()/SHA256``."""
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"not a SHA-256: {sha256!r}")
+    return package_cache_dir() / sha256
+
+
+def package_complete_marker(entry: str | Path) -> Path:
+    """Written last into an unpacked package's folder (holding its SHA-256): ``SHA256/complete``."""
+    return Path(entry) / "complete"
 
 
 @dataclass(frozen=True)
@@ -170,6 +215,11 @@ class Workspace:
     def ensemble_dir(self, members: list[str] | tuple[str, ...]) -> Path:
         """A pair ensemble's cross-validation predictions: ``results/ensembles/A+B``."""
         return self.root / "results" / "ensembles" / "+".join(members)
+
+    @property
+    def package_manifest_json(self) -> Path:
+        """A model package's manifest (versions, description, license, checksums); only in a package."""
+        return self.root / "manifest.json"
 
     @property
     def report_md(self) -> Path:

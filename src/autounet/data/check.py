@@ -152,7 +152,9 @@ def check_dataset(
         return report
     # the folder as given (case paths are built on it, also through a symbolic link), for messages
     tasks = [
-        InspectTask(c, dataset.num_channels, frozenset(dataset.labels), tolerance, compute_stats, root)
+        InspectTask(
+            c, dataset.num_channels, frozenset(dataset.labels), tolerance, compute_stats, root, dataset.ignore_label
+        )
         for c in dataset.cases
     ]
     workers = default_workers() if workers is None else workers
@@ -170,6 +172,33 @@ def _range_line(label: str, rows: np.ndarray, fmt: str) -> str:
     return f"{label:<12} min {t(rows.min(0))}  median {t(np.median(rows, 0))}  max {t(rows.max(0))}"
 
 
+# Width of the per-case listing of annotated fractions.
+LISTING_WIDTH = 100
+
+
+def _annotation_lines(dataset: RawDataset, inspections: list[CaseInspection]) -> list[str]:
+    """The share of annotated (not `ignore`) voxels: min / median / max over cases, then per case."""
+    if dataset.ignore_label is None:
+        return []
+    measured = [(i.case_id, i.annotated_fraction) for i in inspections if i.annotated_fraction is not None]
+    head = f"Annotated    voxels not 'ignore' ({dataset.ignore_label})"
+    if not measured:
+        return [head + ": no readable label"]
+    values = np.array([f for _, f in measured])
+    lines = [
+        f"{head}: min {values.min():.1%}  median {np.median(values):.1%}  max {values.max():.1%} "
+        f"over {len(measured)} case(s)"
+    ]
+    indent, line = " " * 13, ""
+    for cell in (f"{cid} {f:.1%}" for cid, f in measured):
+        if line and len(indent) + len(line) + len(cell) + 2 > LISTING_WIDTH:
+            lines.append(indent + line + ",")
+            line = ""
+        line = f"{line}, {cell}" if line else cell
+    lines.append(indent + line)
+    return lines
+
+
 def format_report(report: CheckReport) -> str:
     """Human-readable report: the dataset's description, then warnings, then errors."""
     lines = []
@@ -185,6 +214,7 @@ def format_report(report: CheckReport) -> str:
         lines.append(f"Labels       declared {{{declared}}}; found {{{', '.join(map(str, found))}}}")
         if ds.regions:
             lines.append("Regions      " + ", ".join(f"{k} = {list(v)}" for k, v in ds.regions.items()))
+        lines.extend(_annotation_lines(ds, report.inspections))
         geos = [i for i in report.inspections if i.geometry is not None]
         if geos:
             lines.append(

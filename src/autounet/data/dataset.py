@@ -9,6 +9,11 @@ values declares a region), ``numTraining`` and ``file_ending``; one file per cha
 ``imagesTr/CASE_0000{file_ending}``, and ``labelsTr/CASE{file_ending}``. An explicit
 ``"dataset": {CASE: {"images": [...], "label": ...}}`` mapping is honoured too.
 
+Sparse annotations (nnU-Net v2's ignore label): a label named exactly ``ignore``, in either layout
+(``"ignore": 3`` in v2, ``"3": "ignore"`` in MSD), marks unannotated voxels. It must be a single
+value above every other declared value; it is no class (no network output, never predicted,
+left out of losses and metrics).
+
 Parsing never stops at the first problem: :func:`parse_raw_dataset` returns every problem of the
 descriptor as :class:`~autounet.data.findings.Finding` objects beside what could be parsed.
 """
@@ -17,8 +22,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from autounet.data.findings import Finding, error, warning
 from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
@@ -28,6 +35,22 @@ from autounet.utils.loaders import read_json
 
 MSD = "msd"
 NNUNET_V2 = "nnunetv2"
+# The name of the label that marks unannotated voxels (nnU-Net v2's convention, case-sensitive).
+IGNORE_LABEL_NAME = "ignore"
+Key = TypeVar("Key", int, str)
+
+
+def ignore_label_of(labels: Mapping[int, str] | Mapping[str, str]) -> int | None:
+    """The value of the label named ``ignore`` in a value -> name mapping, or None."""
+    for value, name in labels.items():
+        if name == IGNORE_LABEL_NAME:
+            return int(value)
+    return None
+
+
+def without_ignore(labels: Mapping[Key, str]) -> dict[Key, str]:
+    """The classes of a value -> name mapping: every label but ``ignore``."""
+    return {k: v for k, v in labels.items() if v != IGNORE_LABEL_NAME}
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,11 @@ class RawDataset:
     @property
     def num_channels(self) -> int:
         return len(self.channel_names)
+
+    @property
+    def ignore_label(self) -> int | None:
+        """The value of the ``ignore`` label (unannotated voxels), or None."""
+        return ignore_label_of(self.labels)
 
 
 def _is_outside(rel: str) -> bool:
@@ -129,6 +157,15 @@ def _parse_v2_labels(raw: object, findings: list[Finding]) -> tuple[dict[int, st
                 )
             )
             continue
+        if name == IGNORE_LABEL_NAME and not isinstance(v, int):
+            findings.append(
+                error(
+                    "malformed_descriptor",
+                    None,
+                    f"dataset.json: label {IGNORE_LABEL_NAME!r} must be one integer (the highest label value), got {v!r}",
+                )
+            )
+            continue
         values = [v] if isinstance(v, int) else list(v)
         if not values or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in values):
             findings.append(
@@ -151,6 +188,44 @@ def _parse_v2_labels(raw: object, findings: list[Finding]) -> tuple[dict[int, st
     if labels and 0 not in labels:
         findings.append(error("malformed_descriptor", None, "dataset.json: 'labels' must declare background = 0"))
     return dict(sorted(labels.items())), regions
+
+
+def _check_ignore(labels: dict[int, str], regions: dict[str, tuple[int, ...]], findings: list[Finding]) -> None:
+    """The ``ignore`` label must be declared once, above every other value, and in no region."""
+    named = [v for v, n in labels.items() if n == IGNORE_LABEL_NAME]
+    if not named:
+        return
+    if len(named) > 1:
+        findings.append(
+            error(
+                "malformed_descriptor",
+                None,
+                f"dataset.json: label {IGNORE_LABEL_NAME!r} is declared {len(named)} times",
+            )
+        )
+        return
+    value = named[0]
+    higher = {v: n for v, n in labels.items() if v > value}
+    if value == 0 or higher:
+        shown = ", ".join(f"{v} ({n!r})" for v, n in sorted(higher.items())) or "0 is background"
+        findings.append(
+            error(
+                "malformed_descriptor",
+                None,
+                f"dataset.json: label {IGNORE_LABEL_NAME!r} ({value}) must have the highest label value "
+                f"(as in nnU-Net v2); higher: {shown}",
+            )
+        )
+    for name, values in regions.items():
+        if value in values:
+            findings.append(
+                error(
+                    "malformed_descriptor",
+                    None,
+                    f"dataset.json: region {name!r} contains the {IGNORE_LABEL_NAME!r} label ({value}); "
+                    "unannotated voxels belong to no region",
+                )
+            )
 
 
 def _resolve(root: Path, rel: object, what: str, case: str | None, findings: list[Finding]) -> Path | None:
@@ -341,6 +416,7 @@ def parse_raw_dataset(root: str | Path) -> tuple[RawDataset | None, list[Finding
         ]
     parse = _parse_msd if layout == MSD else _parse_v2
     channels, labels, regions, cases = parse(root, descriptor, findings)
+    _check_ignore(labels, regions, findings)
 
     seen: dict[str, int] = {}
     unique: list[CaseFiles] = []

@@ -34,6 +34,7 @@ class InspectTask:
     tolerance: GeometryTolerance = GeometryTolerance()
     compute_stats: bool = True
     root: Path | None = None  # dataset folder; messages show paths relative to it
+    ignore_label: int | None = None  # value of the `ignore` label (unannotated voxels), if declared
 
     def show(self, path: Path | None) -> str:
         if path is None or self.root is None:
@@ -83,6 +84,7 @@ class CaseInspection:
     shape: tuple[int, int, int] | None = None  # (Z, Y, X) of the image
     labels_present: tuple[int, ...] = ()
     stats: CaseStats | None = None
+    annotated_fraction: float | None = None  # share of label voxels not `ignore` (datasets with one)
 
     @property
     def ok(self) -> bool:
@@ -227,9 +229,10 @@ def _stats(
     counts: dict[int, int],
     geometry: Geometry,
     findings: list[Finding],
+    ignore_label: int | None = None,
 ) -> CaseStats:
     nonzero = np.any(image != 0, axis=0)
-    fg = lab > 0
+    fg = lab > 0  # unannotated (`ignore`) voxels too: the crop keeps every labelled voxel, as preprocessing does
     corners = corner_values(image)
     # The crop box is the image's nonzero box, widened where needed to keep every labelled voxel.
     image_box = bounding_box(nonzero)
@@ -251,6 +254,8 @@ def _stats(
     crop = tuple(slice(a, b) for a, b in bbox)
     img_c, lab_c = image[(slice(None), *crop)], lab[crop]
     fg_c = lab_c > 0
+    if ignore_label is not None:  # intensity statistics come from annotated classes only
+        fg_c &= lab_c != ignore_label
     source = "label"
     if not fg_c.any():
         fg_c, source = nonzero[crop], "nonzero"
@@ -284,6 +289,12 @@ def _stats(
         corner_values=corners,
         background_crop_bbox=background_bbox,
     )
+
+
+def _annotated_fraction(counts: dict[int, int], ignore_label: int) -> float:
+    """Share of a label map's voxels that are annotated (any value but ``ignore_label``)."""
+    total = sum(counts.values())
+    return (total - counts.get(ignore_label, 0)) / total if total else 0.0
 
 
 def inspect_case(task: InspectTask) -> CaseInspection:
@@ -342,6 +353,17 @@ def inspect_case(task: InspectTask) -> CaseInspection:
         checked = _check_label(label, label_nonfinite, task.show(case.label), cid, task.declared_labels, f)
         if checked is not None:
             out.labels_present = tuple(sorted(checked[1]))
+            if task.ignore_label is not None:
+                out.annotated_fraction = _annotated_fraction(checked[1], task.ignore_label)
+                if out.annotated_fraction == 0:
+                    f.append(
+                        warning(
+                            "no_annotation",
+                            cid,
+                            f"label {task.show(case.label)} is `ignore` ({task.ignore_label}) everywhere: "
+                            "the case has no annotated voxel to train on",
+                        )
+                    )
     if image is not None and label is not None:
         if image.shape[1:] != label.shape:
             f.append(
@@ -362,6 +384,6 @@ def inspect_case(task: InspectTask) -> CaseInspection:
                     )
                 )
     if not any(x.severity == "error" for x in f) and task.compute_stats and image is not None and checked is not None:
-        out.stats = _stats(cid, image, checked[0], checked[1], igeo, f)
+        out.stats = _stats(cid, image, checked[0], checked[1], igeo, f, task.ignore_label)
     out.findings = f
     return out

@@ -4,7 +4,8 @@ Metrics and their conventions are those of :mod:`autounet.evaluation.metrics`. T
 metric for a class is over the cases where it is not NaN; ``foreground_mean`` is the mean over
 classes (and regions) of those class means, again leaving NaN out. A class evaluated in some
 cases but absent from both maps of another case counts there as an empty pair (NaN under the
-nnU-Net convention, so it leaves the mean unchanged; 1 under the BraTS convention).
+nnU-Net convention, so it leaves the mean unchanged; 1 under the BraTS convention). With an
+``ignore_label`` (sparse annotations) the reference's voxels of that value count in no metric.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from autounet.data.dataset import IGNORE_LABEL_NAME
 from autounet.data.geometry import geometry_differences
 from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix, read_label
 from autounet.errors import AutounetError
@@ -80,6 +82,7 @@ def evaluate_folders(
     tolerance_mm: float = 1.0,
     empty: str = "nan",
     workers: int | None = None,
+    ignore_label: int | None = None,
 ) -> EvaluationResult:
     """Evaluate every prediction in ``pred_dir`` against the same-named reference in ``ref_dir``.
 
@@ -87,9 +90,16 @@ def evaluate_folders(
     image ending (``.nii.gz`` counts as one), so formats may differ. Every prediction needs a
     reference and every reference a prediction; shapes and geometries must agree.
     """
-    settings = _settings(labels, regions, tolerance_mm, empty)
+    settings = _settings(labels, regions, tolerance_mm, empty, ignore_label)
     pairs = match_cases(pred_dir, ref_dir)
-    fn = partial(_evaluate_files, labels=labels, regions=regions, tolerance_mm=tolerance_mm, empty=empty)
+    fn = partial(
+        _evaluate_files,
+        labels=labels,
+        regions=regions,
+        tolerance_mm=tolerance_mm,
+        empty=empty,
+        ignore_label=ignore_label,
+    )
     n_workers = default_workers() if workers is None else workers
     per_case = dict(map_cases(fn, pairs, n_workers, desc="evaluate"))
     return summarize(per_case, settings)
@@ -101,15 +111,16 @@ def evaluate_arrays(
     regions: Mapping[str, Sequence[int]] | None = None,
     tolerance_mm: float = 1.0,
     empty: str = "nan",
+    ignore_label: int | None = None,
 ) -> EvaluationResult:
     """Evaluate in-memory ``(case, prediction, reference, spacing)`` label maps, as :func:`evaluate_folders`."""
-    settings = _settings(labels, regions, tolerance_mm, empty)
+    settings = _settings(labels, regions, tolerance_mm, empty, ignore_label)
     per_case: dict[str, CaseMetrics] = {}
     for case, pred, ref, spacing in pairs:
         if case in per_case:
             raise AutounetError(f"{case}: the case is given twice")
         try:
-            per_case[case] = case_metrics(pred, ref, spacing, labels, regions, tolerance_mm, empty)
+            per_case[case] = case_metrics(pred, ref, spacing, labels, regions, tolerance_mm, empty, ignore_label)
         except ValueError as exc:
             raise AutounetError(f"{case}: {exc}") from None
     return summarize(per_case, settings)
@@ -206,6 +217,10 @@ def format_table(result: EvaluationResult, label_names: Mapping[str, str] | None
     lines += _layout(header, rows, text_columns=1)
     convention = "BraTS: both empty = 1" if result.settings.get("empty") == "one" else "nnU-Net: both empty = NaN"
     lines.append(f"{result.n_cases} case(s); means leave out NaN ('-'); empty masks: {convention}")
+    if result.settings.get("ignore_label") is not None:
+        lines.append(
+            f"reference voxels labelled {result.settings['ignore_label']} (ignore) are left out of every metric"
+        )
     return "\n".join(lines)
 
 
@@ -256,6 +271,14 @@ def parse_regions(specs: Sequence[str]) -> dict[str, list[int]]:
     return regions
 
 
+def ignore_label_near(ref: str | Path) -> int | None:
+    """The ``ignore`` label a ``dataset.json`` beside the reference folder declares (MSD or nnU-Net v2), if any."""
+    for value, name in label_names_near(ref).items():
+        if name == IGNORE_LABEL_NAME:
+            return int(value)
+    return None
+
+
 def label_names_near(ref: str | Path) -> dict[str, str]:
     """Class names from a ``dataset.json`` beside the reference folder (MSD or nnU-Net v2), if any."""
     ref = Path(ref)
@@ -281,6 +304,7 @@ def _evaluate_files(
     regions: Mapping[str, Sequence[int]] | None,
     tolerance_mm: float,
     empty: str,
+    ignore_label: int | None = None,
 ) -> tuple[str, CaseMetrics]:
     case, pred_path, ref_path = item
     try:
@@ -295,7 +319,7 @@ def _evaluate_files(
         raise AutounetError(f"{case}: prediction and reference differ in " + "; ".join(differences))
     pred, ref = _whole_numbers(pred, case, "prediction"), _whole_numbers(ref, case, "reference")
     try:
-        return case, case_metrics(pred, ref, ref_geometry.spacing, labels, regions, tolerance_mm, empty)
+        return case, case_metrics(pred, ref, ref_geometry.spacing, labels, regions, tolerance_mm, empty, ignore_label)
     except ValueError as exc:
         raise AutounetError(f"{case}: {exc}") from None
 
@@ -312,22 +336,35 @@ def _whole_numbers(arr: np.ndarray, case: str, what: str) -> np.ndarray:
 
 
 def _settings(
-    labels: Sequence[int] | None, regions: Mapping[str, Sequence[int]] | None, tolerance_mm: float, empty: str
+    labels: Sequence[int] | None,
+    regions: Mapping[str, Sequence[int]] | None,
+    tolerance_mm: float,
+    empty: str,
+    ignore_label: int | None = None,
 ) -> dict[str, Any]:
     try:
         check_empty(empty)
-        evaluation_targets(labels, regions)
+        targets = evaluation_targets(labels, regions)
     except ValueError as exc:
         raise AutounetError(str(exc)) from None
     if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
         raise AutounetError(f"the surface Dice tolerance must be >= 0 mm, got {tolerance_mm}")
-    return {
+    if ignore_label is not None:
+        inside = [k for k, values in targets.items() if ignore_label in values]
+        if inside:
+            raise AutounetError(
+                f"the ignore label {ignore_label} is no class: it cannot be evaluated (in {', '.join(inside)})"
+            )
+    settings = {
         "labels": None if labels is None else sorted(int(v) for v in labels),
         "regions": None if regions is None else {str(k): [int(v) for v in vs] for k, vs in regions.items()},
         "tolerance_mm": float(tolerance_mm),
         "empty": empty,
         "hd95": "95th percentile of both directed surface distance sets pooled (mm)",
     }
+    if ignore_label is not None:  # only when set: summaries of dense datasets keep their settings
+        settings["ignore_label"] = int(ignore_label)
+    return settings
 
 
 def _ordered_keys(per_case: Mapping[str, CaseMetrics], settings: Mapping[str, Any]) -> list[str]:

@@ -1,7 +1,11 @@
 """The images to predict: folders or files, in MSD naming (one file per case, multi-channel
 images 4D) or nnU-Net v2 naming (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ... one file per
-channel). Everything is checked from the file headers before any prediction starts, so a bad
-input stops the command before it writes anything.
+channel), or DICOM series (a folder tree of them: one case per series, one channel; see
+:mod:`autounet.data.dicom`). Everything is checked from the file headers before any prediction
+starts, so a bad input stops the command before it writes anything.
+
+A folder is a folder of image files (the files at its top) or, when it holds none, a DICOM folder
+tree; image files and DICOM files side by side in one folder are refused as ambiguous.
 """
 
 from __future__ import annotations
@@ -11,13 +15,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
-from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
+from autounet.data.dicom import DicomSeries, find_dicom_series, looks_like_dicom, read_dicom_series
+from autounet.data.geometry import Geometry
+from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix, read_image_scanned
 from autounet.data.image_verify import ImageReadError, name_problem, verify_image_file, verify_image_header
 from autounet.errors import AutounetError
 
 _CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+NAME_BY = ("series", "patientid")  # what names the case of a DICOM series
+DICOM_OUTPUT_SUFFIX = ".nii.gz"
 
 
 @dataclass(frozen=True)
@@ -25,13 +34,16 @@ class InputCase:
     case_id: str
     files: tuple[Path, ...]  # one multi-channel file, or one file per channel in channel order
     suffix: str  # file ending of the input, used for the output
+    series: DicomSeries | None = None  # a DICOM series (``files`` are its slices, in order)
 
     def output_name(self) -> str:
         return self.case_id + self.suffix
 
 
-def _image_files(paths: Sequence[str | Path]) -> list[Path]:
-    files = []
+def _image_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    """The image files named or found at the top of the folders, and the folders that hold
+    none (DICOM folder trees)."""
+    files, dicom_roots = [], []
     for p in map(Path, paths):
         problem = name_problem(p)
         if problem:  # SimpleITK would abort the process on it
@@ -50,29 +62,106 @@ def _image_files(paths: Sequence[str | Path]) -> list[Path]:
             if bad:
                 raise AutounetError("\n  ".join([f"{p}: {len(bad)} input file name(s) are not valid UTF-8:", *bad]))
             if not found:
-                raise AutounetError(f"{p}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                dicom_roots.append(p)
+                continue
+            others = (q for q in sorted(p.iterdir()) if not q.name.startswith(".") and q not in named)
+            dicom = [q for q in others if q.is_file() and looks_like_dicom(q)]
+            if dicom:
+                raise AutounetError(
+                    f"{p}: holds image files ({found[0].name}, ...) and DICOM files ({dicom[0].name}, ...): "
+                    "give a folder of image files or a folder of DICOM series, not both"
+                )
             files += found
         elif p.is_file():
+            if image_suffix(p) not in IMAGE_SUFFIXES and looks_like_dicom(p):
+                raise AutounetError(f"{p}: a DICOM file: give the folder that holds its series (-i FOLDER)")
             if image_suffix(p) not in IMAGE_SUFFIXES:
                 raise AutounetError(f"{p}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
             files.append(p)
         else:
             raise AutounetError(f"{p}: file or folder not found")
-    return files
+    return files, dicom_roots
+
+
+def _dicom_series(roots: Sequence[Path]) -> list[DicomSeries]:
+    out = []
+    for root in roots:
+        found = find_dicom_series([root])
+        if not found:
+            raise AutounetError(
+                f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder, and no DICOM series in it or "
+                "its subfolders"
+            )
+        out += found
+    return out
+
+
+def _file_name_part(text: str) -> str:
+    """``text`` usable as (part of) a file name: characters other than letters, digits, ``-``,
+    ``_`` and ``.`` become ``_``; no leading dot."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return "_" + safe[1:] if safe.startswith(".") else safe
+
+
+def dicom_case_names(series: Sequence[DicomSeries], name_by: str) -> list[str]:
+    """Case names of DICOM series: the SeriesInstanceUID, or (``patientid``) the PatientID, made
+    file-name safe; a patient with several series gets ``_1``, ``_2``, ... in the order of the
+    series' SeriesNumber, then SeriesInstanceUID (the same names on every run)."""
+    if name_by not in NAME_BY:
+        raise AutounetError(f"--name-by {name_by}: expected one of {', '.join(NAME_BY)}")
+    if name_by == "series":
+        return [s.series_uid for s in series]
+    by_patient: dict[str, list[int]] = {}
+    for i, s in enumerate(series):
+        if not s.patient_id:
+            raise AutounetError(f"{s.describe()}: no PatientID (0010,0020) to name the case by; use --name-by series")
+        by_patient.setdefault(s.patient_id, []).append(i)
+    names = [""] * len(series)
+    for patient, members in by_patient.items():
+        base = _file_name_part(patient)
+        if len(members) == 1:
+            names[members[0]] = base
+            continue
+        ordered = sorted(
+            members, key=lambda i: (series[i].series_number is None, series[i].series_number or 0, series[i].series_uid)
+        )
+        for k, i in enumerate(ordered, 1):
+            names[i] = f"{base}_{k}"
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            a, b = series[first[name]], series[i]
+            raise AutounetError(
+                f"two DICOM series would both be named {name} (PatientID {a.patient_id!r} of {a.describe()} and "
+                f"{b.patient_id!r} of {b.describe()}); use --name-by series"
+            )
+        first[name] = i
+    return names
 
 
 def _stem(path: Path) -> str:
     return path.name[: -len(image_suffix(path))]
 
 
-def discover_cases(paths: Sequence[str | Path], num_channels: int) -> list[InputCase]:
+def discover_cases(paths: Sequence[str | Path], num_channels: int, name_by: str = "series") -> list[InputCase]:
     """Group input files into cases.
 
     Files named ``CASE_NNNN`` are read as nnU-Net v2 channel files when any of them is a channel
     ``_0000``; each group must then have exactly channels ``0 .. num_channels - 1``. Other files
-    are one case each (MSD naming; multi-channel images are 4D files).
+    are one case each (MSD naming; multi-channel images are 4D files). Each DICOM series in a
+    folder without image files is a case named as :func:`dicom_case_names` says (``name_by``).
     """
-    files = _image_files(paths)
+    if name_by not in NAME_BY:
+        raise AutounetError(f"--name-by {name_by}: expected one of {', '.join(NAME_BY)}")
+    files, dicom_roots = _image_files(paths)
+    series = _dicom_series(dicom_roots)
+    if name_by != "series" and not series:
+        raise AutounetError(f"--name-by {name_by} names the cases of DICOM series, and the inputs hold none")
+    if series and num_channels != 1:
+        raise AutounetError(
+            f"{series[0].describe()}: a DICOM series is one image channel, the model expects {num_channels}; "
+            "give multi-channel cases as image files (one 4D file or one file per channel)"
+        )
     groups: dict[str, dict[int, Path]] = {}
     singles: list[Path] = []
     for f in files:
@@ -105,6 +194,8 @@ def discover_cases(paths: Sequence[str | Path], num_channels: int) -> list[Input
             raise AutounetError(f"{case_id}: " + "; ".join(what))
         ordered = tuple(channels[c] for c in range(num_channels))
         cases.append(InputCase(case_id, ordered, image_suffix(ordered[0])))
+    for name, s in zip(dicom_case_names(series, name_by), series):
+        cases.append(InputCase(name, s.files, DICOM_OUTPUT_SUFFIX, s))
     cases.sort(key=lambda c: c.case_id)
     seen: dict[str, InputCase] = {}
     for c in cases:
@@ -112,15 +203,29 @@ def discover_cases(paths: Sequence[str | Path], num_channels: int) -> list[Input
             raise AutounetError(f"{c.case_id}: given twice ({seen[c.case_id].files[0]} and {c.files[0]})")
         seen[c.case_id] = c
     for c in cases:
-        check_header(c, num_channels)
+        if c.series is None:  # a series' headers were checked when it was found
+            check_header(c, num_channels)
     return cases
+
+
+def read_input(case: InputCase) -> tuple[np.ndarray, Geometry, list[int]]:
+    """A case's image ``(C, Z, Y, X)``, its geometry and the NaN/infinite voxels per channel
+    (see :func:`~autounet.data.image_io.read_image_scanned`)."""
+    if case.series is not None:
+        image, geometry = read_dicom_series(case.series)  # refuses non-finite values itself
+        return image, geometry, [0]
+    return read_image_scanned(case.files)
 
 
 def verify_inputs(cases: Sequence[InputCase]) -> None:
     """Every input file's data, before any prediction starts (one pass over each file): a file
     cut short, corrupt compressed data (see :mod:`autounet.data.image_verify`) or NaN/infinite
-    voxels of a float NIfTI file (which SimpleITK would read as 0) stop the command naming the case."""
+    voxels of a float NIfTI file (which SimpleITK would read as 0) stop the command naming the case.
+    A DICOM series is read in full (its geometry checked again)."""
     for case in cases:
+        if case.series is not None:  # every slice's pixel data, decoded
+            read_dicom_series(case.series)
+            continue
         for f in case.files:
             try:
                 nonfinite = verify_image_file(f, count_nonfinite=True)

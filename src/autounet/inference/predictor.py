@@ -25,12 +25,14 @@ import numpy as np
 import torch
 
 from autounet.data.geometry import SPACING_2D_IMAGES, Geometry
-from autounet.data.image_io import companion_files, read_image_scanned, save_image
+from autounet.data.image_io import companion_files, save_image
 from autounet.data.probabilities import save_probability_file
 from autounet.errors import AutounetError
-from autounet.inference.inputs import InputCase, discover_cases, verify_inputs
+from autounet.inference.dicom_seg import DICOM_SEG_SUFFIX, require_highdicom, segmentation_dataset, write_dicom_seg
+from autounet.inference.inputs import InputCase, discover_cases, read_input, verify_inputs
 from autounet.inference.model import StageModel, load_stage
 from autounet.inference.sliding_window import fits_on_device, predict_slices, predict_volume
+from autounet.packaging import open_package
 from autounet.postprocessing.apply import Postprocessing
 from autounet.preprocessing.case import (
     PreprocessOptions,
@@ -304,10 +306,13 @@ def resolve_model(
     checkpoints: Sequence[str] | None,
     postprocess: bool,
 ) -> tuple[list[StageModel], Postprocessing | None]:
-    """The models and post-processing behind ``-m``: a configuration folder, one fold, or a
+    """The models and post-processing behind ``-m``: a configuration folder, one fold, a
     dataset workspace ``W/NAME`` (its ``selection.json``: best configuration or pair, all its folds,
-    its post-processing)."""
+    its post-processing), or a model package ``FILE.zip`` (`autounet package`: verified and
+    unpacked once into the cache, then used as the workspace it holds)."""
     model = Path(model)
+    if model.suffix.lower() == ".zip" or model.is_file():
+        model = open_package(model)
     ws = Workspace.of(model)
     if not ws.selection_json.is_file():
         if ws.plans_json.is_file():
@@ -330,8 +335,9 @@ class Predictor:
 
     ``model_dir``: ``W/NAME/results/CONFIG`` (an ensemble of its folds), one of its ``fold_K``
     folders, or the dataset's workspace ``W/NAME`` (the model ``autounet select`` chose, with its
-    post-processing unless ``postprocess`` is False). ``folds``: default every trained fold (or
-    the selection's). ``checkpoints``: which checkpoint(s) of each fold (default: ``final``, or
+    post-processing unless ``postprocess`` is False), or a model package ``FILE.zip`` made by
+    `autounet package` (the same, from the package; no workspace needed). ``folds``: default every
+    trained fold (or the selection's). ``checkpoints``: which checkpoint(s) of each fold (default: ``final``, or
     what the training preset says, e.g. the two best for the BraTS recipe).
 
     ``engine`` (``auto``, ``torch``, ``openvino``, ``onnxruntime``) and ``precision`` (``auto``,
@@ -447,7 +453,7 @@ class Predictor:
         t = time.perf_counter()
         # ITK 5 reads NaN/Inf voxels of NIfTI files as 0: they are counted in the file's bytes, in
         # the pass that verifies the file (see data/image_verify.py).
-        image, geometry, nonfinite = read_image_scanned(case.files)
+        image, geometry, nonfinite = read_input(case)
         if any(nonfinite):
             files = case.files
             if len(files) == len(nonfinite):
@@ -468,9 +474,14 @@ class Predictor:
         out_dir: Path,
         save_probabilities: bool,
         png: bool,
+        dicom_seg: bool = False,
     ) -> tuple[Path, float]:
         t = time.perf_counter()
         prediction = self._finalize(probs, prepared, save_probabilities)
+        # made before anything is written: a SEG highdicom refuses leaves no NIfTI without it
+        seg_dataset = None
+        if dicom_seg:
+            seg_dataset = segmentation_dataset(case.series, prediction.segmentation, self.stage.labels)
         path = write_prediction(
             out_dir,
             case.case_id,
@@ -480,6 +491,8 @@ class Predictor:
             self.stage.activation,
             save_probabilities,
         )
+        if seg_dataset is not None:
+            write_dicom_seg(out_dir / f"{case.case_id}{DICOM_SEG_SUFFIX}", seg_dataset)
         if png and raw_image is not None:
             from autounet.visualization import render_overlay
 
@@ -494,15 +507,19 @@ class Predictor:
         return path, time.perf_counter() - t
 
     @staticmethod
-    def output_files(case: InputCase, out_dir: Path, save_probabilities: bool = False, png: bool = False) -> list[Path]:
+    def output_files(
+        case: InputCase, out_dir: Path, save_probabilities: bool = False, png: bool = False, dicom_seg: bool = False
+    ) -> list[Path]:
         """Every file :meth:`predict` writes for ``case``: the segmentation (with the data file of a
-        ``.mhd``/``.nhdr`` header), ``CASE.npz`` and ``CASE.png`` when asked for."""
+        ``.mhd``/``.nhdr`` header), ``CASE.npz``, ``CASE.png`` and ``CASE.dcm`` when asked for."""
         seg = out_dir / case.output_name()
         files = [seg, *companion_files(seg)]
         if save_probabilities:
             files.append(out_dir / f"{case.case_id}{PROBABILITIES_SUFFIX}")
         if png:
             files.append(out_dir / f"{case.case_id}.png")
+        if dicom_seg:
+            files.append(out_dir / f"{case.case_id}{DICOM_SEG_SUFFIX}")
         return files
 
     def predict(
@@ -513,13 +530,22 @@ class Predictor:
         png: bool = False,
         overwrite: bool = False,
         skip_complete: bool = False,
+        part: tuple[int, int] | None = None,
+        dry_run: bool = False,
+        name_by: str = "series",
+        dicom_seg: bool = False,
     ) -> list[CaseTiming]:
-        """Segment every case of ``inputs`` (folders and/or files) into ``output_dir``.
+        """Segment every case of ``inputs`` (folders and/or files) into ``output_dir``; with
+        ``part=(i, n)`` only the i-th of n interleaved shares of the cases (sorted by name).
+        ``dry_run``: check the inputs' names and the outputs already there as a prediction does,
+        write nothing, and return the cases that would be predicted (with no times).
 
         Files already in ``output_dir`` that the prediction would write stop it before anything
         is predicted (naming them), unless ``overwrite`` (replace them) or ``skip_complete`` (skip
         the cases whose outputs are all there, redo the others); the cases skipped are in
-        :attr:`skipped`. Temporaries of an earlier, killed prediction are removed first.
+        :attr:`skipped`. DICOM series are named by SeriesInstanceUID or (``name_by="patientid"``)
+        PatientID; ``dicom_seg`` also writes ``CASE.dcm``, a DICOM SEG (DICOM inputs only;
+        needs highdicom). Temporaries of an earlier, killed prediction are removed first.
         Reading and preprocessing of the next case and the export of the previous one run in
         background threads while the network predicts the current case.
         """
@@ -527,17 +553,26 @@ class Predictor:
             raise AutounetError(
                 "give --overwrite (replace existing outputs) or --continue (skip complete cases), not both"
             )
+        if dicom_seg:
+            require_highdicom()
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         out_dir = Path(output_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise AutounetError(f"{out_dir}: a file, not a folder: -o names the folder the segmentations go to")
-        cases = discover_cases(inputs, self.num_channels)
+        cases = share_of(discover_cases(inputs, self.num_channels, name_by), part)
+        if dicom_seg and any(c.series is None for c in cases):
+            plain = [c.case_id for c in cases if c.series is None]
+            raise AutounetError(
+                f"--dicom-seg writes a DICOM SEG for each DICOM series; {len(plain)} case(s) are image files "
+                f"({', '.join(plain[:5])}{', ...' if len(plain) > 5 else ''})"
+            )
+        outputs = {c.case_id: self.output_files(c, out_dir, save_probabilities, png, dicom_seg) for c in cases}
         for c in cases:
+            written = {f.resolve() for f in outputs[c.case_id]}
             for f in c.files:
-                if Path(f).resolve() == (out_dir / c.output_name()).resolve():
+                if Path(f).resolve() in written:
                     raise AutounetError(f"{c.case_id}: the output would overwrite the input {f}; choose another -o")
-        outputs = {c.case_id: self.output_files(c, out_dir, save_probabilities, png) for c in cases}
         present = {c.case_id: [f for f in outputs[c.case_id] if os.path.lexists(f)] for c in cases}
         self.skipped = []
         if skip_complete:
@@ -551,6 +586,8 @@ class Predictor:
                     f"{out_dir} already holds {len(clash)} file(s) this prediction would write ({names}); nothing was "
                     "predicted. Add --overwrite to replace them, or --continue to skip the cases whose outputs are complete"
                 )
+        if dry_run:
+            return [CaseTiming(c.case_id, out_dir / c.output_name(), 0.0, 0.0, 0.0) for c in cases]
         verify_inputs(cases)  # every voxel byte too, before anything is written
         make_folder(out_dir)
         remove_stale_temporaries(out_dir)
@@ -569,12 +606,24 @@ class Predictor:
                 network_s = time.perf_counter() - t
                 if pending is not None:
                     timings.append(_finish(pending))
-                future = writer.submit(self._export, case, probs, prepared, raw_image, out_dir, save_probabilities, png)
+                future = writer.submit(
+                    self._export, case, probs, prepared, raw_image, out_dir, save_probabilities, png, dicom_seg
+                )
                 pending = (case, future, pre_s, network_s, list(prepared[0].properties[-1].original_shape))
                 del probs, prepared, raw_image
             if pending is not None:
                 timings.append(_finish(pending))
         return timings
+
+
+def share_of(cases: Sequence[InputCase], part: tuple[int, int] | None) -> list[InputCase]:
+    """The ``i``-th of ``n`` interleaved shares of ``cases`` (sorted by name; ``part=(i, n)``,
+    None: all), so that ``n`` jobs with ``i = 0 .. n-1`` predict every case once."""
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    if part is None:
+        return ordered
+    index, count = part
+    return ordered[index::count]
 
 
 def _finish(pending: tuple) -> CaseTiming:

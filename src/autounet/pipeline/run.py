@@ -16,6 +16,12 @@ A cascade's first stage (``3d_lowres``) is trained on every fold before its seco
 subset of ``--folds``, the second stage is skipped (one line says so) unless the first stage's
 predictions of every case are already there: only all five first-stage folds make them.
 Selection is recomputed from the validation results (cheap), then the report.
+
+The folds are trained by a :class:`FoldExecutor`, one wave at a time (the configurations without
+a first stage, then the cascade's second stage); the folds of a wave are independent of each
+other. :func:`train_locally` (the default) trains them one after the other in this process and
+stops at the first error; a cluster executor (:mod:`autounet.cluster`) trains them at once on
+several machines and reports the folds that failed, which end the run after the others finish.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from autounet.errors import AutounetError
 from autounet.pipeline.fold import train_and_validate, validate_and_report
@@ -55,6 +62,11 @@ class RunOptions:
     width_multiplier: float | None = None  # narrower/wider networks (e.g. a CPU smoke run of the brats preset)
     validation_tta: bool = True  # mirroring in the end-of-training validation
     precision: str = "auto"  # training precision (see runtime.training_dtype)
+    loader_threads: int | None = None  # batch-loading threads per fold (default: the trainer's)
+    plans_from: str | None = None  # plan with this source's networks (planning/transfer.py)
+    plans_from_label: str | None = None  # how the plans name it (e.g. the package .zip); None: plans_from
+    pretrained: str | None = None  # start new folds from this run's weights (training/pretrained.py)
+    pretrained_label: str | None = None  # how the fold's checkpoints name it; None: pretrained
 
     def validate(self) -> RunOptions:
         """Refuse impossible numbers with one clear message each (before anything is written)."""
@@ -64,6 +76,7 @@ class RunOptions:
         arguments.whole("--val-iters", self.validation_iterations, 0)
         arguments.real("--max-minutes", self.max_minutes, above=0)
         arguments.workers(self.workers)
+        arguments.whole("--threads", self.loader_threads, 1)
         arguments.whole("--seed", self.seed, 0)
         arguments.real("--width-multiplier", self.width_multiplier, above=0)
         return self
@@ -137,6 +150,48 @@ def _missing_cascade_inputs(ws: Workspace, plans: Plans, configuration: str) -> 
     return [c for c in cases if not previous_stage_path(folder, c).is_file()]
 
 
+@dataclass(frozen=True)
+class FoldJob:
+    """One fold to bring to ``done``, with the state it was found in when the run scheduled it."""
+
+    configuration: str
+    fold: int | str
+    state: str  # "new", "resume" or "validate"
+    number: int  # its place among the run's folds (1-based), for "(3/10)"
+    total: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.configuration} fold {self.fold}"
+
+    def describe(self) -> str:
+        """What bringing it to ``done`` means: training, resuming or validating."""
+        return {"new": "training", "resume": "resuming", "validate": "validating"}[self.state]
+
+
+@dataclass(frozen=True)
+class FoldFailure:
+    """A fold that failed for a reason of its own (bad data, a non-finite loss, ...)."""
+
+    job: FoldJob
+    error: str
+
+
+class FoldExecutor(Protocol):
+    def __call__(self, ws: Workspace, jobs: Sequence[FoldJob], options: RunOptions) -> list[FoldFailure]:
+        """Bring every fold of ``jobs`` (independent of each other) to ``done`` with
+        :func:`train_fold`; returns the folds that failed (an executor may also raise)."""
+        ...
+
+
+def train_locally(ws: Workspace, jobs: Sequence[FoldJob], options: RunOptions) -> list[FoldFailure]:
+    """The default executor: one fold after the other in this process; the first error ends the run."""
+    for job in jobs:
+        print(f"  ({job.number}/{job.total}) {job.label}: {job.describe()}", flush=True)
+        train_fold(ws, job.configuration, job.fold, options)
+    return []
+
+
 def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunOptions) -> str:
     """Bring one fold to ``done``; returns the state it was found in."""
     fold_dir = ws.fold_dir(configuration, fold)
@@ -161,21 +216,100 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunO
             resume=state == "resume",
             width_multiplier=options.width_multiplier,
             precision=options.precision,
+            loader_threads=options.loader_threads,
+            pretrained=options.pretrained,
+            pretrained_label=options.pretrained_label,
         ),
         validation_tta=options.validation_tta,
     )
     return state
 
 
-def run_pipeline(raw: str | Path, ws: Workspace, options: RunOptions | None = None) -> RunResult:
-    """The whole method on one raw dataset, resumably (see the module docstring)."""
+def _waves(configurations: Sequence[str], plans: Plans) -> list[list[str]]:
+    """The configurations in training order, grouped so that a cascade's second stage comes in a
+    wave after its first stage (it trains on the first stage's predictions of every case)."""
+    waves: list[list[str]] = []
+    depth: dict[str, int] = {}
+    for name in configurations:
+        previous = plans.configurations[name].previous_stage
+        depth[name] = depth[previous] + 1 if previous in depth else 0
+        while len(waves) <= depth[name]:
+            waves.append([])
+        waves[depth[name]].append(name)
+    return waves
+
+
+def _train_waves(
+    ws: Workspace,
+    plans: Plans,
+    configurations: Sequence[str],
+    folds: Sequence[int | str],
+    options: RunOptions,
+    train_folds: FoldExecutor,
+) -> tuple[list[str], list[str], set[str], list[FoldFailure]]:
+    """Schedule every fold that is not done, wave by wave; returns the folds trained and skipped,
+    the cascade stages left out, and the folds that failed."""
+    trained: list[str] = []
+    skipped: list[str] = []
+    cascade_skipped: set[str] = set()
+    failures: list[FoldFailure] = []
+    total = len(configurations) * len(folds)
+    number = 0
+    every_fold = set(DEFAULT_FOLDS) <= set(folds)  # else a cascade's second stage may lack its inputs
+    for wave in _waves(configurations, plans):
+        jobs = []
+        for configuration in wave:
+            previous = plans.configurations[configuration].previous_stage
+            failed_first = [f.job.label for f in failures if f.job.configuration == previous]
+            missing = [] if every_fold else _missing_cascade_inputs(ws, plans, configuration)
+            if failed_first or missing:
+                number += len(folds)
+                cascade_skipped.add(configuration)
+                why = (
+                    f"its first stage failed ({', '.join(failed_first)})"
+                    if failed_first
+                    else f"it trains on the {previous} predictions of every case, which only all five {previous} folds "
+                    f"make ({len(missing)} missing, e.g. {missing[0]}); run with --folds 0 1 2 3 4 to train it"
+                )
+                print(f"  {configuration}: skipped: {why}", flush=True)
+                continue
+            for fold in folds:
+                number += 1
+                state = fold_state(ws.fold_dir(configuration, fold))
+                job = FoldJob(configuration, fold, state, number, total)
+                if state == "done":
+                    skipped.append(job.label)
+                    print(f"  ({number}/{total}) {job.label}: complete, skipped", flush=True)
+                else:
+                    jobs.append(job)
+        if jobs:
+            failed = train_folds(ws, jobs, options)
+            failures += failed
+            lost = {f.job for f in failed}
+            trained += [j.label for j in jobs if j not in lost]
+    return trained, skipped, cascade_skipped, failures
+
+
+def run_pipeline(
+    raw: str | Path, ws: Workspace, options: RunOptions | None = None, train_folds: FoldExecutor = train_locally
+) -> RunResult:
+    """The whole method on one raw dataset, resumably (see the module docstring); ``train_folds``
+    trains the folds (default: :func:`train_locally`)."""
     from autounet.selection.select import format_selection, select
 
     options = (options or RunOptions()).validate()
     start = time.time()
     folds = _check_folds(options.folds)
     print(f"[1/5] check and plan {raw}", flush=True)
-    planned = plan_dataset(raw, ws, options.workers, recipe=options.recipe, patch_size=options.patch_size)
+    planned = plan_dataset(
+        raw,
+        ws,
+        options.workers,
+        recipe=options.recipe,
+        patch_size=options.patch_size,
+        plans_from=options.plans_from,
+        plans_from_label=options.plans_from_label,
+    )
     plans = planned.plans
     if planned.report is not None:
         for w in planned.report.warnings:
@@ -186,39 +320,15 @@ def run_pipeline(raw: str | Path, ws: Workspace, options: RunOptions | None = No
     if summary.failures:
         raise AutounetError("preprocessing failed for:\n  " + "\n  ".join(summary.failures))
 
-    trained, skipped = [], []
-    jobs = [(c, f) for c in configurations for f in folds]
-    print(
-        f"[3/5] train {len(jobs)} fold(s): {', '.join(configurations)} x folds {', '.join(map(str, folds))}", flush=True
-    )
-    cascade_skipped: set[str] = set()
-    every_fold = set(DEFAULT_FOLDS) <= set(folds)  # else a cascade's second stage may lack its inputs
-    for i, (configuration, fold) in enumerate(jobs, 1):
-        if configuration in cascade_skipped:
-            continue
-        missing = [] if every_fold else _missing_cascade_inputs(ws, plans, configuration)
-        if missing:
-            previous = plans.configurations[configuration].previous_stage
-            cascade_skipped.add(configuration)
-            print(
-                f"  {configuration}: skipped: it trains on the {previous} predictions of every case, which only all five "
-                f"{previous} folds make ({len(missing)} missing, e.g. {missing[0]}); run with --folds 0 1 2 3 4 to train it",
-                flush=True,
-            )
-            continue
-        state = fold_state(ws.fold_dir(configuration, fold))
-        label = f"{configuration} fold {fold}"
-        if state == "done":
-            skipped.append(label)
-            print(f"  ({i}/{len(jobs)}) {label}: complete, skipped", flush=True)
-            continue
-        print(
-            f"  ({i}/{len(jobs)}) {label}: "
-            + {"new": "training", "resume": "resuming", "validate": "validating"}[state],
-            flush=True,
+    total = len(configurations) * len(folds)
+    print(f"[3/5] train {total} fold(s): {', '.join(configurations)} x folds {', '.join(map(str, folds))}", flush=True)
+    trained, skipped, cascade_skipped, failures = _train_waves(ws, plans, configurations, folds, options, train_folds)
+    if failures:
+        raise AutounetError(
+            f"{len(failures)} fold(s) failed ({len(trained)} trained, {len(skipped)} already complete; fix the cause "
+            "and run the same command again to finish):\n  "
+            + "\n  ".join(f"{f.job.label}: {f.error}" for f in failures)
         )
-        train_fold(ws, configuration, fold, options)
-        trained.append(label)
 
     print("[4/5] select the best model", flush=True)
     numbered = [f for f in folds if f != "all"]

@@ -60,6 +60,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from autounet.data.dataset import ignore_label_of, without_ignore
 from autounet.errors import AutounetError
 from autounet.planning.fingerprint import Fingerprint
 from autounet.planning.plans import ChannelNormalization, ConfigurationPlan, Plans, ResamplingPlan
@@ -114,8 +115,12 @@ def _validate(fp: Fingerprint) -> None:
         raise AutounetError("cannot plan: the fingerprint lists no cases")
     if not fp.channel_names:
         raise AutounetError("cannot plan: the fingerprint declares no channels")
-    if "0" not in fp.labels or len(fp.labels) < 2:
+    classes = without_ignore(fp.labels)
+    if "0" not in classes or len(classes) < 2:
         raise AutounetError("cannot plan: labels must declare background (0) and at least one class")
+    ignore = ignore_label_of(fp.labels)
+    if ignore is not None and any(int(v) > ignore for v in classes):
+        raise AutounetError(f"cannot plan: the 'ignore' label ({ignore}) must have the highest label value")
     for c in fp.cases:
         if any(not (s > 0 and math.isfinite(s)) for s in c.spacing):
             raise AutounetError(f"cannot plan: case {c.case_id} has invalid spacing {c.spacing}")
@@ -281,7 +286,8 @@ def plan_experiment(fp: Fingerprint, options: PlannerOptions | None = None) -> P
     def net(v: np.ndarray) -> np.ndarray:
         return np.asarray(v)[forward]
 
-    num_classes = len(fp.labels)
+    classes = without_ignore(fp.labels)
+    num_classes = len(classes)
     common = {
         "transpose_forward": forward,
         "transpose_backward": backward,
@@ -289,8 +295,14 @@ def plan_experiment(fp: Fingerprint, options: PlannerOptions | None = None) -> P
         "resampling": ResamplingPlan(anisotropy_threshold=opts.anisotropy_threshold),
         "num_input_channels": fp.num_channels,
         "num_classes": num_classes,
+        "ignore_label": ignore_label_of(fp.labels),
     }
     notes: list[str] = []
+    if common["ignore_label"] is not None:
+        notes.append(
+            f"sparse annotations: label {common['ignore_label']} ('ignore') marks unannotated voxels; it is no class "
+            "and is left out of losses and metrics."
+        )
     configs: dict[str, ConfigurationPlan] = {}
     configs["2d"] = _plan_2d(net(target), net(median_raw), n_cases, common, opts)
 
@@ -332,7 +344,7 @@ def plan_experiment(fp: Fingerprint, options: PlannerOptions | None = None) -> P
         dataset_name=fp.dataset_name,
         planner="nnunet-paper",
         channel_names=list(fp.channel_names),
-        labels=dict(fp.labels),
+        labels=dict(classes),
         original_median_spacing=[float(s) for s in target],
         original_median_shape=[int(s) for s in _round_half_up(np.median(fp.shapes_after_crop(), axis=0))],
         configurations=configs,

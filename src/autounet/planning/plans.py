@@ -80,7 +80,7 @@ class ConfigurationPlan:
     normalization: list[ChannelNormalization]
     resampling: ResamplingPlan
     num_input_channels: int  # network input channels: image channels (+1 foreground channel) (+ the cascade's classes)
-    num_classes: int  # including background
+    num_classes: int  # including background, without the ignore label
     previous_stage: str | None = None
     next_stage: str | None = None
     # Region-based training (seed 004 §2.4): one sigmoid output per region; None: softmax over
@@ -96,6 +96,10 @@ class ConfigurationPlan:
     network: dict[str, Any] = field(default_factory=dict)
     training_preset: str = "paper"  # used by `autounet train` without --preset
     augmentation_preset: str | None = None  # None: the training preset's
+    # Sparse annotations (nnU-Net v2's ignore label): the raw label value of unannotated voxels,
+    # or None. It is no class: stored class index ``num_classes`` (it is the highest value), no
+    # network output, left out of every loss term and metric.
+    ignore_label: int | None = None
 
     @property
     def image_channels(self) -> int:
@@ -108,13 +112,21 @@ class Plans:
     dataset_name: str
     planner: str
     channel_names: list[str]
-    labels: dict[str, str]
+    labels: dict[str, str]  # the classes, value -> name (an `ignore` label is not one: see ignore_label)
     original_median_spacing: list[float]  # raw (z, y, x) order
     original_median_shape: list[int]  # after cropping, at the original spacing, raw order
     configurations: dict[str, ConfigurationPlan]
     notes: list[str] = field(default_factory=list)
     schema_version: int = PLANS_SCHEMA_VERSION
     recipe: str = "nnunet"  # planning preset: "nnunet" (seed 001) or "brats" (seed 004)
+
+    @property
+    def ignore_label(self) -> int | None:
+        """The ignore label's value (every configuration has the same), or None; ``labels`` lacks it."""
+        values = {c.ignore_label for c in self.configurations.values()}
+        if len(values) > 1:
+            raise AutounetError(f"plans of {self.dataset_name}: the configurations disagree on ignore_label {values}")
+        return values.pop() if values else None
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:

@@ -32,6 +32,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from autounet.data.dataset import without_ignore
 from autounet.errors import AutounetError
 from autounet.planning.fingerprint import Fingerprint
 from autounet.planning.planner import PlannerOptions, _configuration, plan_experiment, small_case_warnings
@@ -118,7 +119,7 @@ def regions_from_fingerprint(fp: Fingerprint) -> RegionSet | None:
     """
     if not fp.regions:
         return None
-    labels = {int(k): v for k, v in fp.labels.items()}
+    labels = {int(k): v for k, v in without_ignore(fp.labels).items()}
     items = {name: [int(v) for v in values] for name, values in fp.regions.items()}
     auto = {f"{name}:{v}" for name, values in items.items() for v in values}
     for value, name in sorted(labels.items()):
@@ -155,6 +156,13 @@ def _brats_patch(median: list[int], opts: PlannerOptions, patch_size: list[int] 
     return patch, f"min({BRATS_PATCH_EDGE}, median shape) per axis"
 
 
+def default_brats_regions(fp: Fingerprint) -> RegionSet:
+    """WT / TC / ET from the dataset's label values, named as BraTS reports them (and
+    `autounet evaluate --regions WT=...`)."""
+    regions = brats_regions_for(int(v) for v in without_ignore(fp.labels))
+    return replace(regions, regions=[replace(r, name=n) for r, n in zip(regions.regions, BRATS_REGION_NAMES)])
+
+
 def plan_brats(
     fp: Fingerprint,
     regions: RegionSet | None = None,
@@ -163,9 +171,8 @@ def plan_brats(
 ) -> Plans:
     """Seed 004's BraTS recipe from a fingerprint (see the module docstring)."""
     opts = options or PlannerOptions()
-    if regions is None:  # named as BraTS reports them (and `autounet evaluate --regions WT=...`)
-        regions = brats_regions_for(int(v) for v in fp.labels)
-        regions = replace(regions, regions=[replace(r, name=n) for r, n in zip(regions.regions, BRATS_REGION_NAMES)])
+    if regions is None:
+        regions = default_brats_regions(fp)
     background = detect_background(fp)
     cropped = _background_cropped(fp) if any(v != 0 for v in background) else fp
     base = plan_experiment(cropped, opts)
@@ -183,6 +190,7 @@ def plan_brats(
         "resampling": copy.deepcopy(full.resampling),
         "num_input_channels": fp.num_channels + 1,
         "num_classes": full.num_classes,
+        "ignore_label": full.ignore_label,
     }
     nominal = int(opts.batch_size_3d * opts.patch_edge_3d**3 // math.prod(patch))
     dataset_voxels = float(np.prod(full.median_shape)) * fp.num_cases

@@ -20,6 +20,7 @@ from autounet.planning.fingerprint import (
 from autounet.planning.planner import PlannerOptions
 from autounet.planning.plans import Plans, save_plans
 from autounet.planning.recipes import check_recipe, has_background_info, plan_with_recipe, regions_from_fingerprint
+from autounet.planning.transfer import load_source_plans, plans_from_source
 from autounet.regions import region_set_for_dataset
 from autounet.utils.atomic import atomic_write_json, read_json
 from autounet.workspace import Workspace
@@ -44,6 +45,21 @@ def claim_workspace(ws: Workspace, raw_root: Path) -> None:
             raise AutounetError(f"{ws.root} already holds the dataset from {owner}; choose another --name or --work")
 
 
+def _source_plans(
+    plans_from: str | Path | None,
+    recipe: str | None,
+    patch_size: list[int] | None,
+) -> Plans | None:
+    """The plans of ``--plans-from`` (None without it); they decide what a recipe would."""
+    if plans_from is None:
+        return None
+    if recipe is not None or patch_size is not None:
+        raise AutounetError(
+            "--plans-from takes the source's recipe and patch: give it without --recipe or --patch-size"
+        )
+    return load_source_plans(plans_from)
+
+
 def fingerprint_dataset(raw: str | Path, workers: int | None = None) -> tuple[CheckReport, Fingerprint]:
     """Check the dataset and, if it is valid, compute its fingerprint (one read per case)."""
     report = check_dataset(raw, workers=workers, compute_stats=True)
@@ -62,6 +78,8 @@ def plan_dataset(
     options: PlannerOptions | None = None,
     recipe: str | None = None,
     patch_size: list[int] | None = None,
+    plans_from: str | Path | None = None,
+    plans_from_label: str | None = None,
 ) -> PlanResult:
     """Check, fingerprint and plan a raw dataset into ``W/NAME/``.
 
@@ -69,9 +87,12 @@ def plan_dataset(
     (same dataset.json, names, sizes and modification times) unless ``force``. ``recipe``:
     ``nnunet`` (default, seed 001) or ``brats`` (seed 004's recipe, see
     :mod:`autounet.planning.recipes`); ``patch_size`` overrides the brats recipe's 128³ patch
-    (a CPU convenience).
+    (a CPU convenience). ``plans_from``: a planned workspace folder or a plans.json whose
+    networks the plans keep (:mod:`autounet.planning.transfer`; instead of ``recipe``), named in
+    the plans' notes as ``plans_from_label`` (default: its path).
     """
-    recipe = check_recipe(recipe)
+    source = _source_plans(plans_from, recipe, patch_size)
+    recipe = check_recipe(source.recipe if source is not None else recipe)
     raw = Path(raw)
     dataset, findings = parse_raw_dataset(raw)
     errors = [str(f) for f in findings if f.severity == "error"]
@@ -91,7 +112,12 @@ def plan_dataset(
             fp = None  # an older fingerprint without the corner values the brats preset needs
     if fp is None:
         report, fp = fingerprint_dataset(raw, workers)
-    plans = plan_with_recipe(fp, recipe, region_set_for_dataset(dataset), options, patch_size)
+    if source is not None:
+        plans = plans_from_source(
+            source, fp, plans_from_label or str(plans_from), region_set_for_dataset(dataset), options
+        )
+    else:
+        plans = plan_with_recipe(fp, recipe, region_set_for_dataset(dataset), options, patch_size)
 
     atomic_write_json(ws.dataset_json, {**dataset.descriptor, "raw_path": str(dataset.root), "layout": dataset.layout})
     if report is not None:
@@ -106,10 +132,19 @@ def plan_from_fingerprint(
     options: PlannerOptions | None = None,
     recipe: str | None = None,
     patch_size: list[int] | None = None,
+    plans_from: str | Path | None = None,
+    plans_from_label: str | None = None,
 ) -> PlanResult:
-    """Plan from a fingerprint.json alone (no images needed); writes ``W/NAME/plans.json``."""
+    """Plan from a fingerprint.json alone (no images needed); writes ``W/NAME/plans.json``.
+    ``plans_from``: as :func:`plan_dataset`."""
+    source = _source_plans(plans_from, recipe, patch_size)
     fp = load_fingerprint(fingerprint)
-    plans = plan_with_recipe(fp, recipe, regions_from_fingerprint(fp), options, patch_size)
+    if source is not None:
+        plans = plans_from_source(
+            source, fp, plans_from_label or str(plans_from), regions_from_fingerprint(fp), options
+        )
+    else:
+        plans = plan_with_recipe(fp, recipe, regions_from_fingerprint(fp), options, patch_size)
     if Path(fingerprint).resolve() != ws.fingerprint_json.resolve():
         save_fingerprint(fp, ws.fingerprint_json)
     save_plans(plans, ws.plans_json)

@@ -9,6 +9,9 @@ The ET threshold (0.3-0.7, step 0.05) and the voxel counts (0-100) were chosen b
 the cross-validation predictions, maximising the mean of the WT, TC and ET Dice.
 
 Components use 26-connectivity (``EtRule.connectivity``); the paper does not say which.
+
+Sparse annotations (``ignore_label``): reference voxels of the ignore label count in no Dice of the
+grid search; the rule itself still sees whole components (sizes, mean probabilities).
 """
 
 from __future__ import annotations
@@ -198,10 +201,13 @@ def _et_dice_grid(
     mps: np.ndarray,
     cvs: np.ndarray,
     tvs: np.ndarray,
+    counted: np.ndarray | None = None,
 ) -> np.ndarray:
     """ET Dice ``(M, C, V)`` of every rule on one case, from its ET components' sizes, probability
-    sums and true positives (index 0 is background and ignored)."""
+    sums and true positives (index 0 is background and ignored); ``counted``: the components'
+    voxels that count in Dice (annotated ones), default all."""
     s, q, tp = sizes[1:].astype(np.float64), psum[1:], tps[1:]
+    a = s if counted is None else counted[1:].astype(np.float64)
     shape = (len(mps), len(cvs), len(tvs))
     if s.size == 0:
         return np.full(shape, 1.0 if ref_count == 0 else 0.0)
@@ -211,10 +217,11 @@ def _et_dice_grid(
     total = (keep * s).sum(-1)
     prob = (keep * q).sum(-1)
     hits = (keep * tp).sum(-1)
+    scored = (keep * a).sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(total > 0, prob / np.maximum(total, 1), np.inf)
     drop_all = (total[..., None] > 0) & (total[..., None] < tvs) & (mean[..., None] < mps[:, None, None])
-    pred = np.where(drop_all, 0.0, total[..., None])
+    pred = np.where(drop_all, 0.0, scored[..., None])
     hits = np.where(drop_all, 0.0, hits[..., None])
     denom = pred + ref_count
     return np.where(denom == 0, 1.0, 2.0 * hits / np.maximum(denom, 1))
@@ -255,6 +262,7 @@ def _case_sums(
     grid: _Grid,
     load_probabilities: Callable[[ArrayOrPath], np.ndarray],
     load_reference: Callable[[ArrayOrPath], np.ndarray],
+    ignore_label: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sums over ``items`` of the other regions' Dice ``(T, R-1)`` and of the ET Dice ``(T, M, C, V)``.
 
@@ -276,6 +284,7 @@ def _case_sums(
                 f"does not match {n_r} regions and the reference shape {ref.shape}"
             )
         ref_masks = labels_to_regions(ref, rs)
+        annotated = np.ones(ref.shape, dtype=bool) if ignore_label is None else ref != ignore_label
         masks = region_masks(probs, rs, [*rs.thresholds[:-1], np.inf])
         no_et = np.zeros(ref.shape, dtype=np.int64)
         for r in range(et):
@@ -286,7 +295,7 @@ def _case_sums(
             for q in rs.enclosing(et):
                 gate &= masks[q]
         base_tp = [int(np.count_nonzero(base[r] & ref_masks[r])) for r in range(et)]
-        base_pn = [int(np.count_nonzero(base[r])) for r in range(et)]
+        base_pn = [int(np.count_nonzero(base[r] & annotated)) for r in range(et)]
         ref_n = [int(np.count_nonzero(ref_masks[r])) for r in range(n_r)]
         box = _bbox(gate & (probs[et] >= grid.thresholds.min()))
         for t, thr in enumerate(grid.thresholds):
@@ -299,22 +308,24 @@ def _case_sums(
                 if et_mask is not None:
                     old = base[r][box][et_mask]
                     ref_in = ref_masks[r][box][et_mask]
+                    scored = annotated[box][et_mask]
                     if in_region[r]:  # ET voxels join region r where they were outside it
-                        pn += int(np.count_nonzero(~old))
+                        pn += int(np.count_nonzero(~old & scored))
                         tp += int(np.count_nonzero(~old & ref_in))
                     else:
-                        pn -= int(np.count_nonzero(old))
+                        pn -= int(np.count_nonzero(old & scored))
                         tp -= int(np.count_nonzero(old & ref_in))
                 other[t, r] += _region_dice(tp, pn, ref_n[r])
             if et_mask is None or not et_mask.any():
-                sizes = psum = tps = np.zeros(1)
+                sizes = psum = tps = counted = np.zeros(1)
             else:
                 cc, n = _components(et_mask, grid.connectivity)
                 flat = cc.ravel()
                 sizes = np.bincount(flat, minlength=n + 1)
                 psum = np.bincount(flat, weights=np.asarray(probs[et][box], np.float64).ravel(), minlength=n + 1)
                 tps = np.bincount(flat, weights=ref_masks[et][box].ravel(), minlength=n + 1)
-            et_sum[t] += _et_dice_grid(sizes, psum, tps, ref_n[et], grid.mps, grid.cvs, grid.tvs)
+                counted = np.bincount(flat, weights=annotated[box].ravel(), minlength=n + 1)
+            et_sum[t] += _et_dice_grid(sizes, psum, tps, ref_n[et], grid.mps, grid.cvs, grid.tvs, counted)
     return other, et_sum
 
 
@@ -329,6 +340,7 @@ def grid_search_et_rule(
     load_probabilities: Callable[[ArrayOrPath], np.ndarray] | None = None,
     load_reference: Callable[[ArrayOrPath], np.ndarray] | None = None,
     workers: int = 1,
+    ignore_label: int | None = None,
 ) -> tuple[EtRule, EtGridTable]:
     """Choose the ET threshold and rule on cross-validation predictions (seed 004 §2.5).
 
@@ -339,6 +351,7 @@ def grid_search_et_rule(
     is scored from their sizes, probability sums and hits. The WT and TC Dice do not depend on the
     rule (demoted ET stays in TC and WT). Ties go to the threshold nearest the region set's, then
     the smallest ``total_voxels``, ``component_voxels`` and the probability nearest 0.9.
+    ``ignore_label``: reference voxels of that value (sparse annotations) count in no Dice.
     """
     if not cases:
         raise AutounetError("the ET grid search needs at least one cross-validation case")
@@ -361,6 +374,7 @@ def grid_search_et_rule(
         grid=grid,
         load_probabilities=load_probabilities or _load_probabilities,
         load_reference=load_reference or _load_reference,
+        ignore_label=ignore_label,
     )
     parts = map_cases(fn, chunks, workers, "ET grid search")
     n = len(items)

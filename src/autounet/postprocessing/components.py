@@ -17,6 +17,10 @@ NaN for that class and is left out of that class's mean. A step that changes no 
 and is adopted: the CV predictions already have the property the step enforces.
 
 Components use 26-connectivity (8 in 2D arrays), as the fingerprint counts them.
+
+Sparse annotations (``ignore_label``): reference voxels of the ignore label count in no Dice of the
+decision. Components are still those of the whole prediction (that is what the steps act on); only
+their annotated voxels are counted.
 """
 
 from __future__ import annotations
@@ -206,6 +210,7 @@ def _case_dice(
     candidates: tuple[int, ...],
     connectivity: int,
     load: Callable[[ArrayOrPath], np.ndarray],
+    ignore_label: int | None = None,
 ) -> _CaseDice:
     """Every Dice the decision needs for one case, from two component labellings.
 
@@ -238,8 +243,15 @@ def _case_dice(
     cc, n = _components(p, connectivity)
     fg_cc, n_fg = _components(p > 0, connectivity)
     flat = cc.ravel()
-    sizes = np.bincount(flat, minlength=n + 1)
-    tps = np.bincount(flat, weights=(p == r).ravel() & (p > 0).ravel(), minlength=n + 1)
+    sizes = np.bincount(flat, minlength=n + 1)  # decide which component is the largest
+    # counted in Dice: every voxel, or only the annotated ones (sparse annotations)
+    hit = (p == r) & (p > 0)
+    counted = sizes
+    if ignore_label is not None:
+        annotated = r != ignore_label
+        counted = np.bincount(flat, weights=annotated.ravel(), minlength=n + 1)
+        hit &= annotated
+    tps = np.bincount(flat, weights=hit.ravel(), minlength=n + 1)
     comp_class = np.zeros(n + 1, dtype=np.int64)
     comp_class[flat] = p.ravel()
     comp_fg = np.zeros(n + 1, dtype=np.int64)
@@ -252,7 +264,7 @@ def _case_dice(
     in_fg = in_raw & (comp_fg == kept_fg)
 
     def counts(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pn = np.array([sizes[members & (comp_class == c)].sum() for c in cls], dtype=np.int64)
+        pn = np.array([counted[members & (comp_class == c)].sum() for c in cls], dtype=np.int64)
         tp = np.array([tps[members & (comp_class == c)].sum() for c in cls], dtype=np.float64)
         return tp, pn
 
@@ -278,7 +290,7 @@ def _case_dice(
                 dice[j] = _dice(tp0[k : k + 1], pn0[k : k + 1], ref_n[k : k + 1])[0]
                 continue
             best = _largest(own, sizes)
-            dice[j] = _dice(np.array([tps[best]]), np.array([sizes[best]]), ref_n[k : k + 1])[0]
+            dice[j] = _dice(np.array([tps[best]]), np.array([counted[best]]), ref_n[k : k + 1])[0]
             changed[j] = True
     return out
 
@@ -307,6 +319,7 @@ def decide_postprocessing(
     connectivity: int = CONNECTIVITY,
     load: Callable[[ArrayOrPath], np.ndarray] | None = None,
     workers: int = 1,
+    ignore_label: int | None = None,
 ) -> PostprocessingDecision:
     """Choose the component steps on cross-validation predictions (seed 001 §2.5, DESIGN §4.6).
 
@@ -315,7 +328,8 @@ def decide_postprocessing(
     its Dice per class is computed raw, after the foreground step, and after each candidate's step
     on both bases, which is all the greedy decision needs. ``classes`` are the evaluated label
     values (foreground classes of the dataset); ``candidates`` ⊆ ``classes`` are those allowed a
-    per-class step (usually :func:`single_component_classes` of the fingerprint).
+    per-class step (usually :func:`single_component_classes` of the fingerprint). ``ignore_label``:
+    reference voxels of that value (sparse annotations) count in no Dice.
     """
     classes = tuple(int(c) for c in classes)
     candidates = tuple(int(c) for c in candidates)
@@ -327,7 +341,12 @@ def decide_postprocessing(
     if not cases:
         raise AutounetError("post-processing needs at least one cross-validation case")
     fn = functools.partial(
-        _case_dice, classes=classes, candidates=candidates, connectivity=connectivity, load=load or _load_label
+        _case_dice,
+        classes=classes,
+        candidates=candidates,
+        connectivity=connectivity,
+        load=load or _load_label,
+        ignore_label=ignore_label,
     )
     per_case = map_cases(fn, list(cases), workers, "post-processing")
 
@@ -354,6 +373,8 @@ def decide_postprocessing(
         },
         "classes": {},
     }
+    if ignore_label is not None:
+        evidence["ignore_label"] = int(ignore_label)
     base = fg if use_fg else raw
     final = base.copy()
     kept: list[int] = []

@@ -3,7 +3,9 @@
 Forward, for training and inference alike: crop to the box of the nonzero region (widened to
 every labelled voxel when a label is given), permute the axes into network order, resample to
 the configuration's target spacing (cubic spline for images, nearest neighbour or one-hot linear
-for labels, the coarse axis on its own for anisotropic data), normalise per channel.
+for labels, the coarse axis on its own for anisotropic data), normalise per channel. An ignore
+label (sparse annotations) is one more class index here, so both label interpolations keep it:
+nearest copies it, one-hot linear interpolates its map like any class's.
 
 Seed 004 (the ``brats`` preset) adds two plan fields: ``background`` (per channel, the value that
 counts as zero for cropping and the nonzero mask; those voxels are 0 after normalisation) and
@@ -71,9 +73,20 @@ class PreprocessedCase:
     properties: CaseProperties
 
 
-def label_values(labels: dict[str, str]) -> list[int]:
-    """Declared label values in class-index order (index i stands for ``values[i]``)."""
-    return sorted(int(v) for v in labels)
+def label_values(labels: dict[str, str], ignore_label: int | None = None) -> list[int]:
+    """Declared label values in class-index order (index i stands for ``values[i]``).
+
+    With ``ignore_label`` (a plan's, absent from its ``labels``) it comes last: being the highest
+    value, its class index is the number of classes.
+    """
+    return sorted(int(v) for v in labels) + ([int(ignore_label)] if ignore_label is not None else [])
+
+
+def ignore_index(plan: ConfigurationPlan, values: list[int]) -> int | None:
+    """The class index of ``plan``'s ignore label in ``values`` (:func:`label_values`), or None."""
+    if plan.ignore_label is None or plan.ignore_label not in values:
+        return None
+    return values.index(plan.ignore_label)
 
 
 def preprocess_key(plan: ConfigurationPlan, values: list[int], options: PreprocessOptions) -> str:
@@ -91,6 +104,8 @@ def preprocess_key(plan: ConfigurationPlan, values: list[int], options: Preproce
         relevant["background"] = plan.background
     if plan.foreground_channel:
         relevant["foreground_channel"] = True
+    if plan.ignore_label is not None:  # the same values as a dense dataset's, other locations
+        relevant["ignore_label"] = plan.ignore_label
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -190,7 +205,9 @@ def preprocess_case(
     image_r = image_r.astype(options.image_dtype, copy=False)
 
     if seg_r is not None:
-        locations, info = sample_class_locations(seg_r, len(values), case_id)
+        ignore = ignore_index(plan, values)
+        classes = len(values) - (1 if ignore is not None else 0)
+        locations, info = sample_class_locations(seg_r, classes, case_id, ignore)
     else:
         locations, info = np.zeros((0, 4), np.int32), {}
     props = CaseProperties(

@@ -1,4 +1,10 @@
-"""Voxel coordinates of each class, stored for foreground-centred patch sampling."""
+"""Voxel coordinates of each class, stored for foreground-centred patch sampling.
+
+Sparse annotations: the ignore label is never a class to oversample. In a case that has ignored
+voxels, rows of class :data:`ANNOTATED` (0, background, which is otherwise never stored) hold a
+sample of the annotated voxels (any class but ignore), so that the sampler can centre its random
+patches on annotated voxels; a uniformly placed patch may hold none.
+"""
 
 from __future__ import annotations
 
@@ -17,20 +23,38 @@ MIN_FRACTION = 0.01
 # ...and up to this many from every connected component, so that small structures (a lesion
 # beside a large organ of the same class) are reachable by the sampler.
 SAMPLES_PER_COMPONENT = 50
+# Rows of this class are annotated voxels (cases with ignored voxels only).
+ANNOTATED = 0
+
+
+def _annotated_rows(seg: np.ndarray, ignore_index: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows ``(ANNOTATED, z, y, x)`` of a uniform sample of the voxels that are not ``ignore_index``."""
+    flat = np.flatnonzero(seg.ravel() != ignore_index)
+    n = flat.size
+    keep = min(n, max(SAMPLES_PER_CLASS, math.ceil(n * MIN_FRACTION)))
+    chosen = np.sort(rng.choice(flat, size=keep, replace=False)) if keep < n else flat
+    coords = np.stack(np.unravel_index(chosen, seg.shape), axis=1)
+    rows = np.concatenate([np.full((coords.shape[0], 1), ANNOTATED), coords], axis=1).astype(np.int32)
+    return rows, {"voxels": int(n), "stored": int(coords.shape[0])}
 
 
 def sample_class_locations(
-    seg: np.ndarray, num_classes: int, seed_text: str
+    seg: np.ndarray, num_classes: int, seed_text: str, ignore_index: int | None = None
 ) -> tuple[np.ndarray, dict[int, dict[str, int]]]:
     """Coordinates ``(N, 1 + ndim)`` int32 rows ``(class, z, y, x)`` sorted by class, and per-class counts.
 
     Every voxel of a class is kept when there are few; otherwise a uniform sample plus a few from
-    each connected component (``components`` is then reported too).
+    each connected component (``components`` is then reported too). Classes are ``1 ..
+    num_classes - 1``; ``ignore_index`` (sparse annotations) is none of them, and when ``seg``
+    holds it, rows of class :data:`ANNOTATED` sample the other voxels.
 
     Deterministic for a given ``seed_text`` (the case id).
     """
     rng = np.random.default_rng(zlib.crc32(seed_text.encode()))
     rows, info = [], {}
+    if ignore_index is not None and bool(np.any(seg == ignore_index)):
+        annotated, info[ANNOTATED] = _annotated_rows(seg, ignore_index, rng)
+        rows.append(annotated)
     for k in range(1, num_classes):
         mask = seg == k
         box = bounding_box(mask)

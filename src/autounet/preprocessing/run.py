@@ -156,7 +156,7 @@ def preprocess_dataset(
     start = time.perf_counter()
     plans = load_plans(ws.plans_json)
     dataset = _raw_dataset(ws)
-    values = label_values(plans.labels)
+    values = label_values(plans.labels, plans.ignore_label)
     targets = _targets(ws, plans, configurations, values, options)
 
     with exclusive(ws.preprocess_lock, "`autounet preprocess`"):

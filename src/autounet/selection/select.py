@@ -169,6 +169,7 @@ def _score_ensemble_case(
         settings.get("regions"),
         settings.get("tolerance_mm", 1.0),
         settings.get("empty", "nan"),
+        settings.get("ignore_label"),
     )
     return case, metrics
 
@@ -224,7 +225,7 @@ def rank_candidates(
 
 
 def _components_postprocessing(
-    ws: Workspace, pairs: list[tuple[Path, Path]], labels: list[int], workers: int
+    ws: Workspace, pairs: list[tuple[Path, Path]], labels: list[int], workers: int, ignore_label: int | None = None
 ) -> ComponentsPostprocessing:
     from autounet.planning.fingerprint import load_fingerprint
     from autounet.postprocessing.components import decide_postprocessing, single_component_classes
@@ -234,7 +235,7 @@ def _components_postprocessing(
     candidates = [
         c for c in single_component_classes([c.components_per_class for c in fingerprint.cases]) if c in classes
     ]
-    decision = decide_postprocessing(pairs, classes, candidates, workers=workers)
+    decision = decide_postprocessing(pairs, classes, candidates, workers=workers, ignore_label=ignore_label)
     final = decision.evidence["final"]
     raw = decision.evidence["foreground"]
     return ComponentsPostprocessing(
@@ -248,7 +249,7 @@ def _components_postprocessing(
 
 
 def _brats_postprocessing(
-    pairs: list[tuple[Path, Path]], region_set: RegionSet, workers: int
+    pairs: list[tuple[Path, Path]], region_set: RegionSet, workers: int, ignore_label: int | None = None
 ) -> EtPostprocessing | None:
     from autounet.postprocessing.brats_et import et_labels, grid_search_et_rule
 
@@ -256,7 +257,7 @@ def _brats_postprocessing(
         et_labels(region_set)
     except AutounetError:
         return None  # not a nested tumour region set: the ET rule does not apply
-    rule, table = grid_search_et_rule(pairs, region_set, workers=workers)
+    rule, table = grid_search_et_rule(pairs, region_set, workers=workers, ignore_label=ignore_label)
     grid_search = from_plain(EtGridSearch, table.summary(), "grid_search")
     return EtPostprocessing(
         rule=rule,
@@ -289,10 +290,11 @@ def select(ws: Workspace, configurations: list[str] | None = None, workers: int 
         _pair_candidate(members[0], members[1], common, references, workers, write_to=out)
         pairs = [(out / f"{c}.nii.gz", references[c]) for c in common]
         prob_pairs = [(out / f"{c}.npz", references[c]) for c in common]
+    ignore_label = members[0].evaluation.settings.get("ignore_label")  # sparse annotations: not scored
     if members[0].regions:
-        postprocessing = _brats_postprocessing(prob_pairs, members[0].regions, workers)
+        postprocessing = _brats_postprocessing(prob_pairs, members[0].regions, workers, ignore_label)
     else:
-        postprocessing = _components_postprocessing(ws, pairs, members[0].labels, workers)
+        postprocessing = _components_postprocessing(ws, pairs, members[0].labels, workers, ignore_label)
     selection = Selection(
         dataset=ws.name,
         metric="mean foreground Dice over the cross-validation cases",

@@ -25,6 +25,7 @@ from autounet.training.distributed import Distributed, barrier, differentiable_s
 from autounet.training.loader import default_loader_threads
 from autounet.training.losses import DeepSupervisionLoss
 from autounet.training.options import TrainOptions
+from autounet.training.pretrained import WeightTransfer, load_matching_weights, pretrained_checkpoint
 from autounet.training.sampler import PatchSampler, SamplerSettings
 from autounet.training.schedule import Schedule, TrainingPreset, load_training_preset, make_optimizer
 from autounet.training.setup import (
@@ -73,6 +74,8 @@ class Run:
     train_cases: list[str]
     val_cases: list[str]
     threads: int
+    pretrained: WeightTransfer | None = None  # what --pretrained loaded (a new run only)
+    initialised_from: dict[str, Any] | None = None  # the run's record of it (kept by its checkpoints)
 
 
 def parse_fold(fold: int | str) -> int | str:
@@ -142,6 +145,9 @@ def assemble_run(
         raise AutounetError(
             f"{fold_dir} already holds a run (checkpoint_latest.pt): add --resume to continue it, or remove the folder to start over"
         )
+    pretrained_file = (
+        pretrained_checkpoint(options.pretrained, options.configuration) if options.pretrained and not stored else None
+    )
 
     if stored is None:
         preset = apply_loss_options(load_training_preset(options.preset or planned.training_preset), options)
@@ -250,7 +256,11 @@ def assemble_run(
             )
         spec = stored_spec
     torch.manual_seed(options.seed)
-    network = UNet(spec).to(device)
+    network = UNet(spec)
+    transfer = None
+    if pretrained_file is not None:
+        transfer = load_matching_weights(network, options.pretrained_label or str(options.pretrained), pretrained_file)
+    network = network.to(device)
     model = network
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -286,5 +296,7 @@ def assemble_run(
         train_cases=train_cases,
         val_cases=val_cases,
         threads=options.loader_threads or default_loader_threads(device),
+        pretrained=transfer,
+        initialised_from=transfer.record() if transfer else (stored or {}).get("initialised_from"),
     )
     return run, stored

@@ -4,6 +4,11 @@
 Targets are class indices ``(B, 1, *spatial)`` for softmax losses and binary region maps
 ``(B, R, *spatial)`` for region losses. Losses are computed in float32 whatever the network's
 precision.
+
+Sparse annotations (nnU-Net v2's ignore label): unannotated voxels count in no loss term. Softmax
+losses take ``ignore_index``, the class index that marks them (the number of network outputs);
+region targets mark them with :data:`IGNORED_REGION_TARGET` in every region. The mask comes from
+the target, so nearest down-sampling for deep supervision carries it to every level.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 SMOOTH = 1e-5  # keeps Dice defined for classes absent from both prediction and target
+# Region targets hold this (in every region) at unannotated voxels; real targets are 0 or 1.
+IGNORED_REGION_TARGET = -1.0
 
 
 def one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -23,6 +30,23 @@ def one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def annotated_targets(target: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class indices with ignored voxels set to 0, and the ``(B, 1, *S)`` float mask of annotated
+    voxels (None without an ignore index)."""
+    if ignore_index is None:
+        return target, None
+    annotated = target != ignore_index
+    return torch.where(annotated, target, torch.zeros_like(target)), annotated.float()
+
+
+def _masked_mean(voxelwise: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the annotated voxels (0 when there are none: the term then has no gradient)."""
+    if mask is None:
+        return voxelwise.mean()
+    mask = mask.expand_as(voxelwise)
+    return (voxelwise * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def soft_dice(
@@ -52,34 +76,59 @@ def soft_dice(
 
 
 class DiceLoss:
-    """``-mean Dice`` of the softmax outputs (seed 001 eq. 2): -1 for a perfect prediction."""
+    """``-mean Dice`` of the softmax outputs (seed 001 eq. 2): -1 for a perfect prediction.
 
-    def __init__(self, batch_dice: bool, include_background: bool = True, reduce: Reduce | None = None):
+    ``ignore_index``: voxels of that class index count neither in the prediction nor the target.
+    """
+
+    def __init__(
+        self,
+        batch_dice: bool,
+        include_background: bool = True,
+        reduce: Reduce | None = None,
+        ignore_index: int | None = None,
+    ):
         self.batch_dice = batch_dice
         self.include_background = include_background
         self.reduce = reduce
+        self.ignore_index = ignore_index
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=1)
+        target, mask = annotated_targets(target, self.ignore_index)
         onehot = one_hot(target, logits.shape[1])
+        if mask is not None:
+            probs, onehot = probs * mask, onehot * mask
         return -soft_dice(probs, onehot, self.batch_dice, self.include_background, reduce=self.reduce)
 
 
 class CrossEntropyLoss:
+    """Mean cross-entropy over the voxels (the annotated ones, with ``ignore_index``)."""
+
+    def __init__(self, ignore_index: int | None = None):
+        self.ignore_index = ignore_index
+
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), target[:, 0].long())
+        if self.ignore_index is None:
+            return F.cross_entropy(logits.float(), target[:, 0].long())
+        target, mask = annotated_targets(target, self.ignore_index)
+        ce = F.cross_entropy(logits.float(), target[:, 0].long(), reduction="none")
+        return _masked_mean(ce, mask[:, 0])
 
 
 class FocalLoss:
-    """Multi-class focal loss (Lin et al.) on softmax outputs: mean of ``-(1 - p_t)^gamma log p_t``."""
+    """Multi-class focal loss (Lin et al.) on softmax outputs: mean of ``-(1 - p_t)^gamma log p_t``
+    (over the annotated voxels, with ``ignore_index``)."""
 
-    def __init__(self, gamma: float = 2.0):
+    def __init__(self, gamma: float = 2.0, ignore_index: int | None = None):
         self.gamma = gamma
+        self.ignore_index = ignore_index
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target, mask = annotated_targets(target, self.ignore_index)
         ce = F.cross_entropy(logits.float(), target[:, 0].long(), reduction="none")
         p_t = torch.exp(-ce)
-        return ((1 - p_t) ** self.gamma * ce).mean()
+        return _masked_mean((1 - p_t) ** self.gamma * ce, None if mask is None else mask[:, 0])
 
 
 class DiceCELoss:
@@ -95,36 +144,43 @@ class DiceCELoss:
         reduce: Reduce | None = None,
         focal: bool = False,
         gamma: float = 2.0,
+        ignore_index: int | None = None,
     ):
-        self.dice = DiceLoss(batch_dice, include_background, reduce)
-        self.ce = FocalLoss(gamma) if focal else CrossEntropyLoss()
+        self.dice = DiceLoss(batch_dice, include_background, reduce, ignore_index)
+        self.ce = FocalLoss(gamma, ignore_index) if focal else CrossEntropyLoss(ignore_index)
         self.dice_weight, self.ce_weight = dice_weight, ce_weight
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.dice_weight * self.dice(logits, target) + self.ce_weight * self.ce(logits, target)
 
 
-def focal_with_logits(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Binary focal loss (Lin et al.), mean over voxels: ``-(1 - p_t)^gamma log p_t``."""
+def focal_with_logits(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Binary focal loss (Lin et al.), mean over voxels (those where ``mask`` is 1): ``-(1 - p_t)^gamma log p_t``."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = torch.exp(-bce)
-    return ((1 - p_t) ** gamma * bce).mean()
+    return _masked_mean((1 - p_t) ** gamma * bce, mask)
 
 
 class RegionLoss:
     """Per region: BCE (or Focal, gamma 2) + (1 - batch Dice) on sigmoid outputs, averaged over
-    regions (seed 004 §2.4). Targets are binary maps ``(B, R, *S)``."""
+    regions (seed 004 §2.4). Targets are binary maps ``(B, R, *S)``; voxels holding
+    :data:`IGNORED_REGION_TARGET` are unannotated and count in no term."""
 
     def __init__(self, focal: bool = False, gamma: float = 2.0, batch_dice: bool = True, reduce: Reduce | None = None):
         self.focal, self.gamma, self.batch_dice, self.reduce = focal, gamma, batch_dice, reduce
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()
+        # Always masked (a mask of ones for dense labels): no host sync to find out.
+        mask = (target[:, :1] >= 0).float()
+        target, probs = target.clamp_min(0), torch.sigmoid(logits) * mask
         if self.focal:
-            voxelwise = focal_with_logits(logits, target, self.gamma)
+            voxelwise = focal_with_logits(logits, target, self.gamma, mask)
         else:
-            voxelwise = F.binary_cross_entropy_with_logits(logits, target)
-        probs = torch.sigmoid(logits)
+            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            voxelwise = _masked_mean(bce, mask)
         return voxelwise + 1 - soft_dice(probs, target, self.batch_dice, include_background=True, reduce=self.reduce)
 
 

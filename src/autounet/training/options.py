@@ -37,6 +37,10 @@ class TrainOptions:
     deeper: bool = False  # seed 004's 64, 96, 128, 192, 256, 384, 512 encoder
     width_multiplier: float | None = None  # every stage's features times this
     foreground_channel: bool | None = None  # False: drop the one-hot foreground input channel
+    # A run to start from (training/pretrained.py): checkpoint, fold, configuration or workspace
+    # folder; used only when the fold starts from scratch (a resume continues its own checkpoint).
+    pretrained: str | None = None
+    pretrained_label: str | None = None  # how logs name the source (e.g. the package .zip); None: pretrained
 
     def validate(self) -> TrainOptions:
         """Refuse impossible numbers with one clear message each (before anything is read or written)."""

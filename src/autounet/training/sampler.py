@@ -6,6 +6,11 @@ where a region leaves the volume; 2D slices drawn from 3D volumes for 2D configu
 previous cascade stage's prediction as extra one-hot channels. Every batch is a pure function of
 (seed, batch index), whatever the thread that computes it.
 
+Sparse annotations: the ignore label is never a foreground class (the stored locations hold real
+classes only); in a case with ignored voxels a patch that is not forced onto foreground is centred
+on a random annotated voxel (the stored :data:`~autounet.preprocessing.locations.ANNOTATED`
+rows), so that every patch holds annotated voxels.
+
 Each sample is the *sample size* region (see :mod:`augmentation.spatial`) centred on the final
 patch's position; the augmenter crops it to the patch.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from autounet.errors import AutounetError
+from autounet.preprocessing.locations import ANNOTATED
 from autounet.preprocessing.store import case_paths
 from autounet.training.augmentation.cascade import remove_random_component
 from autounet.utils.loaders import load_npy
@@ -111,7 +117,10 @@ class PatchSampler:
             if previous.shape != seg.shape:
                 raise AutounetError(f"{path}: shape {previous.shape} differs from the case's {seg.shape}")
         classes = np.unique(locations[:, 0]) if locations.size else np.zeros(0, np.int32)
-        entry = (image, seg, locations, classes, previous)
+        annotated = locations[locations[:, 0] == ANNOTATED, 1:] if locations.size else None
+        if annotated is not None and not annotated.size:
+            annotated = None
+        entry = (image, seg, locations, classes[classes != ANNOTATED], previous, annotated)
         with self._lock:
             self._open[case_id] = entry
             self._open.move_to_end(case_id)
@@ -167,13 +176,15 @@ class PatchSampler:
         channels = slice(None) if s.stored_channels is None else slice(0, s.stored_channels)
         for i in range(s.batch_size):
             case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
-            image, seg, locations, classes, previous = self._case(case_id)
+            image, seg, locations, classes, previous, annotated = self._case(case_id)
             voxel = None
             if forced[i] and classes.size:
                 k = classes[int(rng.integers(classes.size))]
                 rows = np.flatnonzero(locations[:, 0] == k)
                 voxel = locations[rows[int(rng.integers(rows.size))], 1:]
                 fg[i] = True
+            elif annotated is not None:  # sparse annotations: a random patch around annotated voxels
+                voxel = annotated[int(rng.integers(annotated.shape[0]))]
             if self.dims == 2:
                 z = int(voxel[0]) if voxel is not None else int(rng.integers(seg.shape[0]))
                 plane = seg.shape[1:]

@@ -10,6 +10,10 @@ run and inference rebuild exactly the same thing: the network switches in the
 Region plans (``plan.regions``) train one sigmoid output per region with BCE (or Focal) + batch
 Dice per region; their targets are made on the device after augmentation: class indices (the
 sampler's) -> label values -> region maps.
+
+Sparse annotations (``plan.ignore_label``): the stored class index of unannotated voxels is
+``plan.num_classes`` (the ignore label is the highest value); softmax losses leave that index out,
+region targets mark those voxels with ``IGNORED_REGION_TARGET`` so region losses do too.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from autounet.planning.plans import ConfigurationPlan
 from autounet.planning.topology import NVIDIA_FEATURES
 from autounet.preprocessing.case import label_values
 from autounet.regions import RegionSet, labels_to_regions_torch
-from autounet.training.losses import DeepSupervisionLoss, DiceCELoss, Reduce, RegionLoss
+from autounet.training.losses import IGNORED_REGION_TARGET, DeepSupervisionLoss, DiceCELoss, Reduce, RegionLoss
 from autounet.training.options import TrainOptions
 from autounet.training.schedule import TrainingPreset
 
@@ -96,6 +100,11 @@ def region_set(plan: ConfigurationPlan) -> RegionSet | None:
     return plan.regions
 
 
+def ignore_index(plan: ConfigurationPlan) -> int | None:
+    """The stored class index of unannotated voxels (the classes come first), or None."""
+    return plan.num_classes if plan.ignore_label is not None else None
+
+
 def build_losses(
     plan: ConfigurationPlan, preset: TrainingPreset, reduce: Reduce | None = None
 ) -> tuple[DeepSupervisionLoss, Any]:
@@ -109,21 +118,33 @@ def build_losses(
         train = RegionLoss(focal=preset.focal_loss, batch_dice=plan.batch_dice, reduce=reduce)
         validation = RegionLoss(focal=preset.focal_loss, batch_dice=plan.batch_dice)
     else:
-        train = DiceCELoss(plan.batch_dice, reduce=reduce, focal=preset.focal_loss)
-        validation = DiceCELoss(plan.batch_dice, focal=preset.focal_loss)
+        ignore = ignore_index(plan)
+        train = DiceCELoss(plan.batch_dice, reduce=reduce, focal=preset.focal_loss, ignore_index=ignore)
+        validation = DiceCELoss(plan.batch_dice, focal=preset.focal_loss, ignore_index=ignore)
     return DeepSupervisionLoss(train, normalize=preset.deep_supervision_normalized), validation
 
 
 class RegionTargets:
-    """Class indices ``(B, 1, *S)`` (index i = the i-th declared label value) -> float region maps ``(B, R, *S)``."""
+    """Class indices ``(B, 1, *S)`` (index i = the i-th declared label value) -> float region maps
+    ``(B, R, *S)``; the ignore index (when given) becomes ``IGNORED_REGION_TARGET`` in every region."""
 
-    def __init__(self, regions: RegionSet, labels: dict[str, str], device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        regions: RegionSet,
+        labels: dict[str, str],
+        device: torch.device | str = "cpu",
+        ignore_label: int | None = None,
+    ):
         self.regions = regions
-        self.values = torch.as_tensor(label_values(labels), dtype=torch.long, device=device)
+        self.values = torch.as_tensor(label_values(labels, ignore_label), dtype=torch.long, device=device)
+        self.ignore_index = len(self.values) - 1 if ignore_label is not None else None
 
     def __call__(self, seg: torch.Tensor) -> torch.Tensor:
         values = self.values.to(seg.device)[seg.long().clamp(0, len(self.values) - 1)]
-        return labels_to_regions_torch(values, self.regions)
+        out = labels_to_regions_torch(values, self.regions)
+        if self.ignore_index is not None:
+            out = out.masked_fill(seg == self.ignore_index, IGNORED_REGION_TARGET)
+        return out
 
 
 @dataclass
@@ -157,5 +178,5 @@ def model_setup(
     spec = build_spec(plan, options)
     regions = region_set(plan)
     loss, validation = build_losses(plan, preset, reduce)
-    targets = RegionTargets(regions, labels, device) if regions is not None else None
+    targets = RegionTargets(regions, labels, device, plan.ignore_label) if regions is not None else None
     return ModelSetup(plan, preset, spec, regions, loss, validation, targets)

@@ -32,8 +32,9 @@ from autounet.training.checkpoint import load_checkpoint, rng_state, rng_state_f
 from autounet.training.distributed import agree, all_reduce_sum, barrier, gather_objects, shutdown
 from autounet.training.loader import BatchLoader
 from autounet.training.logbook import format_epoch, plot_progress, write_log
-from autounet.training.losses import one_hot
+from autounet.training.losses import annotated_targets, one_hot
 from autounet.training.options import TrainOptions
+from autounet.training.setup import ignore_index
 from autounet.training.step import LossTracker, must_stop, train_step
 from autounet.utils.atomic import make_folder
 from autounet.utils.plain_data import to_plain
@@ -87,6 +88,7 @@ def _checkpoint_content(run: Run, state: RunState, kind: str, rng: list[Any]) ->
         "training_preset": to_plain(run.preset),
         "augmentation_preset": to_plain(run.augmentation),
         "regions": to_plain(run.plan.regions) if run.plan.regions else None,
+        "initialised_from": run.initialised_from,  # --pretrained: the source run, and what was loaded
         "training": {
             "epoch": state.epoch,
             "step": state.step,
@@ -207,13 +209,18 @@ def _train_epoch(run: Run, state: RunState, epoch: int, deadline: float | None) 
 
 
 def _masks(run: Run, logits: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss target and boolean (prediction, truth) maps ``(B, K, *S)`` per foreground class or region."""
+    """Loss target and boolean (prediction, truth) maps ``(B, K, *S)`` per foreground class or
+    region; both are False at unannotated voxels (sparse annotations), which count in no Dice."""
     if run.targets is not None:  # regions: sigmoid > 0.5
         target = run.targets(seg)
-        return target, logits > 0, target > 0.5
+        return target, (logits > 0) & (target[:, :1] >= 0), target > 0.5
     k = logits.shape[1]
     pred = one_hot(logits.argmax(1, keepdim=True), k)[:, 1:] > 0
-    return seg, pred, one_hot(seg, k)[:, 1:] > 0
+    classes, annotated = annotated_targets(seg, ignore_index(run.plan))
+    truth = one_hot(classes, k)[:, 1:] > 0
+    if annotated is not None:
+        pred &= annotated > 0
+    return seg, pred, truth
 
 
 @torch.no_grad()
@@ -325,6 +332,10 @@ def _train(ws: Workspace, options: TrainOptions, hold: ExitStack) -> TrainResult
             + (f" x {run.info.world_size} processes" if run.info.enabled else "")
             + f", {run.preset.iterations_per_epoch} iterations per epoch, up to {run.preset.max_epochs} epochs"
         )
+        if run.pretrained is not None:
+            print(run.pretrained.format())
+        elif options.pretrained and stored is not None:
+            print(f"--pretrained {options.pretrained} not applied: a resumed run continues from its own checkpoint")
     stopped = "max_epochs"
     last_epoch_seconds = None
     while state.epoch < run.preset.max_epochs:

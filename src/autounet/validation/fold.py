@@ -64,11 +64,13 @@ def reference_labels(ws: Workspace) -> dict[str, Path]:
 
 
 def evaluation_settings(stage: StageModel) -> dict:
-    """Classes (softmax models) or regions with the BraTS convention (region models)."""
+    """Classes (softmax models) or regions with the BraTS convention (region models); reference
+    voxels of the plan's ignore label (sparse annotations) count in no metric."""
+    ignore = {"ignore_label": stage.plan.ignore_label} if stage.plan.ignore_label is not None else {}
     if stage.regions:
         regions = {r.name: list(r.labels) for r in stage.regions.regions}
-        return {"labels": None, "regions": regions, "empty": "one"}
-    return {"labels": [v for v in stage.label_values if v != 0], "regions": None, "empty": "nan"}
+        return {"labels": None, "regions": regions, "empty": "one", **ignore}
+    return {"labels": [v for v in stage.label_values if v != 0], "regions": None, "empty": "nan", **ignore}
 
 
 def is_validated(fold_dir: Path, step: int | None = None) -> bool:

@@ -1,0 +1,343 @@
+"""DICOM series as images: find the series in a folder tree, check their geometry, read them.
+
+A series (one SeriesInstanceUID) is one case and one image channel. SimpleITK's GDCM series
+reader finds the series of each folder and reads them; it places the volume from the first
+slice's position, the orientation of the slices and the mean gap between them, so a series
+whose slices are not one regular stack would be read into the wrong place without a word (ITK
+only prints a warning). Every file's header is therefore read first (ImagePositionPatient,
+ImageOrientationPatient, size, pixel spacing) and a series is refused, naming it and its folder,
+when its slices differ in size, pixel spacing or orientation, when two slices share a position,
+when the slices are not stacked along their normal (gantry tilt), when a gap is twice the others
+(a missing slice) or when the gaps differ by more than 1 % (at least 0.01 mm). A single slice,
+a multi-frame (enhanced) file and colour images are refused too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from autounet.data.geometry import Geometry
+from autounet.data.image_verify import name_problem
+from autounet.errors import AutounetError
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+GAP_TOLERANCE_RELATIVE = 0.01  # of the median gap between slices
+GAP_TOLERANCE_MM = 0.01  # at least: IPP values are often rounded to 2-6 decimals
+OFF_AXIS_TOLERANCE_VOXELS = 0.1  # of the smallest in-plane pixel spacing
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines, as for NIfTI geometry (data/geometry.py)
+
+_SERIES_UID = "0020|000e"
+_PATIENT_ID = "0010|0020"
+_SERIES_NUMBER = "0020|0011"
+_MODALITY = "0008|0060"
+_POSITION = "0020|0032"
+_ORIENTATION = "0020|0037"
+_FRAMES = "0028|0008"
+_ITK_PREFIX = re.compile(r"^.*ITK ERROR: \w+\(0x[0-9a-fA-F]+\):\s*")
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """The last line of an ITK exception, without ITK's source location and object address."""
+    text = str(exc).strip()
+    return _ITK_PREFIX.sub("", text.splitlines()[-1]) if text else "unknown error"
+
+
+@dataclass(frozen=True)
+class DicomSlice:
+    """What one file's header says about where its pixels are."""
+
+    path: Path
+    series_uid: str
+    position: tuple[float, float, float]  # ImagePositionPatient (mm, LPS)
+    orientation: tuple[float, ...]  # ImageOrientationPatient: row then column direction cosines
+    size: tuple[int, int]  # columns, rows
+    pixel_spacing: tuple[float, float]  # x (between columns), y (between rows), mm
+    patient_id: str
+    series_number: int | None
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series: its files in slice order (along the slice normal) and what names it."""
+
+    series_uid: str
+    files: tuple[Path, ...]
+    folders: tuple[Path, ...]
+    patient_id: str
+    series_number: int | None
+
+    def describe(self) -> str:
+        where = ", ".join(str(f) for f in self.folders)
+        return f"DICOM series {self.series_uid} (in {where})"
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """A DICOM ending or the ``DICM`` mark of a DICOM file (after its 128-byte preamble)."""
+    if path.name.upper() == "DICOMDIR":  # the index of a DICOM medium, not an image
+        return False
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise AutounetError(f"{path}: cannot read ({exc.strerror})") from None
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _folders_with_files(root: Path) -> list[Path]:
+    """``root`` and its subfolders (hidden ones skipped; links to folders not followed) that hold files."""
+    out = []
+    for folder, dirs, files in os.walk(root, onerror=_walk_error):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in [folder, *(os.path.join(folder, f) for f in files)]:
+            problem = name_problem(name)
+            if problem:  # SimpleITK would abort the process on it
+                raise AutounetError(problem)
+        if any(not f.startswith(".") for f in files):
+            out.append(Path(folder))
+    return out
+
+
+def _walk_error(exc: OSError) -> None:
+    raise AutounetError(f"{exc.filename}: cannot list the folder ({exc.strerror})")
+
+
+def _numbers(text: str, count: int, what: str, path: Path) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.strip().split("\\"))
+    except ValueError:
+        values = ()
+    if len(values) != count or not all(np.isfinite(values)):
+        raise AutounetError(f"{path}: invalid {what} {text.strip()!r} (expected {count} numbers)")
+    return values
+
+
+def read_slice_header(path: Path) -> DicomSlice:
+    """One file's header (no pixel data), checked to describe one grey-value slice placed in space."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise AutounetError(
+            f"{path}: cannot read this DICOM file as an image ({_itk_reason(exc)}): damaged, cut short, or not an image"
+        ) from None
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+    modality = tag(_MODALITY)
+    if modality == "SEG":
+        raise AutounetError(f"{path}: a DICOM SEG (a segmentation, not an image): keep segmentations out of the inputs")
+    frames = tag(_FRAMES)
+    size = reader.GetSize()
+    if (frames and frames.isdigit() and int(frames) > 1) or (len(size) > 2 and size[2] > 1):
+        raise AutounetError(
+            f"{path}: a multi-frame (enhanced) DICOM file ({frames or size[2]} frames): not supported; "
+            "convert the series to NIfTI (e.g. with dcm2niix) and predict that"
+        )
+    if reader.GetNumberOfComponents() != 1:
+        raise AutounetError(
+            f"{path}: a colour DICOM image ({reader.GetNumberOfComponents()} samples per pixel); only grey-value "
+            "series are read"
+        )
+    if not tag(_POSITION) or not tag(_ORIENTATION):
+        raise AutounetError(
+            f"{path}: no ImagePositionPatient (0020,0032) or ImageOrientationPatient (0020,0037) "
+            f"(modality {modality or 'unknown'}): its slice cannot be placed in space"
+        )
+    position = _numbers(tag(_POSITION), 3, "ImagePositionPatient (0020,0032)", path)
+    orientation = _numbers(tag(_ORIENTATION), 6, "ImageOrientationPatient (0020,0037)", path)
+    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    if (
+        abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE
+        or abs(np.linalg.norm(col) - 1) > ORIENTATION_TOLERANCE
+        or abs(float(row @ col)) > ORIENTATION_TOLERANCE
+    ):
+        raise AutounetError(
+            f"{path}: invalid ImageOrientationPatient (0020,0037) {tag(_ORIENTATION)!r}: not two orthogonal unit vectors"
+        )
+    spacing = reader.GetSpacing()
+    if not all(np.isfinite(spacing[:2])) or min(spacing[:2]) <= 0:
+        raise AutounetError(f"{path}: invalid pixel spacing {tuple(spacing[:2])}")
+    number = tag(_SERIES_NUMBER)
+    return DicomSlice(
+        path=path,
+        series_uid=tag(_SERIES_UID),
+        position=position,
+        orientation=orientation,
+        size=(int(size[0]), int(size[1])),
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        patient_id=tag(_PATIENT_ID),
+        series_number=int(number) if number.lstrip("-").isdigit() else None,
+    )
+
+
+def find_dicom_series(roots: Sequence[Path]) -> list[DicomSeries]:
+    """Every DICOM series under the folders ``roots`` (subfolders included), checked to be one
+    regular stack of slices (see the module's docstring), in SeriesInstanceUID order.
+
+    A series whose files lie in several folders is one series. A file that looks like DICOM (a
+    DICOM ending or the ``DICM`` mark) but belongs to no series GDCM can read is an error naming it.
+    """
+    by_uid: dict[str, dict[Path, DicomSlice]] = {}
+    folders_of: dict[str, list[Path]] = {}
+    for root in roots:
+        for folder in _folders_with_files(root):
+            claimed: set[Path] = set()  # resolved paths
+            try:
+                series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+            except RuntimeError as exc:
+                raise AutounetError(f"{folder}: cannot scan for DICOM series ({str(exc).strip()[-200:]})") from None
+            for series_id in series_ids:
+                names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+                for name in names:
+                    path = Path(name)
+                    claimed.add(path.resolve())
+                    header = read_slice_header(path)
+                    uid = header.series_uid or series_id
+                    by_uid.setdefault(uid, {})[path.resolve()] = header
+                    if folder not in folders_of.setdefault(uid, []):
+                        folders_of[uid].append(folder)
+            strays = [p for p in sorted(folder.iterdir()) if p.is_file() and p.resolve() not in claimed]
+            for stray in strays:
+                if not stray.name.startswith(".") and looks_like_dicom(stray):
+                    read_slice_header(stray)  # names what is wrong with it, when ITK can tell
+                    raise AutounetError(
+                        f"{stray}: a DICOM file that belongs to no readable series (damaged or cut short?)"
+                    )
+    return [_checked_series(uid, list(by_uid[uid].values()), folders_of[uid]) for uid in sorted(by_uid)]
+
+
+def _checked_series(uid: str, slices: list[DicomSlice], folders: list[Path]) -> DicomSeries:
+    where = f"DICOM series {uid} (in {', '.join(map(str, folders))})"
+    first = slices[0]
+    for s in slices[1:]:
+        if s.size != first.size:
+            raise AutounetError(
+                f"{where}: slices of different sizes ({s.path.name}: {s.size[0]}x{s.size[1]}, "
+                f"{first.path.name}: {first.size[0]}x{first.size[1]})"
+            )
+        if np.max(np.abs(np.subtract(s.orientation, first.orientation))) > ORIENTATION_TOLERANCE:
+            raise AutounetError(
+                f"{where}: slices of different orientations ({s.path.name} and {first.path.name}): "
+                "several stacks in one series (e.g. a localizer)?"
+            )
+        if np.max(np.abs(np.subtract(s.pixel_spacing, first.pixel_spacing))) > 1e-3 * min(first.pixel_spacing):
+            raise AutounetError(
+                f"{where}: slices of different pixel spacings ({s.path.name}: {s.pixel_spacing}, "
+                f"{first.path.name}: {first.pixel_spacing})"
+            )
+    if len(slices) == 1:
+        raise AutounetError(
+            f"{where}: a single slice ({first.path.name}); DICOM input is for volumes (series of at least 2 slices). "
+            "Predict a 2D image as a NIfTI file with a model trained on 2D images"
+        )
+    row, col = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    slices = sorted(slices, key=lambda s: (float(np.dot(s.position, normal)), str(s.path)))
+    along = np.array([float(np.dot(s.position, normal)) for s in slices])
+    gaps = np.diff(along)
+    median = float(np.median(gaps))
+    tolerance = max(GAP_TOLERANCE_RELATIVE * median, GAP_TOLERANCE_MM)
+    for i, gap in enumerate(gaps):
+        if gap <= tolerance:
+            raise AutounetError(
+                f"{where}: {slices[i].path.name} and {slices[i + 1].path.name} lie at the same position "
+                f"({along[i]:.3f} mm along the slice normal): duplicate slices, or several time points, echoes or "
+                "b-values in one series; give one stack per series"
+            )
+    offsets = np.asarray([s.position for s in slices]) - np.asarray(first.position)
+    in_plane = np.abs(offsets @ np.stack([row, col]).T).max(axis=1)
+    limit = max(OFF_AXIS_TOLERANCE_VOXELS * min(first.pixel_spacing), GAP_TOLERANCE_MM)
+    if in_plane.max() > limit:
+        worst = int(np.argmax(in_plane))
+        raise AutounetError(
+            f"{where}: the slices are not stacked along their normal ({slices[worst].path.name} is shifted by "
+            f"{in_plane[worst]:.3f} mm within its plane): a tilted gantry or sheared acquisition, which a volume "
+            "cannot represent; resample the series first"
+        )
+    odd = [i for i, gap in enumerate(gaps) if abs(gap - median) > tolerance]
+    if odd:
+        i = odd[0]
+        ratio = gaps[i] / median
+        missing = round(ratio) - 1
+        if missing >= 1 and abs(gaps[i] - round(ratio) * median) <= tolerance:
+            raise AutounetError(
+                f"{where}: incomplete: a gap of {gaps[i]:.3f} mm between {slices[i].path.name} and "
+                f"{slices[i + 1].path.name} where the others are {median:.3f} mm ({missing} slice(s) missing)"
+            )
+        raise AutounetError(
+            f"{where}: irregular slice spacing: gaps from {gaps.min():.3f} to {gaps.max():.3f} mm (first odd one "
+            f"{gaps[i]:.3f} mm, between {slices[i].path.name} and {slices[i + 1].path.name}); autounet reads "
+            "regular stacks only: resample the series first"
+        )
+    return DicomSeries(
+        series_uid=uid,
+        files=tuple(s.path for s in slices),
+        folders=tuple(folders),
+        patient_id=first.patient_id,
+        series_number=first.series_number,
+    )
+
+
+def read_dicom_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
+    """The series as ``(1, Z, Y, X)`` float32 (rescale slope and intercept applied) with its
+    geometry; Z in the order of :attr:`DicomSeries.files`. The geometry SimpleITK derives is
+    checked against the files' positions."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileNames([str(f) for f in series.files])
+    # float: each file's own rescale slope/intercept can give non-integer values (e.g. PET)
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise AutounetError(f"{series.describe()}: cannot read the series ({_itk_reason(exc)})") from None
+    if image.GetDimension() != 3 or image.GetSize()[2] != len(series.files):
+        raise AutounetError(
+            f"{series.describe()}: read as size {image.GetSize()} from {len(series.files)} files (expected one slice each)"
+        )
+    spacing = image.GetSpacing()
+    geometry = Geometry(
+        spacing=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
+        origin_xyz=tuple(float(v) for v in image.GetOrigin()),
+        direction_xyz=tuple(float(v) for v in image.GetDirection()),
+    )
+    _check_read_geometry(series, geometry)
+    array = sitk.GetArrayFromImage(image)[None]
+    if not np.isfinite(array).all():
+        raise AutounetError(f"{series.describe()}: the series holds NaN or infinite intensities")
+    return array, geometry
+
+
+def _check_read_geometry(series: DicomSeries, geometry: Geometry) -> None:
+    """The first slice's position is the origin, the normal the third axis, the gap the spacing
+    (what the headers say): a disagreement would put the segmentation in the wrong place."""
+    first, last = read_slice_header(series.files[0]), read_slice_header(series.files[-1])
+    direction = np.asarray(geometry.direction_xyz).reshape(3, 3)
+    expected_axis = (np.asarray(last.position) - np.asarray(first.position)) / (len(series.files) - 1)
+    problems = []
+    if np.max(np.abs(np.subtract(geometry.origin_xyz, first.position))) > GAP_TOLERANCE_MM:
+        problems.append(f"origin {geometry.origin_xyz} vs ImagePositionPatient {first.position}")
+    if np.max(np.abs(direction[:, 0] - first.orientation[:3])) > ORIENTATION_TOLERANCE or (
+        np.max(np.abs(direction[:, 1] - first.orientation[3:])) > ORIENTATION_TOLERANCE
+    ):
+        problems.append("in-plane directions differ from ImageOrientationPatient")
+    read_axis = direction[:, 2] * geometry.spacing[0]
+    if np.max(np.abs(read_axis - expected_axis)) > max(GAP_TOLERANCE_RELATIVE * geometry.spacing[0], GAP_TOLERANCE_MM):
+        problems.append(f"slice step {read_axis.round(4).tolist()} mm vs {expected_axis.round(4).tolist()} mm")
+    if problems:
+        raise AutounetError(
+            f"{series.describe()}: SimpleITK read another geometry than the files declare: " + "; ".join(problems)
+        )
