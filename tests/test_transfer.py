@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autounet.api import plan, preprocess, train
+from autounet.api import info, plan, preprocess, train
 from autounet.cli import main as cli
 from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 from autounet.errors import AutounetError
@@ -304,6 +304,8 @@ def test_a_fine_tuned_fold_records_its_source_and_a_resume_does_not_reload_it(pr
     out = capsys.readouterr().out
     assert "not applied: a resumed run continues from its own checkpoint" in out and "initialised from" not in out
     assert load_checkpoint(checkpoint_path(fold, "final"))["initialised_from"] == final["initialised_from"]
+    (described,) = [c for c in info(target / "target").configurations if c.name == "3d_fullres"]
+    assert described.initialised_from == f"{source} (dataset source, configuration 3d_fullres, fold 0, epoch 1)"
 
 
 def test_a_pretrained_network_of_another_topology_is_refused_before_training(pretrained: Path, tmp_path: Path, capsys):

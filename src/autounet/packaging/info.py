@@ -19,6 +19,7 @@ from autounet.packaging.open import open_package, package_sha256
 from autounet.planning.fingerprint import load_fingerprint
 from autounet.planning.plans import Plans, load_plans
 from autounet.selection_document import Selection, load_selection
+from autounet.training.checkpoint import load_checkpoint
 from autounet.utils.loaders import read_json
 from autounet.workspace import Workspace, checkpoint_path, fold_of
 
@@ -34,6 +35,7 @@ class ConfigurationInfo:
     folds: list[str]  # trained folds present (the model's folds when there is a selection)
     checkpoints: list[str]  # the checkpoint kinds `predict` loads for each fold
     previous_stage: str | None  # a cascade's first stage (part of the model too)
+    initialised_from: str | None = None  # `train --pretrained`: the source run its first fold started from
 
 
 @dataclass
@@ -174,9 +176,22 @@ def _configurations(ws: Workspace, plans: Plans, selection: Selection | None) ->
                 folds=folds,
                 checkpoints=predicted_checkpoints(ws.fold_dir(name, present[0])) if present else [],
                 previous_stage=plan.previous_stage,
+                initialised_from=_initialised_from(ws.fold_dir(name, present[0])) if present else None,
             )
         )
     return out
+
+
+def _initialised_from(fold_dir: Path) -> str | None:
+    """What a fold's training started from (``--pretrained``), from its final checkpoint's record."""
+    content = load_checkpoint(checkpoint_path(fold_dir, "final"), mmap=True)  # the tensors stay on disk
+    record = content.get("initialised_from")
+    if not isinstance(record, dict):
+        return None
+    origin = ", ".join(
+        f"{k} {record[k]}" for k in ("dataset", "configuration", "fold", "epoch") if record.get(k) is not None
+    )
+    return f"{record.get('source')} ({origin})" if origin else str(record.get("source"))
 
 
 def _trained_folds(ws: Workspace, configuration: str) -> list[str]:
@@ -264,6 +279,8 @@ def format_info(info: ModelInfo) -> str:
             f"  {c.name}{role}: {c.network_dims}D U-Net, spacing {_x([round(s, 4) for s in c.spacing])} mm, "
             f"patch {_x(c.patch_size)}, checkpoint(s) {', '.join(c.checkpoints) or '-'}"
         )
+        if c.initialised_from:
+            lines.append(f"    fine-tuned: initialised from {c.initialised_from}")
     if info.model is not None:
         lines.append(f"post-processing: {info.postprocessing or 'none'}")
         if info.cv_dice is not None or info.cv_cases is not None:
