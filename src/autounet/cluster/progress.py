@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import sys
 from types import ModuleType
 from typing import Any
 
-from tqdm import tqdm
-
-from autounet.utils.progress import progress_enabled
+from autounet.utils.progress import progress_bar
 
 
 class EventBoard:
@@ -36,15 +33,7 @@ class TaskProgress:
     """Lines on standard output and a bar of finished tasks on standard error."""
 
     def __init__(self, total: int, desc: str, unit: str):
-        self.bar = tqdm(
-            total=total,
-            desc=desc,
-            unit=unit,
-            disable=not progress_enabled(),
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
+        self.bar = progress_bar(total=total, desc=desc, unit=unit)
 
     def line(self, text: str) -> None:
         self.bar.clear()

@@ -22,17 +22,22 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
+def progress_bar(
+    items: Iterable[T] | None = None, total: int | None = None, desc: str = "", unit: str = "case"
+) -> tqdm:
+    """A bar with rate and ETA on standard error, shown only when progress is enabled."""
+    return tqdm(
+        items,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not progress_enabled(),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+
+
 def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "case") -> Iterator[T]:
     """Wrap ``items`` in a progress bar with rate and ETA when progress is enabled."""
-    return iter(
-        tqdm(
-            items,
-            total=total,
-            desc=desc,
-            unit=unit,
-            disable=not progress_enabled(),
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
-    )
+    return iter(progress_bar(items, total, desc, unit))
