@@ -31,6 +31,7 @@ class ConfigurationInfo:
     name: str
     network_dims: int
     spacing: list[float]  # mm, network order
+    transpose_forward: list[int]  # raw (Z, Y, X) axis -> network axis
     patch_size: list[int]
     folds: list[str]  # trained folds present (the model's folds when there is a selection)
     checkpoints: list[str]  # the checkpoint kinds `predict` loads for each fold
@@ -172,6 +173,7 @@ def _configurations(ws: Workspace, plans: Plans, selection: Selection | None) ->
                 name=name,
                 network_dims=plan.network_dims,
                 spacing=list(plan.spacing),
+                transpose_forward=list(plan.transpose_forward),
                 patch_size=list(plan.patch_size),
                 folds=folds,
                 checkpoints=predicted_checkpoints(ws.fold_dir(name, present[0])) if present else [],
@@ -277,7 +279,13 @@ def format_info(info: ModelInfo) -> str:
             role = f" (folds {', '.join(c.folds)})"
         lines.append(
             f"  {c.name}{role}: {c.network_dims}D U-Net, spacing {_x([round(s, 4) for s in c.spacing])} mm, "
-            f"patch {_x(c.patch_size)}, checkpoint(s) {', '.join(c.checkpoints) or '-'}"
+            f"patch {_x(c.patch_size)}"
+            + (
+                f" (network axes: raw axes {c.transpose_forward})"
+                if c.transpose_forward != sorted(c.transpose_forward)
+                else ""
+            )
+            + f", checkpoint(s) {', '.join(c.checkpoints) or '-'}"
         )
         if c.initialised_from:
             lines.append(f"    fine-tuned: initialised from {c.initialised_from}")
