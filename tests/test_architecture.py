@@ -28,9 +28,10 @@ WORKSPACE_NAMES = {
     "report.md",
     "next_stage",
     "ensembles",
+    "console.log",
 }
 # Pieces of names built with an f-string.
-WORKSPACE_PIECES = ("checkpoint_", "_previous.npy", "fold_")
+WORKSPACE_PIECES = ("checkpoint_", "_previous.npy", "fold_", ".autounet-shared-")
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
