@@ -42,7 +42,7 @@ from autounet.planning.fingerprint import load_fingerprint
 from autounet.planning.plans import load_plans
 from autounet.selection_document import load_selection
 from autounet.training.checkpoint import load_checkpoint
-from autounet.utils.loaders import read_json, read_text
+from autounet.utils.loaders import read_json, read_text, regular_file
 from autounet.utils.temporary import remove_stale_temporaries, temporary_prefix
 from autounet.workspace import (
     Workspace,
@@ -78,15 +78,7 @@ def package_sha256(path: str | Path) -> str:
 def open_package(path: str | Path) -> Path:
     """The workspace folder (``W/NAME``) of the model package ``path`` (a ``.zip`` made by
     `autounet package`), verified and unpacked into the cache on first use, reused after."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise AutounetError(f"{path}: model package not found") from None
-    except OSError as exc:
-        raise AutounetError(f"{path}: cannot read the package ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AutounetError(f"{path}: not a model package file (a folder or a special file)")
+    path = regular_file(path, "model package", "cannot read the package")
     digest = package_sha256(path)
     entry = package_cache_entry(digest)
     if entry.exists():

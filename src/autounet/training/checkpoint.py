@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from autounet.errors import AutounetError
 from autounet.utils.atomic import atomic_write
+from autounet.utils.loaders import regular_file
 from autounet.utils.temporary import write_failure
 
 CHECKPOINT_FORMAT = "autounet-checkpoint"
@@ -43,15 +43,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
     ``mmap``: map the tensors instead of reading them (cheap when only the plain data is wanted).
     """
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise AutounetError(f"{path}: checkpoint not found") from None
-    except OSError as exc:
-        raise AutounetError(f"{path}: checkpoint cannot be read ({exc.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise AutounetError(f"{path}: not a checkpoint file (a folder or a special file)")
+    path = regular_file(path, "checkpoint", "checkpoint cannot be read")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -21,6 +22,21 @@ import numpy as np
 from autounet.errors import AutounetError
 
 _JSON_TYPES = {dict: "a JSON object", list: "a JSON list"}
+
+
+def regular_file(path: str | Path, kind: str, unreadable: str) -> Path:
+    """``path`` if it is a regular file; else one error: ``PATH: KIND not found``, ``PATH:
+    UNREADABLE (reason)`` or ``PATH: not a KIND file (a folder or a special file)``."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise AutounetError(f"{path}: {kind} not found") from None
+    except OSError as exc:
+        raise AutounetError(f"{path}: {unreadable} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise AutounetError(f"{path}: not a {kind} file (a folder or a special file)")
+    return path
 
 
 def read_json(path: str | Path, expect: type | None = None) -> Any:
