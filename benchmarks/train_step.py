@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py ../shared/data/hippocampus 3d_fullres [--work W] [--iterations N]
     python benchmarks/train_step.py ../shared/data/hippocampus 3d_fullres --precision fp32 bf16
+    python benchmarks/train_step.py ../shared/data/hippocampus 3d_fullres --recipe resenc-m --batch-size 2
+    python benchmarks/train_step.py ../shared/data/hippocampus 3d_fullres --recipes nnunet resenc-m --batch-size 2
 
 Uses the trainer's own run and step (the plan's network and batch size, the training preset's
 optimiser, autocast on CUDA, gradient clipping). Peak memory: resident set of this process (and CUDA's peak allocation on a GPU).
@@ -22,14 +24,71 @@ import torch
 from data_pipeline import interleaved_iterations
 
 
-def _planned_workspace(args, tmp: Path):
-    """``args.raw`` planned and preprocessed for ``args.configuration`` (in ``--work``, else ``tmp``)."""
+def _planned_workspace(args, tmp: Path, recipe: str | None = None):
+    """``args.raw`` planned (with ``recipe``, else ``--recipe``) and preprocessed for
+    ``args.configuration`` (in ``--work``, else ``tmp``)."""
     from autounet.api import plan, preprocess
 
     work = args.work or tmp
-    planned = plan(args.raw, work=work, name=args.raw.resolve().name)
+    recipe = recipe or args.recipe
+    memory = args.gpu_memory_target if recipe not in (None, "nnunet", "brats") else None
+    name = args.raw.resolve().name + (f"_{recipe}" if recipe else "")
+    planned = plan(args.raw, work=work, name=name, recipe=recipe, gpu_memory_target_gb=memory)
     preprocess(planned.workspace.name, work=work, configurations=[args.configuration])
     return planned.workspace
+
+
+def compare_recipes(args) -> int:
+    """The trainer's step of each recipe's network (same configuration, ``--batch-size`` or each
+    plan's batch), each on one augmented batch of its own, interleaved A, B, A, B after a warm-up
+    step each, so that every network sees the same machine state."""
+    from autounet.training.assemble import assemble_run
+    from autounet.training.options import TrainOptions
+    from autounet.training.step import train_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs, batches = {}, {}
+        for r in args.recipes:
+            ws = _planned_workspace(args, Path(tmp), r)
+            options = TrainOptions(
+                args.configuration, "all", augmentation=args.preset, device=str(device), batch_size=args.batch_size
+            )
+            runs[r], _ = assemble_run(ws, options)
+            runs[r].model.train()
+            batch = runs[r].train_sampler.batch(10_000)
+            batches[r] = runs[r].augmenter(
+                torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed
+            )
+        times: dict[str, list[float]] = {r: [] for r in runs}
+        for i in range(args.iterations + 1):
+            for r, run in runs.items():
+                start = time.perf_counter()
+                train_step(run, *batches[r], run.preset.optimizer.lr)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i:
+                    times[r].append(time.perf_counter() - start)
+    base = statistics.median(times[args.recipes[0]])
+    result = {
+        "dataset": str(args.raw),
+        "configuration": args.configuration,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "recipes": {
+            r: {
+                "batch_size": runs[r].batch_size,
+                "patch_size": runs[r].plan.patch_size,
+                "parameters": sum(p.numel() for p in runs[r].model.parameters()),
+                "s_per_step": round(statistics.median(t), 3),
+                "steps": [round(x, 3) for x in t],
+                "time_ratio": round(statistics.median(t) / base, 2),
+            }
+            for r, t in times.items()
+        },
+    }
+    print(json.dumps(result))
+    return 0
 
 
 def compare_precisions(args) -> int:
@@ -90,6 +149,9 @@ def main() -> int:
     parser.add_argument("--preset", default="paper", help="augmentation preset")
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--recipe", help="planning recipe (default: nnunet), e.g. resenc-m")
+    parser.add_argument("--gpu-memory-target", type=float, help="--recipe nnunetv2 / resenc-*: GB")
+    parser.add_argument("--batch-size", type=int, help="instead of the plan's (compare networks at one batch)")
     parser.add_argument(
         "--precision",
         nargs="+",
@@ -97,7 +159,16 @@ def main() -> int:
         help="compare training precisions (fp32, bf16, auto, ...) on one ready batch, steps interleaved A, B, A, B; "
         "prints seconds per step and the speed-up over the first",
     )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        metavar="R",
+        help="compare the recipes' networks (e.g. nnunet resenc-m) on ready batches, steps interleaved; prints "
+        "seconds per step and the ratio to the first",
+    )
     args = parser.parse_args()
+    if args.recipes:
+        return compare_recipes(args)
     if args.precision:
         return compare_precisions(args)
 
@@ -108,7 +179,9 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         ws = _planned_workspace(args, Path(tmp))
-        options = TrainOptions(args.configuration, "all", augmentation=args.preset, device=str(device))
+        options = TrainOptions(
+            args.configuration, "all", augmentation=args.preset, device=str(device), batch_size=args.batch_size
+        )
         run, _ = assemble_run(ws, options)
         threads = args.threads or default_loader_threads(device)
         batch = run.train_sampler.batch(10_000)
@@ -123,6 +196,8 @@ def main() -> int:
     result = {
         "dataset": str(args.raw),
         "configuration": args.configuration,
+        "recipe": args.recipe or "nnunet",
+        "parameters": sum(p.numel() for p in run.model.parameters()),
         "device": str(device),
         "batch_size": b,
         "patch_size": run.plan.patch_size,

@@ -252,3 +252,15 @@ def test_every_api_function_has_explicit_arguments_and_a_docstring():
 
     for name in commands:
         assert getattr(autounet, name) is getattr(api, name)
+
+
+def test_running_out_of_memory_is_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys):
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    import autounet.api
+
+    monkeypatch.setattr(autounet.api, "check", exhausted)
+    assert main(["check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "autounet check: error: out of memory (the machine could not allocate enough)"

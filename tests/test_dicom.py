@@ -77,6 +77,7 @@ def write_series(
     positions=None,
     shift=None,
     names=None,
+    rescale=None,
 ) -> Path:
     """Write ``volume`` (Z, Y, X) as one DICOM file per slice: slice k at ``origin + positions[k] *
     normal`` (default ``k * spacing[0]``), plus ``shift[k]`` in the plane when given. Files are named
@@ -109,6 +110,8 @@ def write_series(
         }
         if series_number is not None:
             tags["0020|0011"] = str(series_number)
+        if rescale is not None:  # (slope, intercept) of slice k; the writer stores (value - b) / m
+            tags["0028|1053"], tags["0028|1052"] = (str(v) for v in rescale[k])
         for key, value in tags.items():
             image.SetMetaData(key, value)
         name = names[k] if names is not None else f"IM{volume.shape[0] - k:04d}.dcm"
@@ -200,6 +203,20 @@ def test_a_series_is_read_in_slice_order_with_the_geometry_of_its_headers(tmp_pa
     reference = series_image(folder)
     np.testing.assert_allclose(geometry.origin_xyz, reference.GetOrigin(), atol=1e-6)
     np.testing.assert_allclose(geometry.direction_xyz, reference.GetDirection(), atol=1e-6)
+
+
+def test_a_series_is_decoded_in_an_integer_type_unless_its_slices_rescale_differently(tmp_path):
+    volume = blob_volume() // 2 * 2  # even: a slope of 2 stores them exactly
+    write_series(tmp_path / "same", volume, rescale=[(1, -1024)] * 7)
+    write_series(tmp_path / "mixed", volume, uid=ROOT_UID + ".2", rescale=[(1, -1024)] * 3 + [(2, 0)] * 4)
+    same, mixed = find_dicom_series([tmp_path])
+    assert same.integer_rescale and not mixed.integer_rescale
+    image = read_dicom_series(same)[0]
+    assert image.dtype.kind == "i"  # not float32: half the memory or less for 16-bit data
+    np.testing.assert_array_equal(image[0], volume)
+    image = read_dicom_series(mixed)[0]  # each slice's own slope and intercept: float32
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image[0], volume)
 
 
 def test_a_series_split_over_two_folders_is_one_case(tmp_path):

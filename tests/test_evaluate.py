@@ -201,3 +201,28 @@ def test_cli_evaluate_exit_codes(folders, tmp_path: Path, capsys):
     assert main(["evaluate", str(pred), str(ref), "--regions", "WT:1"]) == 2
     assert main(["evaluate", str(pred), str(tmp_path / "missing")]) == 2
     assert "missing: reference folder or file not found" in capsys.readouterr().err
+
+
+def test_an_undeclared_value_only_the_references_hold_is_not_scored_as_a_class(tmp_path: Path, capsys):
+    """Sparse references (3 = ignore) without a dataset.json beside them: value 3 is refused as a
+    class, with the two ways out; --ignore-label 3 or a dataset.json declaring it evaluates 1 and 2."""
+    pred, ref = tmp_path / "pred", tmp_path / "data" / "labelsTr"
+    for case, (p, r) in CASES.items():
+        sparse = r.copy()
+        sparse[::2] = 3
+        write(pred / f"{case}.nii.gz", p, SPACING)
+        write(ref / f"{case}.nii.gz", sparse, SPACING)
+    assert main(["evaluate", str(pred), str(ref), "-j", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ref}: value 3 is in the references and in no prediction" in err
+    assert "give --ignore-label 3" in err and "give --labels 1 2 3" in err and len(err.strip().splitlines()) == 1
+    assert not (pred / "evaluation.json").exists()
+    assert main(["evaluate", str(pred), str(ref), "-j", "1", "--ignore-label", "3"]) == 0
+    assert list(json.loads((pred / "evaluation.json").read_text())["mean"]) == ["1", "2"]
+    assert main(["evaluate", str(pred), str(ref), "-j", "1", "--labels", "1", "2", "3"]) == 0  # a class, if you say so
+    (tmp_path / "data" / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}})
+    )
+    assert main(["evaluate", str(pred), str(ref), "-j", "1"]) == 0
+    data = json.loads((pred / "evaluation.json").read_text())
+    assert list(data["mean"]) == ["1", "2"] and data["settings"]["ignore_label"] == 3

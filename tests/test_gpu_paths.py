@@ -30,6 +30,27 @@ CUDA = torch.device("cuda", 1)  # a descriptor only: nothing runs on it
 CPU = torch.device("cpu")
 
 
+def test_cuda_n_is_checked_against_the_devices_present(monkeypatch):
+    """Issue 21: ``cuda:7`` on a machine with 2 GPUs was accepted and failed later, deep inside torch."""
+    from autounet.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda") and resolve_device(None) == torch.device("cuda")
+    assert resolve_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    with pytest.raises(
+        AutounetError, match=r"'cuda:2' requested but this machine has 2 CUDA device\(s\) \(cuda:0 to cuda:1\)"
+    ):
+        resolve_device("cuda:2")
+    with pytest.raises(AutounetError, match="unknown device"):
+        resolve_device("cuda:-1")
+    assert resolve_device("cpu") == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(AutounetError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+
+
 def test_bf16_only_from_ampere_on_else_fp16_with_a_scaler():
     assert autocast_dtype_for((7, 5)) == torch.float16  # T4, RTX 20xx: no cuDNN bf16 convolutions
     assert autocast_dtype_for((7, 0)) == torch.float16  # V100
@@ -54,8 +75,9 @@ def test_training_precision_from_the_device_facts():
 
 def test_the_budget_counts_the_fold_ensemble_and_the_activations():
     volume = (100, 200, 200)
-    # input (C) + one network's probabilities (K) + weights (1) + the ensemble's running total (K)
-    assert accumulator_bytes(2, 3, volume) == 4 * 100 * 200 * 200 * (2 + 2 * 3 + 1)
+    # input (C, float32) + one network's probabilities (K, float16) + weights (1, float32) + the
+    # ensemble's running total (K, float16) + one class's float32 quotient while normalising (1)
+    assert accumulator_bytes(2, 3, volume) == 100 * 200 * 200 * (4 * 2 + 2 * 2 * 3 + 4 + 4)
     assert activation_bytes((128, 128, 128), 4) > activation_bytes((128, 128, 128), 1) > 0
     gib = 2**30
     assert not fits_in_memory(5 * gib, free=4 * gib, reserved_unused=0)

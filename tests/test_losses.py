@@ -103,3 +103,41 @@ def test_losses_work_in_float32_from_half_precision_logits():
     target, perfect = target_and_perfect_logits()
     out = DiceCELoss(batch_dice=False)(perfect.half(), target)
     assert out.dtype == torch.float32 and torch.isfinite(out)
+
+
+def _sparse(seed: int = 0, shape=(2, 3, 6, 7, 8), ignore_index: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=g, requires_grad=True)
+    target = torch.randint(0, shape[1], (shape[0], 1, *shape[2:]), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.6] = ignore_index
+    return logits, target
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_ignore_index_losses_equal_the_masked_mean_they_replace(focal):
+    from autounet.training.losses import FocalLoss
+
+    logits, target = _sparse()
+    annotated = (target != 3)[:, 0]
+    safe = torch.where(target == 3, torch.zeros_like(target), target)[:, 0]
+    ce = F.cross_entropy(logits, safe, reduction="none")
+    voxelwise = (1 - torch.exp(-ce)) ** 2 * ce if focal else ce
+    expected = (voxelwise * annotated).sum() / annotated.sum()
+    loss = FocalLoss(ignore_index=3) if focal else CrossEntropyLoss(ignore_index=3)
+    assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss(logits, target), logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_a_patch_without_annotated_voxels_has_a_zero_loss_and_no_nan_gradient(focal):
+    """F.cross_entropy's own mean is NaN here (0 / 0): a coarse deep-supervision level can be all ignore."""
+    from autounet.training.losses import FocalLoss
+
+    logits, target = _sparse()
+    target[:] = 3
+    loss = (FocalLoss if focal else CrossEntropyLoss)(ignore_index=3)
+    value = loss(logits, target)
+    (grad,) = torch.autograd.grad(value, logits)
+    assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))

@@ -13,6 +13,9 @@ import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -33,7 +36,8 @@ from autounet.pipeline.run import RunOptions, run_pipeline
 from autounet.planning.plans import load_plans
 from autounet.selection_document import Winner, load_selection
 from autounet.training.checkpoint import load_checkpoint
-from autounet.utils.temporary import PREFIX, _host_token
+from autounet.utils.loaders import read_json
+from autounet.utils.temporary import PREFIX, STALE_AFTER_S, _host_token, remove_stale_temporaries, temporary_prefix
 from autounet.workspace import Workspace, checkpoint_path, package_cache_dir, package_complete_marker
 
 TINY = dict(epochs=1, iterations_per_epoch=2, validation_iterations=1)
@@ -131,14 +135,14 @@ def test_the_manifest_names_versions_description_license_and_every_files_checksu
             data = archive.read(f"tiny/{name}")
             assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         dataset = json.loads(archive.read("tiny/dataset.json"))
-    assert manifest["format"] == "autounet-model-package" and manifest["format_version"] == 1
+    assert manifest["format"] == "autounet-model-package" and manifest["format_version"] == 2
     assert manifest["autounet_version"] == __version__
     assert manifest["torch_version"] == torch.__version__
     assert manifest["description"] == "tiny test model" and manifest["license"] == "CC0-1.0"
     assert manifest["created"].endswith("+00:00")
-    for document in ("plans.json", "selection.json", "dataset.json", "fingerprint.json", "report.md"):
+    for document in ("plans.json", "selection.json", "dataset.json", "fingerprint.json"):
         assert document in manifest["files"]
-    assert any(n.startswith("report/") and n.endswith(".png") for n in manifest["files"])
+    assert manifest["workspace_model"]["folds"] == [0, 1]
     assert "raw_path" not in dataset and "training" not in dataset and dataset["labels"]["2"] == "class_2"
 
 
@@ -277,7 +281,7 @@ BAD_PACKAGES = {
         dict(replace={PLANS: lambda data: data.replace(b'"tiny"', b'"tinz"', 1)}),
         "checksum mismatch: tiny/plans.json differs from the manifest",
     ),
-    "missing_file": (dict(drop=("report.md",)), "report.md listed in the manifest but missing"),
+    "missing_file": (dict(drop=("fingerprint.json",)), "fingerprint.json listed in the manifest but missing"),
     "extra_file": (dict(add={"results/2d/notes.json": b"{}"}), "results/2d/notes.json in the package but not"),
     "parent_path": (dict(add={"tiny/../escape.json": b"{}"}), "would leave the package's folder"),
     "absolute_path": (dict(add={"/etc/escape.json": b"{}"}), "absolute or unsafe path"),
@@ -289,7 +293,7 @@ BAD_PACKAGES = {
         dict(add={"pipe.json": b""}, attributes={"pipe.json": stat.S_IFIFO | 0o644}),
         "not a regular file or folder",
     ),
-    "format_version": (dict(manifest_edit=_set(["format_version"], 2)), "package format version 2 is not supported"),
+    "format_version": (dict(manifest_edit=_set(["format_version"], 3)), "package format version 3 is not supported"),
     "no_manifest": (dict(drop=("manifest.json",)), "no tiny/manifest.json"),
     "manifest_field_missing": (dict(manifest_edit=_set(["license"], KeyError)), "missing field 'license'"),
     "manifest_field_mistyped": (
@@ -306,7 +310,7 @@ BAD_PACKAGES = {
         "results/2d/fold_0/checkpoint_final.pt",
     ),
     "png_not_a_png": (
-        dict(replace={"report/training_curves.png": b"<svg/>"}, listed=True),
+        dict(add={"report/training_curves.png": b"<svg/>"}, listed=True),
         "not a PNG picture",
     ),
     "malformed_selection": (
@@ -375,16 +379,20 @@ def test_a_concurrent_unpack_of_the_same_package_uses_the_first_copy(trained):
     root = open_package(package)
     digest = package_open.package_sha256(package)
     # a second process that verified the package before the first renamed its copy into place
-    again = package_open._unpack(package, package_open._list_package(package), digest)
+    with open(package, "rb") as fh:
+        listing = package_open._list_package(fh, package)
+    again = package_open._unpack(package, package, listing, digest, None)
     assert again == root
     assert [p.name for p in package_cache_dir().iterdir()] == [digest]
 
 
-def test_a_changed_unpacked_copy_is_reported_not_used(trained):
+def test_a_changed_unpacked_copy_is_not_used_but_rebuilt_from_the_package(trained):
     root = open_package(trained["package"])
-    checkpoint_path(root / "results" / "2d" / "fold_0", "final").unlink()
-    with pytest.raises(AutounetError, match="incomplete or was changed; delete this folder"):
-        open_package(trained["package"])
+    final = checkpoint_path(root / "results" / "2d" / "fold_0", "final")
+    original = final.read_bytes()
+    final.unlink()
+    assert open_package(trained["package"]) == root
+    assert final.read_bytes() == original
 
 
 def test_info_describes_a_workspace_and_a_package(trained, capsys):
@@ -403,7 +411,7 @@ def test_info_describes_a_workspace_and_a_package(trained, capsys):
         assert info.postprocessing == selection.chosen_postprocessing().describe()
     assert of_workspace.package is None
     details = of_package.package
-    assert details.license == "CC0-1.0" and details.description == "tiny test model" and details.format_version == 1
+    assert details.license == "CC0-1.0" and details.description == "tiny test model" and details.format_version == 2
     assert details.torch_version == torch.__version__ and details.sha256 == package_open.package_sha256(package)
     assert main(["info", str(package)]) == 0
     printed = capsys.readouterr().out
@@ -411,3 +419,298 @@ def test_info_describes_a_workspace_and_a_package(trained, capsys):
     assert f"mean foreground Dice {selection.ranking[0].foreground_dice:.4f}" in printed
     assert main(["info", str(ws.root)]) == 0
     assert "workspace" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Files from strangers (issue 21): old torch, one read, caps, the cache, contents, temporaries
+# ---------------------------------------------------------------------------------------------
+
+
+def test_packages_and_checkpoints_are_refused_on_a_torch_whose_safe_loader_is_unsafe(trained, monkeypatch, cache):
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
+    with pytest.raises(AutounetError, match=r"torch 2\.9\.1\+cpu cannot load model files safely.*torch>=2\.10"):
+        open_package(trained["package"])
+    final = checkpoint_path(trained["ws"].fold_dir("2d", 0), "final")
+    with pytest.raises(AutounetError, match=re.escape(f"{final}: refused: torch 2.9.1+cpu")):
+        load_checkpoint(final)
+    assert nothing_in(cache)
+
+
+def test_a_package_swapped_while_it_is_opened_is_keyed_by_what_was_unpacked(trained, tmp_path, monkeypatch):
+    genuine = trained["package"].read_bytes()
+    other = craft(trained["package"], tmp_path / "b.zip", manifest_edit=_set(["description"], "package B"))
+    target = tmp_path / "model.zip"
+    target.write_bytes(genuine)
+    hash_stream = package_open.sha256_of_stream
+    swapped = []
+
+    def hash_then_swap(stream, *args):
+        result = hash_stream(stream, *args)
+        if not swapped:  # the package is replaced right after its first hash
+            swapped.append(True)
+            os.replace(other, target)
+        return result
+
+    monkeypatch.setattr(package_open, "sha256_of_stream", hash_then_swap)
+    root = open_package(target)
+    monkeypatch.setattr(package_open, "sha256_of_stream", hash_stream)
+    assert root.parent.name == hashlib.sha256(target.read_bytes()).hexdigest()  # the key is what was unpacked
+    assert json.loads((root / "manifest.json").read_bytes())["description"] == "package B"
+    # the genuine package opens as itself, never as B
+    target.write_bytes(genuine)
+    again = open_package(target)
+    assert again.parent.name == hashlib.sha256(genuine).hexdigest()
+    assert json.loads((again / "manifest.json").read_bytes())["description"] == "tiny test model"
+
+
+def _zip_with(package: Path, out: Path, extra: dict[str, bytes], compress: bool = True) -> Path:
+    """``package`` with ``extra`` files added (listed in the manifest with their true checksums)."""
+    entries = _entries(package)
+    manifest = json.loads(dict((i.filename, d) for i, d in entries)["tiny/manifest.json"])
+    for name, data in extra.items():
+        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with zipfile.ZipFile(out, "w") as archive:
+        for info, data in entries:
+            archive.writestr(info, json.dumps(manifest).encode() if info.filename.endswith("manifest.json") else data)
+        for name, data in extra.items():
+            info = zipfile.ZipInfo(f"tiny/{name}")
+            info.external_attr = 0o100644 << 16
+            info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+            archive.writestr(info, data)
+    return out
+
+
+def test_zip_bombs_are_refused_before_anything_is_written(trained, tmp_path, cache, monkeypatch, capsys):
+    # 10 MB of one byte deflates to 10 kB: refused by its compression ratio, nothing unpacked
+    bomb = _zip_with(trained["package"], tmp_path / "bomb.zip", {"notes.json": b" " * (10 << 20)})
+    assert bomb.stat().st_size - trained["package"].stat().st_size < 100_000
+    assert main(["info", str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bomb}: refused: entry 'tiny/notes.json' is compressed" in err and "zip bomb" in err
+    assert nothing_in(cache)
+    # declared sizes over the caps of their kind
+    monkeypatch.setitem(package_open.MEMBER_LIMITS, ".json", 1000)
+    with pytest.raises(
+        AutounetError, match=r"refused: entry 'tiny/\w+\.json' declares \d+ bytes, over the cap of 1000"
+    ):
+        open_package(trained["package"])
+    assert nothing_in(cache)
+
+
+def test_overlapping_zip_entries_are_refused(trained, tmp_path, cache):
+    base = _zip_with(trained["package"], tmp_path / "two.zip", {"a.md": b"a" * 100, "b.md": b"b" * 100}, False)
+    data = bytearray(base.read_bytes())
+    with zipfile.ZipFile(base) as archive:
+        a = archive.getinfo("tiny/a.md").header_offset
+    # the last central directory entry (b.md) points at a.md's local header: one stored range, two files
+    directory = data.rfind(b"PK\x01\x02")
+    data[directory + 42 : directory + 46] = a.to_bytes(4, "little")
+    overlapping = tmp_path / "overlap.zip"
+    overlapping.write_bytes(bytes(data))
+    with pytest.raises(AutounetError, match=re.escape(f"{overlapping}: refused: entries") + ".*overlap"):
+        open_package(overlapping)
+    assert nothing_in(cache)
+
+
+def test_a_same_size_edit_of_the_cache_is_found_and_rebuilt_from_the_package(trained):
+    root = open_package(trained["package"])
+    final = checkpoint_path(root / "results" / "3d_fullres" / "fold_1", "final")
+    original = final.read_bytes()
+    edited = bytearray(original)
+    edited[-100] ^= 0xFF  # same size, another weight
+    final.write_bytes(bytes(edited))
+    assert open_package(trained["package"]) == root
+    assert final.read_bytes() == original
+
+
+def test_symbolic_links_in_the_cache_are_never_followed(trained, tmp_path):
+    package = trained["package"]
+    digest = hashlib.sha256(package.read_bytes()).hexdigest()
+    # someone who can write to the cache plants the entry as a link to a poisoned copy
+    genuine = open_package(package).parent
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(genuine, poisoned)
+    final = checkpoint_path(poisoned / "tiny" / "results" / "2d" / "fold_0", "final")
+    data = bytearray(final.read_bytes())
+    data[-100] ^= 0xFF
+    final.write_bytes(bytes(data))
+    shutil.rmtree(genuine)
+    genuine.symlink_to(poisoned, target_is_directory=True)
+    root = open_package(package)
+    entry = package_cache_dir() / digest
+    assert root == entry / "tiny" and not entry.is_symlink()
+    assert (
+        hashlib.sha256(checkpoint_path(root / "results" / "2d" / "fold_0", "final").read_bytes()).hexdigest()
+        == (
+            json.loads((root / "manifest.json").read_bytes())["files"]["results/2d/fold_0/checkpoint_final.pt"][
+                "sha256"
+            ]
+        )
+    )
+    assert poisoned.is_dir()  # the link was removed, not what it pointed to
+    # a link inside the entry (to a file of the same content) is not used either
+    plans = root / "plans.json"
+    outside = tmp_path / "plans.json"
+    outside.write_bytes(plans.read_bytes())
+    plans.unlink()
+    plans.symlink_to(outside)
+    assert open_package(package) == root and not plans.is_symlink()
+
+
+def test_cache_entries_are_readable_by_other_users_and_one_that_cannot_be_replaced_is_named(trained, monkeypatch):
+    old = os.umask(0o022)
+    try:
+        root = open_package(trained["package"])
+    finally:
+        os.umask(old)
+    for path in (root.parent, root, root / "plans.json", root / "results" / "2d" / "fold_0"):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path
+    (root / "plans.json").write_bytes(b"{}")
+    rename = os.rename
+
+    def not_allowed(source, target):
+        if Path(source) == root.parent:
+            raise PermissionError(1, "Operation not permitted", str(source))
+        return rename(source, target)
+
+    monkeypatch.setattr(package_open.os, "rename", not_allowed)
+    with pytest.raises(AutounetError, match=r"tiny/plans\.json differs from the package.*another user of this cache"):
+        open_package(trained["package"])
+
+
+def test_a_cascade_package_with_fewer_folds_carries_every_first_stage_fold(trained, tmp_path):
+    ws = trained["ws"]
+    plans = load_plans(ws.plans_json)
+    # 2d as the first stage of 3d_fullres, and both members of the model (as 3d_lowres + 3d_cascade_fullres)
+    plans.configurations["3d_fullres"].previous_stage = "2d"
+    stages = _stages_to_package(ws, plans, Winner("2d+3d_fullres", ["2d", "3d_fullres"], [1]))
+    assert stages == {"2d": ["0", "1"], "3d_fullres": ["1"]}
+    copy = tmp_path / "W" / "tiny"
+    shutil.copytree(ws.root, copy)
+    document = json.loads((copy / "plans.json").read_text())
+    document["configurations"]["3d_fullres"]["previous_stage"] = "2d"
+    (copy / "plans.json").write_text(json.dumps(document))
+    created = api.package(copy, tmp_path / "cascade.zip", configurations=["2d", "3d_fullres"], folds=[1])
+    assert created.checkpoints == 3
+    root = open_package(tmp_path / "cascade.zip")
+    # what `predict` loads for the first stage (every fold present) is what the workspace holds
+    assert sorted(p.name for p in (root / "results" / "2d").iterdir()) == ["fold_0", "fold_1"]
+
+
+def test_a_package_carries_no_training_data_unless_asked(trained, tmp_path, capsys):
+    with zipfile.ZipFile(trained["package"]) as archive:
+        names = set(archive.namelist())
+        fingerprint = json.loads(archive.read("tiny/fingerprint.json"))
+        dataset = json.loads(archive.read("tiny/dataset.json"))
+    assert not any(n.endswith((".png", ".md")) for n in names)
+    assert "cases" not in fingerprint and fingerprint["num_cases"] == 8
+    assert "training" not in dataset and "test" not in dataset
+    with_report = tmp_path / "report.zip"
+    assert main(["package", str(trained["ws"].root), "-o", str(with_report), "--with-report"]) == 0
+    with zipfile.ZipFile(with_report) as archive:
+        names = set(archive.namelist())
+    assert "tiny/report.md" in names and any(n.startswith("tiny/report/") and n.endswith(".png") for n in names)
+    capsys.readouterr()
+    assert main(["info", str(trained["package"])]) == 0
+    out = capsys.readouterr().out
+    assert "fingerprint.json (dataset summary, no per-case data)" in out and "no report" in out
+    assert main(["info", str(with_report)]) == 0
+    assert "report.md and" in capsys.readouterr().out
+
+
+def test_deeply_nested_json_is_one_error_naming_the_file(trained, tmp_path, cache, capsys):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(AutounetError, match=re.escape(f"{tmp_path / 'deep.json'}: refused: JSON nested too deeply")):
+        (tmp_path / "deep.json").write_bytes(deep)
+        read_json(tmp_path / "deep.json")
+    bad = craft(trained["package"], tmp_path / "deep.zip", replace={"manifest.json": deep})
+    assert main(["info", str(bad)]) == 2
+    assert f"{bad}: tiny/manifest.json: refused: JSON nested too deeply" in capsys.readouterr().err
+    copy = tmp_path / "W" / "tiny"
+    shutil.copytree(trained["ws"].root, copy)
+    (copy / "selection.json").write_bytes(deep)
+    assert main(["info", str(copy)]) == 2
+    assert f"{copy / 'selection.json'}: refused: JSON nested too deeply" in capsys.readouterr().err
+    assert nothing_in(cache)
+
+
+def _checkpoint_without(package: Path, name: str, edit) -> bytes:
+    with zipfile.ZipFile(package) as archive:
+        content = torch.load(io.BytesIO(archive.read(f"tiny/{name}")), weights_only=True)
+    edit(content)
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.pop("network_spec"), "'network_spec' is missing"),
+        (lambda c: c.pop("state_dict"), "'state_dict' is missing"),
+        (lambda c: c.update(state_dict={"w": 1}), "'state_dict' must map names to tensors"),
+        (lambda c: c.update(labels=[1, 2]), "'labels' is a list"),
+        (lambda c: c["state_dict"].popitem(), "the weights do not fit the stored network"),
+        (lambda c: next(iter(c["state_dict"].values())).fill_(float("nan")), "the weights hold NaN or infinite values"),
+    ],
+)
+def test_a_checkpoint_without_what_predict_reads_is_refused_when_the_package_is_verified(
+    trained, tmp_path, cache, edit, message
+):
+    name = "results/2d/fold_0/checkpoint_final.pt"
+    data = _checkpoint_without(trained["package"], name, edit)
+    bad = craft(trained["package"], tmp_path / "bad.zip", replace={name: data}, listed=True)
+    with pytest.raises(AutounetError, match=re.escape(f"{bad}: refused: tiny/{name}: ") + ".*" + re.escape(message)):
+        open_package(bad)
+    assert nothing_in(cache)
+
+
+def test_info_labels_the_workspaces_scores_for_a_package_of_fewer_folds(trained, tmp_path, capsys):
+    subset = tmp_path / "fold1.zip"
+    api.package(trained["ws"].root, subset, folds=[1])
+    info = api.info(subset)
+    assert info.folds == [1] and info.cv_of and "workspace's model" in info.cv_of
+    assert main(["info", str(subset)]) == 0
+    out = capsys.readouterr().out
+    assert "(these scores are of the workspace's model" in out and "folds 0, 1; this package runs" in out
+    assert api.info(trained["package"]).cv_of is None
+
+
+def test_a_killed_package_write_is_removed_by_the_next_one(trained, tmp_path):
+    out = tmp_path / "model.zip"
+    left = tmp_path / f"{temporary_prefix().rsplit('-', 1)[0]}-{_dead_pid()}.x1y2.model.zip"
+    left.write_bytes(b"half a package")
+    mine = tmp_path / "notes.model.zip"  # not a temporary: left alone
+    mine.write_bytes(b"mine")
+    assert main(["package", str(trained["ws"].root), "-o", str(out)]) == 0
+    assert not left.exists() and mine.read_bytes() == b"mine" and zipfile.is_zipfile(out)
+
+
+def test_temporaries_are_judged_by_owner_boot_namespace_and_age(tmp_path):
+    host = temporary_prefix().rsplit("-", 1)[0]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f"{host}-{sleeper.pid}.aa.x.json"
+        live.write_bytes(b"live")
+        reused = tmp_path / f"{host}-{sleeper.pid}.bb.y.json"  # written before that process began
+        reused.write_bytes(b"old")
+        hour_ago = time.time() - 3600
+        os.utime(reused, (hour_ago, hour_ago))
+        other_recent = tmp_path / f"{PREFIX}00000000-{sleeper.pid}.cc.z.json"  # another machine or container
+        other_recent.write_bytes(b"theirs")
+        other_old = tmp_path / f"{PREFIX}00000000-1.dd.w.json"
+        other_old.write_bytes(b"abandoned")
+        days_ago = time.time() - 2 * STALE_AFTER_S
+        os.utime(other_old, (days_ago, days_ago))
+        assert sorted(remove_stale_temporaries(tmp_path)) == sorted([reused, other_old])
+        assert live.exists() and other_recent.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert remove_stale_temporaries(tmp_path) == [live]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

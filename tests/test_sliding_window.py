@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from autounet.inference.sliding_window import (
+    HALF_ACCUMULATION_TIE,
     gaussian_importance,
     mirror_combinations,
     predict_slices,
@@ -29,17 +30,21 @@ def test_tiles_merge_back_to_the_whole_volume_prediction(shape):
     net = PointwiseNet(3)
     image = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
     expected = torch.softmax(net(torch.from_numpy(image)[None]), 1)[0]
-    probs = predict_volume(net, image, (8, 10, 8), 3, tiles_per_batch=3)
+    fp32 = torch.float32
+    probs = predict_volume(net, image, (8, 10, 8), 3, tiles_per_batch=3, accumulate_dtype=fp32)
     assert probs.shape == (3, *shape)
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
-    mirrored = predict_volume(net, image, (8, 10, 8), 3, mirror_axes=(0, 1, 2))
+    mirrored = predict_volume(net, image, (8, 10, 8), 3, mirror_axes=(0, 1, 2), accumulate_dtype=fp32)
     torch.testing.assert_close(mirrored, expected, atol=1e-5, rtol=1e-5)
+    half = predict_volume(net, image, (8, 10, 8), 3, mirror_axes=(0, 1, 2))  # float16 accumulators
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), expected, atol=HALF_ACCUMULATION_TIE, rtol=0)
 
 
 def test_two_dimensional_networks_run_slice_by_slice():
     net = PointwiseNet(2)
     image = np.random.default_rng(2).normal(size=(2, 5, 12, 14)).astype(np.float32)
-    probs = predict_slices(net, image, (8, 8), 3)
+    probs = predict_slices(net, image, (8, 8), 3, accumulate_dtype=torch.float32)
     expected = torch.softmax(net(torch.from_numpy(image).permute(1, 0, 2, 3)), 1).permute(1, 0, 2, 3)
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-5)
 

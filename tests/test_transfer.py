@@ -101,13 +101,17 @@ def test_the_batch_follows_the_planners_rule_where_the_new_dataset_would_get_the
             assert c.batch_size == native.configurations[name].batch_size, (cases, name)
 
 
-def test_ct_channels_keep_the_scheme_with_the_new_datasets_own_statistics():
+def test_ct_channels_keep_the_sources_normalisation_statistics_and_say_so():
+    """As nnU-Net transfers plans: the pretrained network sees inputs scaled as in its training."""
     source = plan_experiment(fingerprint(channels=("CT",), intensity=stats(mean=40.0, low=-100.0, high=200.0)))
     new = fingerprint(channels=("CT",), cases=30, intensity=stats(mean=300.0, low=50.0, high=900.0))
     plans = plans_from_source(source, new, "S")
-    for c in plans.configurations.values():
+    for name, c in plans.configurations.items():
         (n,) = c.normalization
-        assert n.scheme == "ct" and (n.clip_low, n.clip_high, n.mean) == (50.0, 900.0, 300.0)
+        assert n == source.configurations[name].normalization[0]
+        assert n.scheme == "ct" and (n.clip_low, n.clip_high, n.mean, n.std) == (-100.0, 200.0, 40.0, 20.0)
+    (note,) = [n for n in plans.notes if "CT): the source's normalisation is kept" in n]
+    assert "clip -100 to 200, mean 40, std 20" in note and "would give clip 50 to 900, mean 300" in note
 
 
 def test_a_different_channel_count_is_refused_naming_both_counts():
@@ -227,6 +231,31 @@ def test_matching_tensors_are_loaded_and_other_heads_reinitialised(tmp_path: Pat
     assert result.record()["reinitialised"] == ["heads.0.bias", "heads.0.weight"]
 
 
+@pytest.mark.parametrize(
+    "labels, copied",
+    [
+        ({"0": "background", "1": "a", "2": "b"}, True),
+        ({"0": "background", "1": "liver", "2": "tumour"}, False),  # same count, other classes
+        ({"0": "background", "1": "b", "2": "a"}, False),  # the same names on other values
+    ],
+)
+def test_same_shaped_heads_are_copied_only_for_the_same_labels(tmp_path: Path, labels, copied):
+    torch.manual_seed(0)
+    source = UNet(spec(outputs=3))
+    path = checkpoint_of(source, tmp_path / "source.pt", labels={"0": "background", "1": "a", "2": "b"}, regions=None)
+    torch.manual_seed(1)
+    target = UNet(spec(outputs=3))
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    result = load_matching_weights(target, "SRC", path, labels=labels)
+    ours, theirs = target.state_dict(), source.state_dict()
+    heads = ["heads.0.bias", "heads.0.weight"]
+    assert all(torch.equal(ours[k], (theirs if copied else fresh)[k]) for k in heads)
+    assert sorted(result.reinitialised) == ([] if copied else heads)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("heads."))
+    if not copied:
+        assert "re-initialised, the source's labels differ (0 background, 1 a, 2 b there," in result.format()
+
+
 def test_a_source_without_a_matching_encoder_tensor_is_refused(tmp_path: Path):
     path = checkpoint_of(UNet(spec(dims=2)), tmp_path / "two_d.pt")
     target = UNet(spec(dims=3))
@@ -287,6 +316,25 @@ def test_assembling_a_new_run_loads_the_sources_weights_and_reinitialises_the_he
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("heads."))
     assert ours["heads.0.weight"].shape[0] == 4 and theirs["heads.0.weight"].shape[0] == 3
     assert run.initialised_from["source"] == str(source) and run.initialised_from["fold"] == 0
+
+
+def test_a_dataset_with_other_label_names_gets_fresh_heads_as_its_plans_say(pretrained: Path, tmp_path: Path):
+    """Three classes on both sides: the heads fit by shape, and are still re-initialised."""
+    raw = make_synthetic_dataset(tmp_path / "renamed", SyntheticSpec(cases=6, shape=(12, 14, 16), classes=3, seed=4))
+    descriptor = json.loads((raw / "dataset.json").read_text())
+    descriptor["labels"] = {"0": "background", "1": "liver", "2": "tumour"}
+    (raw / "dataset.json").write_text(json.dumps(descriptor))
+    source = pretrained / "W" / "source"
+    planned = plan(raw, work=tmp_path / "W", workers=1, plans_from=source)
+    assert any(n.startswith("labels differ") and "re-initialises their output heads" in n for n in planned.plans.notes)
+    preprocess("renamed", work=tmp_path / "W", configurations=["3d_fullres"], workers=1)
+    options = TrainOptions("3d_fullres", 0, epochs=1, pretrained=str(source), device="cpu")
+    run, _ = assemble_run(Workspace.at(tmp_path / "W", "renamed"), options)
+    theirs = load_checkpoint(checkpoint_path(source / "results" / "3d_fullres" / "fold_0", "final"))["state_dict"]
+    ours = run.network.state_dict()
+    assert ours["heads.0.weight"].shape == theirs["heads.0.weight"].shape
+    assert sorted(run.pretrained.reinitialised) == ["heads.0.bias", "heads.0.weight"]
+    assert not torch.equal(ours["heads.0.weight"], theirs["heads.0.weight"])
 
 
 def test_a_fine_tuned_fold_records_its_source_and_a_resume_does_not_reload_it(pretrained: Path, target: Path, capsys):

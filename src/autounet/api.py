@@ -107,14 +107,17 @@ def plan(
     workers: int | None = None,
     options: PlannerOptions | None = None,
     plans_from: str | Path | None = None,
+    gpu_memory_target_gb: float | None = None,
 ) -> PlanResult:
     """`autounet plan RAW`: check, fingerprint and plan a raw dataset into ``W/NAME/``
     (``name`` defaults to RAW's folder name).
 
     The fingerprint is reused when it was made from the same files unless ``force``. With
     ``fingerprint=F.json`` (and ``name``) instead of RAW, plan from that fingerprint alone.
-    ``recipe``: ``nnunet`` (default) or ``brats``; ``patch_size``: the brats recipe's 3D patch
-    instead of 128³ (a CPU convenience). ``plans_from``: a planned workspace ``W/NAME``, a model
+    ``recipe``: ``nnunet`` (default), ``brats``, or nnU-Net v2's ``nnunetv2`` / ``resenc-m`` /
+    ``resenc-l`` / ``resenc-xl`` (``gpu_memory_target_gb``: their memory target, v2's
+    ``-gpu_memory_target``); ``patch_size``: the brats recipe's 3D patch instead of 128³ (a CPU
+    convenience). ``plans_from``: a planned workspace ``W/NAME``, a model
     package ``.zip`` or a plans.json whose networks, patch, spacing and normalisation the plans
     keep (fine-tuning; :mod:`autounet.planning.transfer`).
     """
@@ -132,6 +135,7 @@ def plan(
             patch_size=patch_size,
             options=options,
             plans_from=plans_from,
+            gpu_memory_target_gb=gpu_memory_target_gb,
         )
     if raw is None or str(raw) == "":
         raise AutounetError("give a raw dataset folder RAW, or --fingerprint F.json --name NAME")
@@ -149,6 +153,7 @@ def plan(
         patch_size=_list(patch_size),
         plans_from=source,
         plans_from_label=None if plans_from is None else str(plans_from),
+        gpu_memory_target_gb=gpu_memory_target_gb,
     )
 
 
@@ -161,6 +166,7 @@ def plan_from_fingerprint(
     patch_size: Sequence[int] | None = None,
     options: PlannerOptions | None = None,
     plans_from: str | Path | None = None,
+    gpu_memory_target_gb: float | None = None,
 ) -> PlanResult:
     """`autounet plan --fingerprint F --name NAME`: plan from a fingerprint.json alone (no images
     needed); writes ``W/NAME/fingerprint.json`` and ``W/NAME/plans.json``. ``plans_from`` as :func:`plan`."""
@@ -176,6 +182,7 @@ def plan_from_fingerprint(
         patch_size=_list(patch_size),
         plans_from=source,
         plans_from_label=None if plans_from is None else str(plans_from),
+        gpu_memory_target_gb=gpu_memory_target_gb,
     )
 
 
@@ -236,6 +243,7 @@ def train(
     foreground_channel: bool | None = None,
     precision: str = "auto",
     pretrained: str | Path | None = None,
+    loggers: Sequence[str] | None = None,
 ) -> FoldResult:
     """`autounet train NAME -c CONFIG -f FOLD`: train one fold (``"all"``: every case), then
     predict its validation cases in full and score them (unless ``validate`` is False).
@@ -246,6 +254,8 @@ def train(
     :class:`autounet.training.options.TrainOptions`). ``pretrained``: start from the weights of a
     checkpoint, fold, configuration folder, workspace ``W/NAME`` or model package ``.zip`` (every
     tensor whose name and shape match; :mod:`autounet.training.pretrained`), unless resuming.
+    ``loggers``: experiment trackers (``tensorboard``, ``wandb``, ``mlflow``; local stores under
+    ``W/NAME/trackers/`` unless configured otherwise; :mod:`autounet.training.trackers`).
     """
     from autounet.pipeline.fold import train_and_validate
     from autounet.training.options import TrainOptions
@@ -277,6 +287,7 @@ def train(
         precision=precision,
         pretrained=None if pretrained is None else str(_model_source(pretrained)),
         pretrained_label=None if pretrained is None else str(pretrained),
+        loggers=_list(loggers),
     ).validate()
     ws = Workspace.at(work, name)
     return train_and_validate(ws, options, validate=validate, validation_tta=validation_tta)
@@ -336,6 +347,7 @@ def predict(
     executor: str = "local",
     address: str | None = None,
     part: Sequence[int] | None = None,
+    memory_limit: float | None = None,
 ) -> PredictionRun:
     """`autounet predict -i IN -o OUT -m MODEL`: segment images (folders and/or files) with a
     trained model (``W/NAME/results/CONFIG``, one ``fold_K`` or the selected model ``W/NAME``).
@@ -354,6 +366,8 @@ def predict(
     I = 0 .. N-1, on any scheduler, predict every case once). ``executor="ray"``: shard the cases
     over the workers of a Ray cluster (``address``: ``auto`` or ``HOST:PORT``; None: a local
     instance), each loading the model once; the same output files as a local run.
+    ``memory_limit`` (GB, ``--memory-limit``; default what the machine has free): a case whose
+    estimated peak exceeds it stops the command before anything is written (README, "Memory").
     """
     from autounet.inference.dicom_seg import require_highdicom
     from autounet.inference.inputs import NAME_BY
@@ -363,8 +377,11 @@ def predict(
         raise AutounetError(f"--name-by {name_by}: expected one of {', '.join(NAME_BY)}")
     if dicom_seg:
         require_highdicom()  # before the model is loaded
+    if memory_limit is not None and not 0 < memory_limit < float("inf"):  # inf would overflow the byte count
+        raise AutounetError(f"--memory-limit must be a positive number of GB, got {memory_limit:g}")
     arguments.step(step)
     _folds(folds)
+    _checkpoints(checkpoints)
     _executor(executor, address)
     share = _part(part)
     if share is not None and executor == "ray":
@@ -386,6 +403,7 @@ def predict(
         skip_complete=skip_complete,
         name_by=name_by,
         dicom_seg=dicom_seg,
+        memory_limit=memory_limit,
     )
     if executor == "ray":
         from autounet.cluster.ray_predict import predict_on_ray
@@ -411,10 +429,12 @@ def export(
 ) -> Path:
     """`autounet export MODEL -o OUT`: write the model's networks (one file per fold and
     checkpoint, ONNX and/or OpenVINO) and ``model.json``, everything needed to reproduce
-    `autounet predict` without autounet (docs/model_json.md); returns the ``model.json`` path."""
+    `autounet predict` without autounet (docs/model_json.md); returns the ``model.json`` path.
+    A file of ``output`` that the export would replace is refused unless ``overwrite``."""
     from autounet.inference.export import export_model
 
     _folds(folds)
+    _checkpoints(checkpoints)
     return export_model(model, output, tuple(formats), folds=folds, checkpoints=checkpoints, overwrite=overwrite)
 
 
@@ -499,12 +519,14 @@ def select(
 ) -> Selection:
     """`autounet select NAME`: rank the trained configurations and pair ensembles by
     cross-validation Dice, choose the best and decide its post-processing; writes and returns
-    ``W/NAME/selection.json``."""
+    ``W/NAME/selection.json``, then rewrites ``report.md`` and ``report.html``."""
     from autounet.selection.select import select as select_model
 
     arguments.workers(workers)
     ws = Workspace.at(work, name)
-    return select_model(ws, _list(configurations), workers=workers)
+    selection = select_model(ws, _list(configurations), workers=workers)
+    report(name, work=work)  # the reports follow the new selection
+    return selection
 
 
 def postprocess(
@@ -513,23 +535,40 @@ def postprocess(
     *,
     workspace: str | Path,
     workers: int | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """`autounet postprocess IN OUT --from W/NAME`: apply the post-processing `select` chose for
     the workspace folder ``W/NAME`` to every segmentation in ``input_dir`` (which may equal
-    ``output_dir``); returns the files written."""
+    ``output_dir``: in place); returns the files written. A file of a case already in another
+    ``output_dir`` is refused unless ``overwrite`` (``--overwrite``)."""
     from autounet.postprocessing.apply import apply_to_folder, segmentation_files
     from autounet.selection_document import postprocessing_of
 
     arguments.workers(workers)
-    segmentation_files(input_dir, output_dir)  # an empty or missing folder before the selection is read
-    return apply_to_folder(input_dir, output_dir, postprocessing_of(workspace), workers)
+    segmentation_files(input_dir, output_dir, overwrite)  # an empty or missing folder before the selection is read
+    return apply_to_folder(input_dir, output_dir, postprocessing_of(workspace), workers, overwrite)
 
 
-def report(name: str, *, work: str | Path | None = None) -> Path:
-    """Write ``W/NAME/report.md`` (plans, training curves, cross-validation, selection); returns its path."""
-    from autounet.reporting import write_report
+def report(
+    name: str, *, work: str | Path | None = None, markdown: bool = True, html: bool = True, cases: int | None = None
+) -> Path:
+    """`autounet report W/NAME`: write ``W/NAME/report.md`` (plans, training curves,
+    cross-validation, selection) and ``W/NAME/report.html`` (the same, with interactive curves,
+    every cross-validation case and a case viewer in one self-contained page) from the workspace's
+    files, without retraining. ``cases``: the worst cases embedded in the page's viewer (default
+    20; a sample of half as many more is added). Returns report.md's path (report.html's when
+    ``markdown`` is False)."""
+    from autounet.reporting import write_html_report, write_report
+    from autounet.reporting.html_cases import DEFAULT_WORST
 
-    return write_report(Workspace.at(work, name))
+    worst = DEFAULT_WORST if cases is None else arguments.whole("--cases", cases, 0)
+    ws = Workspace.at(work, name)
+    written = write_html_report(ws, worst) if html else None
+    if markdown:
+        return write_report(ws)
+    if written is None:
+        raise AutounetError("nothing to write: markdown and html are both off")
+    return written
 
 
 # --- autounet package / info ---------------------------------------------------------------------
@@ -544,11 +583,13 @@ def package(
     description: str = "",
     license: str = "",
     overwrite: bool = False,
+    with_report: bool = False,
 ) -> CreatedPackage:
     """`autounet package W/NAME -o FILE.zip`: write one file holding everything `predict` needs
     (the selected model's inference checkpoints without training state, plans, selection with its
-    post-processing, dataset.json, fingerprint, report, and a manifest with versions, ``description``,
-    ``license`` and every file's SHA-256). ``configurations`` / ``folds``: package those instead of
+    post-processing, dataset.json without cases, a fingerprint summary, and a manifest with versions,
+    ``description``, ``license`` and every file's SHA-256; the report and its pictures only with
+    ``with_report``). ``configurations`` / ``folds``: package those instead of
     the selection's winner (then without post-processing unless they are the winner's
     configurations). ``predict -m FILE.zip`` and :class:`autounet.Predictor` use the file directly."""
     from autounet.packaging.create import create_package
@@ -564,6 +605,7 @@ def package(
         description=description,
         license=license,
         overwrite=overwrite,
+        with_report=with_report,
     )
 
 
@@ -594,6 +636,7 @@ def run(
     patch_size: Sequence[int] | None = None,
     width_multiplier: float | None = None,
     validation_tta: bool = True,
+    gpu_memory_target_gb: float | None = None,
     device: str | None = None,
     workers: int | None = None,
     seed: int = 0,
@@ -605,11 +648,12 @@ def run(
     gpus_per_fold: int | None = None,
     cpus_per_fold: int | None = None,
     max_retries: int | None = None,
+    loggers: Sequence[str] | None = None,
 ) -> RunResult:
     """`autounet run RAW`: check, plan, preprocess, train every configuration (default every
     planned one) on every fold, select and report; resumable at every step. ``max_minutes`` is
-    per fold; ``recipe``, ``patch_size`` and ``plans_from`` as :func:`plan`; ``pretrained`` as
-    :func:`train` (each fold that starts from scratch).
+    per fold; ``recipe``, ``patch_size``, ``gpu_memory_target_gb`` and ``plans_from`` as :func:`plan`; ``pretrained`` as
+    :func:`train` (each fold that starts from scratch); ``loggers`` as :func:`train`, for every fold.
 
     ``executor="ray"`` trains every configuration x fold as a task of a Ray cluster (``address``:
     ``auto`` or ``HOST:PORT``; None: a local instance sized to this machine) with
@@ -631,6 +675,7 @@ def run(
         max_minutes=max_minutes,
         recipe=recipe,
         patch_size=_list(patch_size),
+        gpu_memory_target_gb=gpu_memory_target_gb,
         width_multiplier=width_multiplier,
         validation_tta=validation_tta,
         device=device,
@@ -641,6 +686,7 @@ def run(
         plans_from_label=None if plans_from is None else str(plans_from),
         pretrained=None if pretrained is None else str(_model_source(pretrained)),
         pretrained_label=None if pretrained is None else str(pretrained),
+        loggers=_list(loggers),
     ).validate()
     ws = Workspace.at(work, name or Path(raw).resolve().name)
     if executor == "ray":
@@ -784,6 +830,15 @@ def _folds(folds: Sequence[int | str] | None) -> None:
     for f in folds or []:
         if str(f) != "all" and not (isinstance(f, int) and not isinstance(f, bool) and f >= 0) and not str(f).isdigit():
             raise AutounetError(f"-f/--folds: {f!r} is not a fold number (0, 1, ...) or 'all'")
+
+
+def _checkpoints(checkpoints: Sequence[str] | None) -> None:
+    """``--checkpoint`` of predict / export: each one of :data:`~autounet.workspace.CHECKPOINT_KINDS`."""
+    from autounet.workspace import CHECKPOINT_KINDS
+
+    for kind in checkpoints or []:
+        if kind not in CHECKPOINT_KINDS:
+            raise AutounetError(f"--checkpoint {kind!r}: expected one of {', '.join(CHECKPOINT_KINDS)}")
 
 
 EXECUTORS = ("local", "ray")

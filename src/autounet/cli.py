@@ -70,12 +70,20 @@ def _training_precision(parser: argparse.ArgumentParser) -> None:
 
 def _recipe(parser: argparse.ArgumentParser) -> None:
     """``--recipe nnunet|brats`` and ``--patch-size`` of planning (``plan`` and ``run``)."""
-    choices = ["nnunet", "brats"]
+    choices = ["nnunet", "brats", "nnunetv2", "resenc-m", "resenc-l", "resenc-xl"]
     parser.add_argument(
         "--recipe",
         choices=choices,
-        help="planning recipe: nnunet (default: the nnU-Net paper's planner) or brats (NVIDIA's BraTS recipe: one "
-        "3d_fullres configuration, WT/TC/ET regions, foreground channel, deeper encoder, nvidia training preset)",
+        help="planning recipe: nnunet (default: the nnU-Net paper's planner), brats (NVIDIA's BraTS recipe: one "
+        "3d_fullres configuration, WT/TC/ET regions, foreground channel, deeper encoder, nvidia training preset), "
+        "nnunetv2 (nnU-Net v2's planner) or resenc-m / resenc-l / resenc-xl (nnU-Net v2's residual-encoder presets)",
+    )
+    parser.add_argument(
+        "--gpu-memory-target",
+        type=float,
+        metavar="GB",
+        dest="gpu_memory_target",
+        help="--recipe nnunetv2 / resenc-*: GPU memory to plan patch and batch for (default: 8, 8, 24, 40 GB)",
     )
     _alias(parser, "--preset", "--recipe", dest="recipe", choices=choices)
     parser.add_argument(
@@ -95,6 +103,20 @@ def _pretrained(parser: argparse.ArgumentParser) -> None:
         help="start from the weights of SOURCE (a checkpoint, fold folder, W/NAME/results/CONFIG, workspace W/NAME or "
         "model package .zip) whose name and shape match; the output heads are re-initialised when the labels differ. "
         "Only for a fold that starts from scratch (--resume continues the fold's own checkpoint)",
+    )
+
+
+def _loggers(parser: argparse.ArgumentParser) -> None:
+    """``--logger NAME`` (repeatable) of ``train`` and ``run``."""
+    parser.add_argument(
+        "--logger",
+        dest="loggers",
+        action="append",
+        choices=["tensorboard", "wandb", "mlflow"],
+        metavar="NAME",
+        help="also log every epoch to an experiment tracker: tensorboard, wandb or mlflow (repeatable; pip install "
+        "'autounet[NAME]'). Local by default: W/NAME/trackers/ (W&B offline; MLFLOW_TRACKING_URI and WANDB_MODE "
+        "choose otherwise). A missing or failing tracker is a warning, never a stop",
     )
 
 
@@ -144,6 +166,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             fingerprint=args.fingerprint,
             recipe=args.recipe,
             patch_size=args.patch_size,
+            gpu_memory_target_gb=args.gpu_memory_target,
             force=args.force,
             workers=args.workers,
             plans_from=args.plans_from,
@@ -224,6 +247,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         foreground_channel=False if args.no_foreground_channel else None,
         precision=args.precision,
         pretrained=args.pretrained,
+        loggers=args.loggers,
     )
     return 0
 
@@ -250,6 +274,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         executor=args.executor,
         address=args.address,
         part=args.part,
+        memory_limit=args.memory_limit,
     )
     if result.postprocessing is not None:
         print(f"post-processing: {result.postprocessing.describe()}")
@@ -283,6 +308,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
         description=args.description,
         license=args.license,
         overwrite=args.overwrite,
+        with_report=args.with_report,
     )
     model = "+".join(created.configurations)
     post = "with its post-processing" if created.postprocessing else "no post-processing"
@@ -327,12 +353,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_select(args: argparse.Namespace) -> int:
     selection = api.select(args.name, work=args.work, configurations=args.configurations, workers=args.workers)
     print(api.format_selection(selection, name=args.name, work=args.work))
-    print(f"wrote {api.workspace(args.name, work=args.work).selection_json}")
+    ws = api.workspace(args.name, work=args.work)
+    print(f"wrote {ws.selection_json}, {ws.report_md.name} and {ws.report_html.name}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import os
+
+    parent, name = os.path.split(os.path.normpath(os.path.abspath(args.workspace)))
+    path = api.report(name, work=parent, markdown=not args.html, html=True, cases=args.cases)
+    print(f"wrote {path}" if args.html else f"wrote {path} and {path.with_name('report.html')}")
     return 0
 
 
 def _cmd_postprocess(args: argparse.Namespace) -> int:
-    written = api.postprocess(args.input, args.output, workspace=args.source, workers=args.workers)
+    written = api.postprocess(
+        args.input, args.output, workspace=args.source, workers=args.workers, overwrite=args.overwrite
+    )
     print(f"{len(written)} segmentation(s) post-processed -> {args.output}")
     return 0
 
@@ -350,6 +388,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         recipe=args.recipe,
         patch_size=args.patch_size,
+        gpu_memory_target_gb=args.gpu_memory_target,
         width_multiplier=args.width_multiplier,
         validation_tta=not args.no_validation_tta,
         device=args.device,
@@ -363,6 +402,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         gpus_per_fold=args.gpus_per_fold,
         cpus_per_fold=args.cpus_per_fold,
         max_retries=args.max_retries,
+        loggers=args.loggers,
     )
     print(
         f"\nfinished in {result.seconds / 60:.1f} min ({len(result.trained)} fold(s) trained, {len(result.skipped)} already complete)"
@@ -491,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt")
     _pretrained(p)
+    _loggers(p)
     p.add_argument("--threads", type=int, help="background loader threads (default: 1 on the CPU, more beside a GPU)")
     p.add_argument(
         "--validate-only",
@@ -562,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with the class probabilities")
     p.add_argument("--png", action="store_true", help="also write CASE.png: slices with the segmentation overlaid")
     p.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="GB",
+        help="host memory a case may take (default: what the machine has free); a case estimated above it is "
+        "refused before anything is written, and cases run one at a time when overlapping ones would not fit",
+    )
+    p.add_argument(
         "--name-by",
         choices=["series", "patientid"],
         default="series",
@@ -613,7 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--folds", nargs="+", metavar="K", help="folds (default: every trained fold, or the selection's)"
     )
     p.add_argument("--checkpoint", metavar="C", help="final, best, second_best or latest (default: what predict uses)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace files of OUT the export writes (default: refuse, naming them)"
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
@@ -621,8 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write one .zip holding everything `predict` needs (checkpoints, plans, selection, manifest)",
         description="Write the model of W/NAME (default: the one `autounet select` chose, with its folds and "
         "post-processing) into one zip: its inference checkpoints without training state, plans.json, "
-        "selection.json, dataset.json (labels, channels), fingerprint.json, report.md and its pictures, and "
-        "manifest.json (versions, description, license, every file's SHA-256). `autounet predict -m FILE.zip` uses "
+        "selection.json, dataset.json (labels, channels; no case list), fingerprint.json (a dataset summary, "
+        "no per-case data) and manifest.json (versions, description, license, every file's SHA-256); report.md and "
+        "its pictures only with --with-report. `autounet predict -m FILE.zip` uses "
         "it directly, with no workspace.",
     )
     p.add_argument("model", metavar="W/NAME", help="the dataset's workspace folder")
@@ -638,6 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", default="", help="free text stored in the manifest (what the model is for)")
     p.add_argument("--license", default="", help="the model's license, stored in the manifest (e.g. CC-BY-4.0)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE.zip if it exists (default: refuse)")
+    p.add_argument(
+        "--with-report",
+        action="store_true",
+        help="also package report.md, its pictures and the training curves (they show an example training image "
+        "with its labels and per-case results; default: left out)",
+    )
     p.set_defaults(func=_cmd_package)
 
     p = sub.add_parser(
@@ -766,6 +823,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_select)
 
     p = sub.add_parser(
+        "report",
+        help="write report.md and report.html of a workspace again from its files (no training)",
+        description="Write W/NAME/report.md and W/NAME/report.html from the workspace's files, without retraining. "
+        "report.html is one self-contained page (opens from disk, nothing fetched): the summary, every fold's "
+        "training curves, every cross-validation case of the selected model with Dice, HD95 and NSD per class, "
+        "and a slice viewer with ground truth, prediction and errors for the worst cases and a sample.",
+    )
+    p.add_argument("workspace", metavar="W/NAME", help="the dataset's workspace folder")
+    p.add_argument("--html", action="store_true", help="write only report.html (leave report.md as it is)")
+    p.add_argument(
+        "--cases",
+        type=int,
+        metavar="N",
+        help="embed the N worst cases in report.html's viewer, plus a sample of N/2 more (default 20)",
+    )
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
         "postprocess",
         help="apply the selected post-processing to a folder of segmentations",
         description="Apply the post-processing chosen by `autounet select` for W/NAME to every segmentation in IN, "
@@ -775,6 +850,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN", help="folder of segmentations")
     p.add_argument("output", metavar="OUT", help="output folder")
     p.add_argument("--from", dest="source", required=True, metavar="W/NAME", help="the dataset's workspace folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the cases' files already in OUT (default: refuse, naming them; OUT = IN works in place)",
+    )
     _workers(p)
     p.set_defaults(func=_cmd_postprocess)
 
@@ -811,6 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _plans_from(p)
     _pretrained(p)
+    _loggers(p)
     _workers(p)
     g = _executor(p, "folds")
     g.add_argument(
@@ -860,6 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:  # the file system refused: read-only, full, a file where a folder is needed
         print(f"autounet {args.command}: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:  # never swallowed below (an engine failure is not this), said once here
+        print(f"autounet {args.command}: error: out of memory (the machine could not allocate enough)", file=sys.stderr)
         return 2
 
 

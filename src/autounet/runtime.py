@@ -33,6 +33,11 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise AutounetError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AutounetError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            present = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0 only"
+            raise AutounetError(f"device {name!r} requested but this machine has {count} CUDA device(s) ({present})")
     if device.type == "mps":
         if not mps_available():
             print(

@@ -88,6 +88,7 @@ class ComponentsEvidence:
     foreground: StepEvidence
     classes: dict[str, StepEvidence]  # candidate class -> its step
     final: FinalDice
+    ignore_label: int | None = None  # sparse annotations: reference voxels of this value counted in no Dice
 
 
 @dataclass

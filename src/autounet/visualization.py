@@ -54,6 +54,7 @@ _AXIS_LETTERS = "zyx"
 _SIDES = (("R", "L", "A", "P"), ("R", "L", "S", "I"), ("A", "P", "S", "I"))
 _MAX_WINDOW_SAMPLES = 4_000_000
 _MAX_LEGEND_ENTRIES = 24
+MAX_SLICES = 32  # per view: more columns would make a picture too large to draw (and no one reads them)
 _CELL_INCHES = 2.2
 _GAP_INCHES = 0.22  # room for a panel's title above it
 
@@ -177,8 +178,8 @@ def render_overlay(
         raise AutounetError(f"expected a (C, Z, Y, X) image, got shape {image.shape}")
     if not 0 <= channel < image.shape[0]:
         raise AutounetError(f"channel {channel} does not exist: the image has {image.shape[0]} channel(s)")
-    if slices < 1:
-        raise AutounetError(f"slices must be at least 1, got {slices}")
+    if not 1 <= slices <= MAX_SLICES:
+        raise AutounetError(f"slices must be between 1 and {MAX_SLICES}, got {slices}")
     if min(image.shape[1:]) < 1:
         raise AutounetError(f"the image is empty (shape {image.shape})")
     spacing = tuple(float(s) for s in spacing)
@@ -309,6 +310,14 @@ def _to_lps(
             seg = None if seg is None else np.flip(seg, axis=a)
     spacing = tuple(float(geometry.spacing[s]) for s in src)
     return image, seg, spacing, True
+
+
+def standard_orientation(image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, tuple[float, float, float], bool]:
+    """``(C, Z, Y, X)`` turned as ``autounet show`` turns it (axis 0 towards superior, 1 towards
+    posterior, 2 towards the patient's left); returns the array, its spacing and whether it could
+    be turned. Stack label maps as extra channels to turn them alike."""
+    image, _, spacing, ok = _to_lps(image, None, geometry)
+    return image, spacing, ok
 
 
 def _label_names_near(seg_path: Path) -> dict[int, str] | None:

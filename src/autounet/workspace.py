@@ -5,12 +5,13 @@ preprocessed data and its manifest, fold folders, checkpoints, logs, validation 
 next-stage inputs, selection, ensembles, report) is built here. ::
 
     W/NAME/
-      dataset.json  fingerprint.json  plans.json  splits.json  selection.json  report.md  report/
+      dataset.json  fingerprint.json  plans.json  splits.json  selection.json  report.md  report.html  report/
+      trackers/                  tensorboard/ mlflow/ wandb/ (`train --logger`)
       preprocessed/DATA_ID/      CASE.npy CASE_seg.npy CASE.json ... manifest.json
       results/CONFIG/            cv_summary.json  next_stage/CASE_previous.npy
       results/CONFIG/fold_K/     checkpoint_{latest,best,second_best,final}.pt log.jsonl progress.png console.log
       results/CONFIG/fold_K/validation/   CASE.nii.gz CASE.npz summary.json
-      results/CONFIG/fold_K/engines/      KEY.onnx KEY.xml KEY.bin (conversions for other inference engines)
+      results/CONFIG/fold_K/engines/      KEY.onnx KEY.xml KEY.bin KEY.json KEY.lock (conversions for other engines; .json: their SHA-256 record)
       results/ensembles/A+B/     a pair ensemble's cross-validation predictions
       manifest.json              only in a model package's folder (`autounet package`): versions and checksums
 
@@ -59,6 +60,17 @@ def fold_of(folder: str | Path) -> str | None:
     """The fold a folder ``fold_K`` holds (``"all"`` or the number as text), or None for another folder."""
     match = re.fullmatch(r"fold_(all|\d+)", Path(folder).name)
     return match.group(1) if match else None
+
+
+def fold_folders(results_dir: str | Path) -> dict[str, Path]:
+    """The fold folders of a configuration's results folder ``results/CONFIG``, by fold (``"0"``,
+    ``"1"``, ... then ``"all"``); empty when the folder does not exist. The one listing of a
+    configuration's folds: what each fold holds (a checkpoint, a validation) the caller checks."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        return {}
+    found = {fold: p for p in results_dir.iterdir() if (fold := fold_of(p)) is not None and p.is_dir()}
+    return {f: found[f] for f in sorted(found, key=lambda f: (f == "all", int(f) if f != "all" else 0))}
 
 
 def training_log_path(fold_dir: str | Path) -> Path:
@@ -224,6 +236,20 @@ class Workspace:
     @property
     def report_md(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        """The report as one self-contained page (reporting/html.py)."""
+        return self.root / "report.html"
+
+    @property
+    def trackers_dir(self) -> Path:
+        """Local stores of the experiment trackers (``train --logger``): tensorboard/, mlflow/, wandb/."""
+        return self.root / "trackers"
+
+    def tensorboard_dir(self, configuration: str, fold: int | str) -> Path:
+        """A fold's TensorBoard event files: ``trackers/tensorboard/CONFIG/fold_K``."""
+        return self.trackers_dir / "tensorboard" / configuration / f"fold_{fold}"
 
     @property
     def report_figures_dir(self) -> Path:

@@ -24,9 +24,44 @@ class EventBoard:
         return events
 
 
+BOARD_RESTARTS = -1  # a board whose process dies is restarted (empty) as often as it takes
+BOARD_ANSWER_S = 10.0  # how long the driver waits for the board's events before it polls again
+
+
+def board_options(ray: ModuleType) -> dict[str, Any]:
+    """How the board actor runs: no CPU taken from the tasks, pinned to the driver's node (which
+    the run cannot outlive anyway) and restarted if its process dies, its calls retried."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return dict(
+        num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        max_restarts=BOARD_RESTARTS,
+        max_task_retries=-1,
+    )
+
+
 def start_board(ray: ModuleType) -> Any:
-    """A new :class:`EventBoard` actor (it takes no CPU from the tasks)."""
-    return ray.remote(num_cpus=0)(EventBoard).remote()
+    """A new :class:`EventBoard` actor (see :func:`board_options`)."""
+    return ray.remote(EventBoard).options(**board_options(ray)).remote()
+
+
+def take_events(ray: ModuleType, board: Any) -> list[dict[str, Any]]:
+    """The events posted since the last call; none (not an error) while the board is lost or
+    restarting: the lines are only what the driver shows, the tasks go on without them."""
+    try:
+        return ray.get(board.take.remote(), timeout=BOARD_ANSWER_S)
+    except (ray.exceptions.RayError, TimeoutError):
+        return []
+
+
+def stop_board(ray: ModuleType, board: Any) -> None:
+    """End the board (already gone: nothing to do)."""
+    try:
+        ray.kill(board, no_restart=True)
+    except Exception:  # a lost actor or cluster is what this tolerates
+        pass
 
 
 class TaskProgress:

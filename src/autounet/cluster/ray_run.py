@@ -31,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-from autounet.cluster.progress import TaskProgress, start_board
+from autounet.cluster.progress import TaskProgress, start_board, stop_board, take_events
 from autounet.cluster.session import alive_nodes, check_room, cluster_gpus, ray_session, this_node
 from autounet.cluster.shared_fs import check_shared
 from autounet.errors import AutounetError
@@ -74,6 +74,7 @@ def run_on_ray(raw: str | Path, ws: Workspace, options: RunOptions, cluster: Clu
     options = options.validate()
     raw = Path(raw).resolve()
     ws = Workspace(ws.work.resolve(), ws.name)  # the workers' working folders differ from ours
+    options = for_workers(options)
     with ray_session(cluster.address) as ray:
         gpus = cluster.gpus_per_fold if cluster.gpus_per_fold is not None else min(1, cluster_gpus(ray))
         cpus = cluster.cpus_per_fold
@@ -89,6 +90,25 @@ def run_on_ray(raw: str | Path, ws: Workspace, options: RunOptions, cluster: Clu
         readable = [raw] + ([Path(options.pretrained)] if options.pretrained else [])
         check_shared(ray, ws.root, readable, what=f"the workspace {ws.name}")
         return run_pipeline(raw, ws, options, RayFolds(ray, cpus, gpus, cluster.max_retries))
+
+
+def for_workers(options: RunOptions) -> RunOptions:
+    """``options`` with every path absolute (a worker's working folder is not ours); the labels
+    that name them in notes and checkpoints stay as the user gave them."""
+    out = options
+    if options.pretrained:
+        out = replace(
+            out,
+            pretrained=str(Path(options.pretrained).resolve()),
+            pretrained_label=options.pretrained_label or str(options.pretrained),
+        )
+    if options.plans_from:
+        out = replace(
+            out,
+            plans_from=str(Path(options.plans_from).resolve()),
+            plans_from_label=options.plans_from_label or str(options.plans_from),
+        )
+    return out
 
 
 class RayFolds:
@@ -114,7 +134,7 @@ class RayFolds:
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1, timeout=EVENT_POLL_S)
-                self._show_events(ray.get(board.take.remote()), attempts, finished, shown)
+                self._show_events(take_events(ray, board), attempts, finished, shown)
                 for ref in done:
                     job = refs[ref]
                     finished.add(job.label)
@@ -129,7 +149,7 @@ class RayFolds:
             shown.close()
             for ref in pending:  # an interrupted driver: the folds it was waiting for stop too
                 ray.cancel(ref, force=True)
-            ray.kill(board)
+            stop_board(ray, board)
         return failures
 
     @staticmethod

@@ -10,13 +10,21 @@ when its slices differ in size, pixel spacing or orientation, when two slices sh
 when the slices are not stacked along their normal (gantry tilt), when a gap is twice the others
 (a missing slice) or when the gaps differ by more than 1 % (at least 0.01 mm). A single slice,
 a multi-frame (enhanced) file and colour images are refused too.
+
+Objects that are not images (structured reports and key-object selections, presentation
+states, RT structure sets and plans, encapsulated documents, waveforms, registrations: what
+PACS exports put beside the images) are skipped with a note instead (:func:`non_image_object`):
+told apart by their SOP Class UID and Modality, read with pydicom when it is installed, else
+from the file meta header's bytes, so reading series needs nothing but SimpleITK.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +48,34 @@ _MODALITY = "0008|0060"
 _POSITION = "0020|0032"
 _ORIENTATION = "0020|0037"
 _FRAMES = "0028|0008"
+_SLOPE = "0028|1053"
+_INTERCEPT = "0028|1052"
 _ITK_PREFIX = re.compile(r"^.*ITK ERROR: \w+\(0x[0-9a-fA-F]+\):\s*")
+# SOP classes of objects without an image (PS3.4 Annex B), as UID prefixes: structured reports
+# and key objects (.88), presentation states (.11), RT structure set, treatment records, plans
+# (.481.3-.9), encapsulated documents (.104), waveforms (.9), raw data and registrations (.66,
+# .66.1-.3), surface segmentation (.66.5); a DICOM SEG (.66.4) is refused by name instead.
+_STORAGE = "1.2.840.10008.5.1.4.1.1."
+NON_IMAGE_SOP_CLASSES = tuple(
+    _STORAGE + c for c in ("88.", "11.", "481.3", "481.4", "481.5", "481.6", "481.7", "481.8", "481.9", "104.", "9.")
+) + tuple(_STORAGE + c for c in ("66", "66.1", "66.2", "66.3", "66.5"))
+NON_IMAGE_MODALITIES = ("SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "DOC", "REG", "FID", "ECG", "AU", "HD")
+# modalities of image objects: a file of one of these without pixel data is a damaged image (cut
+# off before its pixels), never a non-image object to skip
+IMAGE_MODALITIES = ("CT", "MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "OT", "RTIMAGE", "IO", "PX", "XC", "SM")
+_META_SOP_CLASS = b"\x02\x00\x02\x00UI"  # (0002,0002) MediaStorageSOPClassUID, explicit VR little endian
+
+
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """GDCM's scan prints warnings of its own on standard error ("No Series were found"); what
+    matters is reported by the caller, in one line."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _itk_reason(exc: RuntimeError) -> str:
@@ -61,6 +96,7 @@ class DicomSlice:
     pixel_spacing: tuple[float, float]  # x (between columns), y (between rows), mm
     patient_id: str
     series_number: int | None
+    rescale: tuple[float, float] = (1.0, 0.0)  # RescaleSlope, RescaleIntercept
 
 
 @dataclass(frozen=True)
@@ -72,10 +108,19 @@ class DicomSeries:
     folders: tuple[Path, ...]
     patient_id: str
     series_number: int | None
+    # every slice's pixel values map to integers the same way (one slope and intercept, both
+    # whole numbers): the series is read in the type GDCM gives it, not float32
+    integer_rescale: bool = False
 
     def describe(self) -> str:
         where = ", ".join(str(f) for f in self.folders)
-        return f"DICOM series {self.series_uid} (in {where})"
+        return f"DICOM series {shown_uid(self.series_uid)} (in {where})"
+
+
+def shown_uid(uid: str) -> str:
+    """A UID for a message: as it is when it is digits and dots, else quoted with escapes (a UID
+    from a stranger's file may hold line breaks or anything else)."""
+    return uid if uid and all(c.isdigit() or c == "." for c in uid) and uid.isascii() else repr(uid)
 
 
 def looks_like_dicom(path: Path) -> bool:
@@ -90,6 +135,53 @@ def looks_like_dicom(path: Path) -> bool:
     except OSError as exc:
         raise AutounetError(f"{path}: cannot read ({exc.strerror})") from None
     return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _non_image_class(sop_class: str) -> bool:
+    return any(sop_class == c or (c.endswith(".") and sop_class.startswith(c)) for c in NON_IMAGE_SOP_CLASSES)
+
+
+def non_image_object(path: Path) -> str | None:
+    """What kind of non-image DICOM object ``path`` is (``"SR"``, ``"KO"``, its SOP class UID),
+    or None when it is (or may be) an image, or is not DICOM. With pydicom: its SOP class,
+    modality, and (for classes not listed) the absence of both pixel data and Rows; without
+    pydicom: the SOP class in its file meta header."""
+    try:
+        import pydicom  # optional: installed with the dicom extra
+    except ImportError:
+        return _non_image_from_bytes(path)
+    try:
+        with warnings.catch_warnings():  # pydicom warns about odd values; the caller reports what matters
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, defer_size=256)
+        sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "")).strip()
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        rows = "Rows" in ds
+    except MemoryError:
+        raise
+    except Exception:  # pydicom raises many kinds on damaged files: then not known to be a non-image
+        return None
+    if modality == "SEG":
+        return None
+    pixel_less = sop_class and not pixels and not rows and modality not in IMAGE_MODALITIES
+    if modality in NON_IMAGE_MODALITIES or _non_image_class(sop_class) or pixel_less:
+        return modality or sop_class
+    return None
+
+
+def _non_image_from_bytes(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return None
+    at = head.find(_META_SOP_CLASS, 132)
+    if head[128:132] != b"DICM" or at < 0 or at + 8 > len(head):
+        return None
+    length = int.from_bytes(head[at + 6 : at + 8], "little")
+    sop_class = head[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace")
+    return sop_class if _non_image_class(sop_class) else None
 
 
 def _folders_with_files(root: Path) -> list[Path]:
@@ -170,6 +262,8 @@ def read_slice_header(path: Path) -> DicomSlice:
     if not all(np.isfinite(spacing[:2])) or min(spacing[:2]) <= 0:
         raise AutounetError(f"{path}: invalid pixel spacing {tuple(spacing[:2])}")
     number = tag(_SERIES_NUMBER)
+    slope = _numbers(tag(_SLOPE), 1, "RescaleSlope (0028,1053)", path)[0] if tag(_SLOPE) else 1.0
+    intercept = _numbers(tag(_INTERCEPT), 1, "RescaleIntercept (0028,1052)", path)[0] if tag(_INTERCEPT) else 0.0
     return DicomSlice(
         path=path,
         series_uid=tag(_SERIES_UID),
@@ -179,31 +273,44 @@ def read_slice_header(path: Path) -> DicomSlice:
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         patient_id=tag(_PATIENT_ID),
         series_number=int(number) if number.lstrip("-").isdigit() else None,
+        rescale=(slope, intercept),
     )
 
 
-def find_dicom_series(roots: Sequence[Path]) -> list[DicomSeries]:
+def find_dicom_series(roots: Sequence[Path], skipped: list[tuple[Path, str]] | None = None) -> list[DicomSeries]:
     """Every DICOM series under the folders ``roots`` (subfolders included), checked to be one
     regular stack of slices (see the module's docstring), in SeriesInstanceUID order.
 
-    A series whose files lie in several folders is one series. A file that looks like DICOM (a
-    DICOM ending or the ``DICM`` mark) but belongs to no series GDCM can read is an error naming it.
+    A series whose files lie in several folders is one series. A non-image object
+    (:func:`non_image_object`) is skipped and added to ``skipped`` as (path, kind). Any other
+    file that looks like DICOM (a DICOM ending or the ``DICM`` mark) but belongs to no series GDCM
+    can read is an error naming it.
     """
+    skipped = [] if skipped is None else skipped
     by_uid: dict[str, dict[Path, DicomSlice]] = {}
     folders_of: dict[str, list[Path]] = {}
     for root in roots:
         for folder in _folders_with_files(root):
             claimed: set[Path] = set()  # resolved paths
             try:
-                series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+                with _itk_warnings_off():
+                    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
             except RuntimeError as exc:
                 raise AutounetError(f"{folder}: cannot scan for DICOM series ({str(exc).strip()[-200:]})") from None
             for series_id in series_ids:
-                names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+                with _itk_warnings_off():
+                    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
                 for name in names:
                     path = Path(name)
                     claimed.add(path.resolve())
-                    header = read_slice_header(path)
+                    try:
+                        header = read_slice_header(path)
+                    except AutounetError:
+                        kind = non_image_object(path)
+                        if kind is None:
+                            raise
+                        skipped.append((path, kind))
+                        continue
                     uid = header.series_uid or series_id
                     by_uid.setdefault(uid, {})[path.resolve()] = header
                     if folder not in folders_of.setdefault(uid, []):
@@ -211,6 +318,10 @@ def find_dicom_series(roots: Sequence[Path]) -> list[DicomSeries]:
             strays = [p for p in sorted(folder.iterdir()) if p.is_file() and p.resolve() not in claimed]
             for stray in strays:
                 if not stray.name.startswith(".") and looks_like_dicom(stray):
+                    kind = non_image_object(stray)
+                    if kind is not None:
+                        skipped.append((stray, kind))
+                        continue
                     read_slice_header(stray)  # names what is wrong with it, when ITK can tell
                     raise AutounetError(
                         f"{stray}: a DICOM file that belongs to no readable series (damaged or cut short?)"
@@ -219,7 +330,7 @@ def find_dicom_series(roots: Sequence[Path]) -> list[DicomSeries]:
 
 
 def _checked_series(uid: str, slices: list[DicomSlice], folders: list[Path]) -> DicomSeries:
-    where = f"DICOM series {uid} (in {', '.join(map(str, folders))})"
+    where = f"DICOM series {shown_uid(uid)} (in {', '.join(map(str, folders))})"
     first = slices[0]
     for s in slices[1:]:
         if s.size != first.size:
@@ -288,18 +399,22 @@ def _checked_series(uid: str, slices: list[DicomSlice], folders: list[Path]) -> 
         folders=tuple(folders),
         patient_id=first.patient_id,
         series_number=first.series_number,
+        integer_rescale=len({s.rescale for s in slices}) == 1 and all(float(v).is_integer() for v in first.rescale),
     )
 
 
 def read_dicom_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
-    """The series as ``(1, Z, Y, X)`` float32 (rescale slope and intercept applied) with its
-    geometry; Z in the order of :attr:`DicomSeries.files`. The geometry SimpleITK derives is
-    checked against the files' positions."""
+    """The series as ``(1, Z, Y, X)`` (rescale slope and intercept applied) with its geometry; Z
+    in the order of :attr:`DicomSeries.files`. Each file is decoded once, into the integer type
+    GDCM gives the rescaled values (int16 for most CT and MR: 2 bytes a voxel, not 4) when every
+    slice shares one whole-number slope and intercept, else into float32 (each file's own slope can
+    give fractions, e.g. PET). Non-finite values (float data only) are refused. The geometry
+    SimpleITK derives is checked against the files' positions."""
     reader = sitk.ImageSeriesReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames([str(f) for f in series.files])
-    # float: each file's own rescale slope/intercept can give non-integer values (e.g. PET)
-    reader.SetOutputPixelType(sitk.sitkFloat32)
+    if not series.integer_rescale:
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -315,10 +430,34 @@ def read_dicom_series(series: DicomSeries) -> tuple[np.ndarray, Geometry]:
         direction_xyz=tuple(float(v) for v in image.GetDirection()),
     )
     _check_read_geometry(series, geometry)
-    array = sitk.GetArrayFromImage(image)[None]
-    if not np.isfinite(array).all():
-        raise AutounetError(f"{series.describe()}: the series holds NaN or infinite intensities")
+    array = _array_of(image)[None]
+    if array.dtype.kind == "f":
+        bad = nonfinite_count(array)
+        if bad:
+            raise AutounetError(f"{series.describe()}: the series holds NaN or infinite intensities ({bad} voxel(s))")
     return array, geometry
+
+
+class _ImageBuffer:
+    """The pixel buffer of a SimpleITK image as numpy sees it, holding the image alive: an array
+    made from it shares the image's memory (no copy of a whole series), for as long as it lives."""
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        view = sitk.GetArrayViewFromImage(image)
+        pointer, _ = view.__array_interface__["data"]
+        self.__array_interface__ = {**view.__array_interface__, "data": (pointer, False)}
+
+
+def _array_of(image: sitk.Image) -> np.ndarray:
+    """``image``'s pixels as a writable array without copying them (see :class:`_ImageBuffer`)."""
+    return np.asarray(_ImageBuffer(image))
+
+
+def nonfinite_count(array: np.ndarray, slab: int = 1 << 22) -> int:
+    """NaN and infinite values of ``array``, counted a slab at a time (no full-size mask)."""
+    flat = array.reshape(-1)
+    return sum(int(np.count_nonzero(~np.isfinite(flat[i : i + slab]))) for i in range(0, flat.size, slab))
 
 
 def _check_read_geometry(series: DicomSeries, geometry: Geometry) -> None:

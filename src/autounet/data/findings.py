@@ -36,6 +36,7 @@ WARNING_KINDS = {
     "class_never_present": "a declared class occurs in no case",
     "count_mismatch": "numTraining differs from the number of training cases listed",
     "nonzero_background": "the background is a constant other than 0, so cropping to the nonzero region keeps it",
+    "no_annotation": "a label map is the `ignore` label everywhere: the case has no annotated voxel to train on",
 }
 
 

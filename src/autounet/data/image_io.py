@@ -12,7 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from autounet.data.geometry import SPACING_2D_IMAGES, Geometry, geometry_differences
-from autounet.data.image_verify import ImageReadError, check_name, verify_image_file
+from autounet.data.image_verify import ImageReadError, check_name, verify_image_file, verify_image_header
+from autounet.data.nifti_scan import is_nifti_name
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -56,12 +57,18 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return arr, geometry
 
 
-def _read_volume(path: str | Path, count_nonfinite: bool) -> tuple[np.ndarray, Geometry, list[int] | None]:
+def _read_volume(
+    path: str | Path, count_nonfinite: bool, verified: bool = False
+) -> tuple[np.ndarray, Geometry, list[int] | None]:
     check_name(path)
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found", kind="missing_file")
-    nonfinite = verify_image_file(path, count_nonfinite)
+    if verified:  # checked (non-finite voxels refused) by the caller: a NIfTI file has none
+        verify_image_header(path)
+        nonfinite = None
+    else:
+        nonfinite = verify_image_file(path, count_nonfinite)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -77,6 +84,8 @@ def _read_volume(path: str | Path, count_nonfinite: bool) -> tuple[np.ndarray, G
         arr = arr[:, None]
     if arr.ndim != 4:
         raise ImageReadError(f"{path}: unexpected array shape {arr.shape}")
+    if verified and count_nonfinite and is_nifti_name(path):
+        nonfinite = [0] * arr.shape[0]
     if nonfinite is not None and len(nonfinite) != arr.shape[0]:
         nonfinite = None
     return arr, geometry, nonfinite
@@ -92,14 +101,17 @@ def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     return arr, geometry
 
 
-def read_image_scanned(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry, list[int]]:
+def read_image_scanned(paths: Sequence[str | Path], verified: bool = False) -> tuple[np.ndarray, Geometry, list[int]]:
     """:func:`read_image`, plus the NaN/infinite voxels per channel found in the files' bytes.
 
     SimpleITK's NIfTI reader turns non-finite voxels into 0 (see :mod:`~autounet.data.nifti_scan`),
     so for float NIfTI files they are counted on disk, in the pass that verifies the file (no
-    extra read); for other files in the array.
+    extra read); for other files in the array. ``verified``: the caller has run
+    :func:`~autounet.data.image_verify.verify_image_file` with ``count_nonfinite`` on every file and
+    refused any non-finite voxel, so the files are not decompressed a second time to verify them
+    (a NIfTI file's count is then 0).
     """
-    return _read_image(paths, count_nonfinite=True)
+    return _read_image(paths, count_nonfinite=True, verified=verified)
 
 
 def read_label_scanned(path: str | Path) -> tuple[np.ndarray, Geometry, int]:
@@ -114,10 +126,12 @@ def _nonfinite_in(arr: np.ndarray, on_disk: list[int] | None) -> list[int]:
     return [int(np.count_nonzero(~np.isfinite(c))) if arr.dtype.kind == "f" else 0 for c in arr]
 
 
-def _read_image(paths: Sequence[str | Path], count_nonfinite: bool) -> tuple[np.ndarray, Geometry, list[int]]:
+def _read_image(
+    paths: Sequence[str | Path], count_nonfinite: bool, verified: bool = False
+) -> tuple[np.ndarray, Geometry, list[int]]:
     arrays, geometry, nonfinite = [], None, []
     for p in paths:
-        arr, geo, on_disk = _read_volume(p, count_nonfinite)
+        arr, geo, on_disk = _read_volume(p, count_nonfinite, verified)
         if count_nonfinite:
             nonfinite += _nonfinite_in(arr, on_disk)
         if geometry is None:

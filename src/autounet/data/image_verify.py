@@ -25,7 +25,15 @@ import os
 import zlib
 from pathlib import Path
 
-from autounet.data.nifti_scan import NiftiDataError, gzip_error, is_gzip, is_nifti_name, read_header, scan_nifti
+from autounet.data.nifti_scan import (
+    NiftiDataError,
+    gzip_error,
+    is_gzip,
+    is_nifti_name,
+    read_header,
+    scan_nifti,
+    size_problem,
+)
 from autounet.errors import AutounetError
 
 _CHUNK_BYTES = 1024 * 1024
@@ -282,7 +290,8 @@ def verify_image_file(path: str | Path, count_nonfinite: bool = False) -> list[i
 
 def verify_image_header(path: str | Path) -> None:
     """The cheap part of :func:`verify_image_file`, from the first bytes of the file only: its name,
-    a NIfTI header's spacing, and the length of an uncompressed NIfTI file."""
+    a NIfTI header's spacing, the voxel data it declares (:func:`~autounet.data.nifti_scan.size_problem`),
+    and the length of an uncompressed NIfTI file."""
     check_name(path)
     path = Path(path)
     if not is_nifti_name(path):
@@ -291,7 +300,7 @@ def verify_image_header(path: str | Path) -> None:
         header = read_header(path)
         if header is None:
             return
-        problem = header.spacing_problem()
+        problem = header.spacing_problem() or size_problem(header, path.stat().st_size, is_gzip(path))
         if problem:
             raise ImageReadError(f"{path}: {problem}", kind="invalid_header")
         if header.single_file and header.data_bytes is not None and not is_gzip(path):

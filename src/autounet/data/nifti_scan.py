@@ -12,6 +12,11 @@ ITK's NIfTI reader (and so SimpleITK's, up to ITK 5) hides three kinds of damage
 :func:`scan_nifti` therefore reads the header itself and streams the data once: the compressed
 stream of a ``.nii.gz`` to its end (Python's :mod:`gzip` checks the CRC and length in its
 trailer), counting the bytes after the voxel offset and, when asked, the non-finite values.
+
+A header is data from a stranger too: the voxel data it declares (dims x bytes per voxel) is
+checked against :data:`MAX_IMAGE_BYTES`, its volumes against :data:`MAX_VOLUMES`, and (for a
+``.nii.gz``) against what the compressed file can hold at deflate's largest ratio before
+anything is allocated for it (:func:`size_problem`).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ _DATATYPE_BYTES = {
 _SINGLE_FILE_MAGIC = (b"n+1\0", b"n+2\0")  # voxels in the same file as the header
 _CHUNK_BYTES = 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
+MAX_IMAGE_BYTES = 16 * 1024**3  # voxel data of one image: far beyond any volume a U-Net segments
+MAX_VOLUMES = 65536  # 3D volumes (dims 4 to 7) of one file
+_DEFLATE_MAX_RATIO = 1032  # deflate's largest compression ratio (runs of one byte)
 
 
 class NiftiDataError(ValueError):
@@ -99,6 +107,34 @@ class NiftiHeader:
         return (
             f"invalid voxel spacing in the header (pixdim {', '.join(bad)}; it must be a positive, finite number of mm)"
         )
+
+
+def size_problem(header: NiftiHeader, file_bytes: int, compressed: bool) -> str | None:
+    """What is impossible about the voxel data ``header`` declares, judged from the header and
+    the file's size alone (``compressed``: the size of a gzip file), or None: more than
+    :data:`MAX_IMAGE_BYTES` or :data:`MAX_VOLUMES`, or more than a compressed file of that size
+    can decompress to (a short uncompressed file is the caller's "truncated")."""
+    declared = header.data_bytes
+    if declared is None:
+        return None
+    what = f"{' x '.join(map(str, header.dims))} voxels of {header.voxel_bytes} byte(s)"
+    if declared > MAX_IMAGE_BYTES:
+        return (
+            f"the header declares {declared} bytes of voxel data ({what}), more than the {MAX_IMAGE_BYTES} bytes "
+            "autounet reads: a damaged or crafted header"
+        )
+    volumes = math.prod(header.dims[3:])
+    if volumes > MAX_VOLUMES:
+        return (
+            f"the header declares {volumes} volumes ({what}), more than the {MAX_VOLUMES} autounet reads: "
+            "a damaged or crafted header"
+        )
+    if compressed and header.single_file and declared > file_bytes * _DEFLATE_MAX_RATIO:
+        return (
+            f"the header declares {declared} bytes of voxel data ({what}), more than this {file_bytes}-byte "
+            "compressed file can hold: the file is truncated or its header damaged"
+        )
+    return None
 
 
 def parse_header(raw: bytes) -> NiftiHeader | None:
@@ -184,11 +220,12 @@ def scan_nifti(path: str | Path, count_nonfinite: bool = False) -> NiftiScan | N
     with open(path, "rb") as raw:
         compressed = raw.read(2) == _GZIP_MAGIC
         raw.seek(0)
+        size = os.fstat(raw.fileno()).st_size
         if not compressed:
-            return _scan(raw, raw.read(540), False, count_nonfinite)
+            return _scan(raw, raw.read(540), size, False, count_nonfinite)
         try:
             with gzip.GzipFile(fileobj=raw, mode="rb") as fh:
-                return _scan(fh, fh.read(540), True, count_nonfinite)
+                return _scan(fh, fh.read(540), size, True, count_nonfinite)
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raw.seek(0)
             # a stream that ends early after a readable header is a truncated image; one that
@@ -206,15 +243,20 @@ def _starts_with_header(compressed: bytes) -> bool:
         return False
 
 
-def _scan(fh, head: bytes, compressed: bool, count_nonfinite: bool) -> NiftiScan | None:
+def _scan(fh, head: bytes, file_bytes: int, compressed: bool, count_nonfinite: bool) -> NiftiScan | None:
     header = parse_header(head)
     if header is None or not header.single_file:
         if compressed:
             _drain(fh)  # still verify the compressed stream
         return None
+    problem = size_problem(header, file_bytes, compressed)
+    if problem:
+        raise NiftiDataError(problem, truncated=False)
     count = count_nonfinite and header.datatype in _FLOAT_TYPES and header.data_bytes is not None
-    if not compressed and not count:
-        return NiftiScan(header, max(0, os.fstat(fh.fileno()).st_size - header.offset), None)
+    if not compressed:
+        available = max(0, file_bytes - header.offset)
+        if not count or available < (header.data_bytes or 0):  # cut short: the caller says so
+            return NiftiScan(header, available, None)
     if header.offset > len(head):
         skip = header.offset - len(head)  # header extensions
         if _drain(fh, skip) < skip:

@@ -23,6 +23,9 @@ from autounet.utils.atomic import atomic_write, atomic_write_json
 MRI_CHANNEL_NAMES = ("T1", "T2", "FLAIR", "T1c")
 
 
+MAX_CASES = 10_000
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     cases: int = 12
@@ -53,6 +56,10 @@ class SyntheticSpec:
             raise AutounetError("--spacing-jitter must be in [0, 0.5)")
         if self.test_cases < 0:
             raise AutounetError("--test-cases cannot be negative")
+        if self.cases + self.test_cases > MAX_CASES:  # a typo would otherwise fill the disk for hours
+            raise AutounetError(
+                f"--cases + --test-cases must be at most {MAX_CASES}, got {self.cases + self.test_cases}"
+            )
         if self.layout not in ("msd", "nnunetv2"):
             raise AutounetError(f"layout must be 'msd' or 'nnunetv2', got {self.layout!r}")
 

@@ -6,6 +6,11 @@ classes (and regions) of those class means, again leaving NaN out. A class evalu
 cases but absent from both maps of another case counts there as an empty pair (NaN under the
 nnU-Net convention, so it leaves the mean unchanged; 1 under the BraTS convention). With an
 ``ignore_label`` (sparse annotations) the reference's voxels of that value count in no metric.
+
+Where nothing declares the labels (no ``labels``, ``regions`` or ``ignore_label``, and no
+``dataset.json`` beside the references), the classes are the values found. The highest of them
+is then refused when no prediction holds it: that is what an ``ignore`` label looks like (a model
+never predicts it), and scoring it as a class would put a Dice of 0 into every mean.
 """
 
 from __future__ import annotations
@@ -102,7 +107,25 @@ def evaluate_folders(
     )
     n_workers = default_workers() if workers is None else workers
     per_case = dict(map_cases(fn, pairs, n_workers, desc="evaluate"))
+    if labels is None and regions is None and ignore_label is None and not label_names_near(ref_dir):
+        _refuse_reference_only_value(per_case, ref_dir)
     return summarize(per_case, settings)
+
+
+def _refuse_reference_only_value(per_case: Mapping[str, CaseMetrics], ref_dir: str | Path) -> None:
+    """One clear error when the highest value found is in references only (see the module docstring)."""
+    classes = sorted({int(k) for metrics in per_case.values() for k in metrics if k.isdigit()})
+    if not classes:
+        return
+    top = str(classes[-1])
+    predicted = sum(m[top]["n_pred"] for m in per_case.values() if top in m)
+    if predicted == 0:
+        others = " ".join(str(c) for c in classes)
+        raise AutounetError(
+            f"{ref_dir}: value {top} is in the references and in no prediction, and no dataset.json beside the "
+            f"references declares the labels: if {top} marks unannotated voxels (an `ignore` label), give "
+            f"--ignore-label {top}; if it is a class the model never predicted, give --labels {others}"
+        )
 
 
 def evaluate_arrays(

@@ -14,6 +14,7 @@ default, except in an empty segmentation, which keeps every frame (a SEG needs a
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,5 +108,18 @@ def segmentation_dataset(series: DicomSeries, segmentation: np.ndarray, labels: 
 
 
 def write_dicom_seg(path: str | Path, dataset: Any) -> Path:
-    """Write a DICOM SEG dataset atomically."""
-    return atomic_write(Path(path), lambda tmp: dataset.save_as(tmp, enforce_file_format=True))
+    """Write a DICOM SEG dataset atomically, as a DICOM file (preamble, ``DICM`` and file meta
+    header) with pydicom 3 (``enforce_file_format``) or pydicom 2 (``write_like_original=False``),
+    whichever is installed (highdicom >= 0.22 accepts both)."""
+    return atomic_write(Path(path), lambda tmp: _save_as_file(dataset, tmp))
+
+
+def _save_as_file(dataset: Any, path: Path) -> None:
+    try:
+        parameters = inspect.signature(dataset.save_as).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if "enforce_file_format" in parameters:  # pydicom 3
+        dataset.save_as(path, enforce_file_format=True)
+    else:  # pydicom 2
+        dataset.save_as(path, write_like_original=False)

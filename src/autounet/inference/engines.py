@@ -19,15 +19,19 @@ Engines are optional: onnxruntime and openvino are imported only when asked for.
 is not installed, cannot run the requested precision or fails to compile raises
 :class:`EngineUnavailable` (an :class:`AutounetError`), which :func:`compile_or_fallback` and
 :func:`compile_stage` turn into a PyTorch engine plus a one-line reason, so a case is never lost
-to an engine; an engine that fails at run time hands over to PyTorch for good with a note.
+to an engine; an engine that fails at run time hands over to PyTorch for good with a note
+(the predictor then predicts the case again from its first tile: :class:`EngineRunFailure`).
 
 Conversions are cached beside the checkpoints (``fold_K/engines/KEY.onnx``, ``KEY.xml`` +
-``KEY.bin``; :func:`autounet.workspace.engine_cache_path`), written atomically, under a key made
-of the network's weights and structure, the patch shape, this module's
+``KEY.bin``; :func:`autounet.workspace.engine_cache_path`), written atomically and flushed, under
+a key made of the network's weights and structure, the patch shape, this module's
 :data:`CONVERSION_VERSION`, the exporter's opset and the converting library's version
-(:func:`conversion_key`). A file of the key is reused as it is; another key writes a new file.
-The precision is not part of the key: the converted files are fp32 and the precision is chosen
-when they are loaded.
+(:func:`conversion_key`), with a record ``KEY.json`` of those inputs and every file's SHA-256
+(:mod:`autounet.inference.engine_cache`), written once the conversion has loaded. A cached
+conversion is used only when its record and files match this network; one that does not, or
+that fails to load, is deleted and converted once more with a note; a failed conversion is never
+kept. The precision is not part of the key: the converted files are fp32 and the precision is
+chosen when they are loaded.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +56,14 @@ import numpy as np
 import torch
 
 from autounet.errors import AutounetError
+from autounet.inference.engine_cache import (
+    conversion_lock,
+    entry_exists,
+    entry_files,
+    entry_problem,
+    remove_entry,
+    write_record,
+)
 from autounet.runtime import cpu_flags, half_precision, native_bf16
 from autounet.utils.atomic import atomic_write, make_folder
 from autounet.utils.temporary import temporary_prefix
@@ -71,8 +83,9 @@ ENGINE_EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}
 ONNX_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-# Bump when a change here alters the converted files, so that cached conversions are redone.
-CONVERSION_VERSION = 1
+# Bump when a change here alters the converted files, so that cached conversions are redone
+# (2: every conversion has a record, autounet.inference.engine_cache).
+CONVERSION_VERSION = 2
 # CPU flags that mean native bf16 arithmetic (Linux /proc/cpuinfo names).
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -280,18 +293,35 @@ class TorchEngine(Engine):
         return out.float()
 
 
+class EngineRunFailure(Exception):
+    """A converted engine failed at run time and has handed over to PyTorch; raised (instead of
+    going on with PyTorch for the rest of the tiles) when the engine's ``redo_case`` is set, so
+    that the caller predicts the whole case again with one engine (the predictor does)."""
+
+
 class _ConvertedEngine(Engine):
     """An engine that runs a converted file on the CPU, with the torch network as a standby: if
-    the engine fails at run time, PyTorch (fp32) takes over for good and a note says why."""
+    the engine fails at run time, PyTorch (fp32) takes over for good and a note says why. With
+    ``redo_case`` it raises :class:`EngineRunFailure` after the handover instead of predicting
+    the remaining tiles (the predictor redoes the case: one engine per case). A ``MemoryError``
+    is never handed over: it is not the engine's fault and passes through as it is."""
 
     def __init__(self, name: str, precision: str, network: torch.nn.Module | None):
         super().__init__(name, precision)
         self.standby = network  # PyTorch's network, should the engine fail at run time
         self._fallback: TorchEngine | None = None
         self.failure: str | None = None
+        self.redo_case = False
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def fall_back(self, reason: str, device: str | torch.device = "cpu") -> None:
+        """Hand over to PyTorch fp32 for good (``reason``: one line for the note)."""
+        if self._fallback is None and self.standby is not None:
+            self.failure = reason
+            self._fallback = TorchEngine(self.standby.to(device), "fp32")
+            self.name, self.precision = "torch", "fp32"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fallback is not None:
@@ -299,15 +329,16 @@ class _ConvertedEngine(Engine):
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         try:
             out = self._run(array)
+        except MemoryError:
+            raise
         except Exception as exc:
             if self.standby is None:
                 raise
-            self.failure = (
-                f"{self.name} failed at run time ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            )
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            self.fall_back(f"{self.name} failed at run time ({type(exc).__name__}: {first_line})", x.device)
+            if self.redo_case:
+                raise EngineRunFailure(self.failure) from exc
             print(f"note: {self.failure}; PyTorch fp32 predicts from here on", file=sys.stderr)
-            self._fallback = TorchEngine(self.standby.to(x.device), "fp32")
-            self.name, self.precision = "torch", "fp32"
             return self._fallback(x)
         return torch.from_numpy(out).to(x.device)
 
@@ -373,16 +404,33 @@ def network_digest(network: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def conversion_inputs(digest: str, engine: str, example_shape: Sequence[int]) -> dict[str, str]:
+    """What a conversion of the network of ``digest`` (:func:`network_digest`) for ``engine``
+    with tiles of ``example_shape`` depends on: the inputs of its key, kept in its cache record
+    (the batch size does not matter: the batch axis is dynamic)."""
+    route = "onnx" if engine == "onnxruntime" or onnx_exporter_available() else "pytorch-frontend"
+    return {
+        "network_sha256": digest,
+        "engine": engine,
+        "engine_version": engine_version(engine),
+        "route": route,
+        "onnx_opset": str(ONNX_OPSET),
+        "conversion_version": str(CONVERSION_VERSION),
+        "torch": torch.__version__,
+        "tile": "x".join(str(int(s)) for s in example_shape[1:]),
+        "stored_precision": "fp32",
+    }
+
+
+def _key_of(inputs: dict[str, str]) -> str:
+    text = ";".join(f"{k}={inputs[k]}" for k in sorted(inputs))
+    return f"{inputs['engine']}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
 def conversion_key(network: torch.nn.Module, engine: str, example_shape: Sequence[int]) -> str:
     """The cache key of ``network`` converted for ``engine`` with tiles of ``example_shape``
-    (its batch size does not matter: the batch axis is dynamic)."""
-    version = engine_version(engine)
-    h = hashlib.sha256()
-    h.update(network_digest(network).encode())
-    h.update(repr([int(s) for s in example_shape[1:]]).encode())
-    route = "onnx" if engine == "onnxruntime" or onnx_exporter_available() else "pytorch-frontend"
-    h.update(f"{engine}:{version}:{route}:opset{ONNX_OPSET}:v{CONVERSION_VERSION}:torch{torch.__version__}".encode())
-    return f"{engine}-{h.hexdigest()[:24]}"
+    (a digest of :func:`conversion_inputs`)."""
+    return _key_of(conversion_inputs(network_digest(network), engine, example_shape))
 
 
 def _tile_shape(example_shape: Sequence[int]) -> tuple[int, ...]:
@@ -452,15 +500,24 @@ def write_onnx(network: torch.nn.Module, path: str | Path, example_shape: Sequen
 
 def _save_ir(model: Any, xml_path: Path) -> Path:
     """Save an OpenVINO model as ``xml_path`` + its ``.bin`` (fp32 weights), atomically: both are
-    written in a temporary folder beside them and renamed, the ``.bin`` first, so that an ``.xml``
-    never exists without its weights."""
+    written in a temporary folder beside them, flushed to disk and renamed, the ``.bin`` first, so
+    that an ``.xml`` never exists without its weights (and a ``.bin`` is removed again when the
+    ``.xml`` cannot follow it)."""
     ov = _import("openvino")
     make_folder(xml_path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(), suffix="." + xml_path.stem, dir=xml_path.parent))
+    bin_path = xml_path.with_suffix(".bin")
     try:
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        os.replace(tmp / "model.bin", xml_path.with_suffix(".bin"))
-        os.replace(tmp / "model.xml", xml_path)
+        for name in ("model.bin", "model.xml"):
+            with open(tmp / name, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp / "model.bin", bin_path)
+        try:
+            os.replace(tmp / "model.xml", xml_path)
+        except BaseException:
+            bin_path.unlink(missing_ok=True)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return xml_path
@@ -494,34 +551,109 @@ def write_openvino_ir_from_network(
 # ---------------------------------------------------------------------------------------------
 
 
-def _converted_file(
+def _reason(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
+def _discard(record: Path, files: list[Path]) -> None:
+    """Remove what a failed conversion left of a cache entry, if the folder lets us."""
+    with contextlib.suppress(OSError):
+        remove_entry(record, files)
+
+
+def _cached_engine(
     network: torch.nn.Module,
     engine: str,
     example_shape: Sequence[int],
     cache_dir: Path | None,
     cache_key: str | None,
     scratch: Path,
-) -> tuple[Path, bool]:
-    """The converted file for ``engine`` (``.onnx`` or ``.xml``), from the cache when it holds
-    one, else converted (into the cache when there is one, else into ``scratch``); and whether it
-    came from the cache. A cache that cannot be written is skipped with a note."""
+    load: Callable[[Path, bool], _ConvertedEngine],
+) -> _ConvertedEngine:
+    """``network`` converted for ``engine`` and loaded by ``load(path, temporary)``.
+
+    From the cache when it holds this network's conversion intact (its record matches the key's
+    inputs and every file's SHA-256: :mod:`autounet.inference.engine_cache`) and it loads; else
+    converted into the cache (``scratch`` without one) and recorded once it loads. A cached entry
+    that does not match or does not load is deleted and converted once more, with one note; a
+    conversion that fails or does not load is not kept; a cache that cannot be written is
+    skipped with a note (converted in memory).
+    """
     suffix = ".xml" if engine == "openvino" else ".onnx"
-    target = None
-    if cache_dir is not None:
-        key = cache_key or conversion_key(network, engine, example_shape)
-        target = engine_cache_path(cache_dir, key, suffix)
-        if target.is_file() and (suffix != ".xml" or target.with_suffix(".bin").is_file()):
-            return target, True
+    in_memory = scratch / f"network{suffix}"
+    if cache_dir is None:
+        return load(_convert(network, engine, example_shape, in_memory, scratch), True)
+    inputs = conversion_inputs(network_digest(network), engine, example_shape)
+    key = cache_key or _key_of(inputs)
+    target = engine_cache_path(cache_dir, key, suffix)
+    record = engine_cache_path(cache_dir, key, ".json")
+    with conversion_lock(engine_cache_path(cache_dir, key, ".lock")):
+        return _locked_entry(network, engine, example_shape, target, record, key, inputs, scratch, load)
+
+
+def _locked_entry(
+    network: torch.nn.Module,
+    engine: str,
+    example_shape: Sequence[int],
+    target: Path,
+    record: Path,
+    key: str,
+    inputs: dict[str, str],
+    scratch: Path,
+    load: Callable[[Path, bool], _ConvertedEngine],
+) -> _ConvertedEngine:
+    """:func:`_cached_engine` for the entry ``target`` (record ``record``) of ``key``, under its lock."""
+    in_memory = scratch / f"network{target.suffix}"
+    files = entry_files(target)
+    if entry_exists(record, files):
+        try:
+            problem = entry_problem(record, key, inputs, files)
+        except OSError as exc:
+            problem = f"cannot read it ({exc.strerror or exc})"
+        if problem is None:
+            try:
+                compiled = load(target, False)
+            except Exception as exc:
+                problem = f"it does not load ({_reason(exc)})"
+            else:
+                compiled.cached = True
+                return compiled
+        unused = f"note: cached {engine} conversion {target} not used: {problem}"
+        try:
+            remove_entry(record, files)
+        except OSError as exc:
+            print(
+                f"{unused}; cannot replace it in {target.parent} ({exc.strerror or exc}); converting in memory",
+                file=sys.stderr,
+            )
+            return load(_convert(network, engine, example_shape, in_memory, scratch), True)
+        print(f"{unused}; converting it again", file=sys.stderr)
     try:
-        return _convert(network, engine, example_shape, target or scratch / f"network{suffix}", scratch), False
+        path = _convert(network, engine, example_shape, target, scratch)
     except OSError as exc:
-        if target is None:
-            raise
+        _discard(record, files)
         print(
             f"note: cannot write the {engine} conversion to {target.parent} ({exc}); converting in memory",
             file=sys.stderr,
         )
-        return _convert(network, engine, example_shape, scratch / f"network{suffix}", scratch), False
+        return load(_convert(network, engine, example_shape, in_memory, scratch), True)
+    except BaseException:
+        _discard(record, files)  # a failed conversion is never cached
+        raise
+    try:
+        compiled = load(path, False)
+    except BaseException:
+        _discard(record, files)
+        raise
+    try:
+        write_record(record, key, inputs, files)
+    except OSError as exc:
+        _discard(record, files)
+        print(
+            f"note: cannot record the {engine} conversion in {target.parent} ({exc}); it is not kept", file=sys.stderr
+        )
+    return compiled
 
 
 def _convert(network: torch.nn.Module, engine: str, example_shape: Sequence[int], target: Path, scratch: Path) -> Path:
@@ -564,24 +696,25 @@ def compile_network(
         return TorchEngine(network, prec)
     _import(name)
     network = network.eval()
+    standby = network
+
+    def load(path: Path, temporary: bool) -> _ConvertedEngine:
+        if name == "onnxruntime":
+            loaded: _ConvertedEngine = OnnxRuntimeEngine(path, threads, standby)
+        else:
+            loaded = OpenVinoEngine(path, prec, threads, standby, mmap=not temporary)
+        if temporary:
+            loaded.file = None  # a temporary file, gone with the folder (the engine holds the model)
+        return loaded
+
     try:
         with tempfile.TemporaryDirectory(prefix="autounet-engine-") as scratch:
-            path, cached = _converted_file(
-                network, name, shape, Path(cache_dir) if cache_dir is not None else None, cache_key, Path(scratch)
-            )
-            standby = network
-            if name == "onnxruntime":
-                compiled: _ConvertedEngine = OnnxRuntimeEngine(path, threads, standby)
-            else:
-                compiled = OpenVinoEngine(path, prec, threads, standby, mmap=Path(scratch) not in path.parents)
-            if Path(scratch) in path.parents:
-                compiled.file = None  # a temporary file, gone with the folder (the engine holds the model)
+            folder = Path(cache_dir) if cache_dir is not None else None
+            compiled = _cached_engine(network, name, shape, folder, cache_key, Path(scratch), load)
     except EngineUnavailable:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise EngineUnavailable(name, f"conversion failed ({type(exc).__name__}: {first[:300]})") from exc
-    compiled.cached = cached
+        raise EngineUnavailable(name, f"conversion failed ({_reason(exc)})") from exc
     return compiled
 
 

@@ -15,7 +15,11 @@ scipy, SimpleITK and onnxruntime only.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +48,7 @@ from autounet.regions import RegionSet
 from autounet.training.checkpoint import load_checkpoint
 from autounet.utils.atomic import atomic_write_json, make_folder
 from autounet.utils.plain_data import from_plain, read_json_document, to_plain
+from autounet.utils.temporary import remove_stale_temporaries, temporary_prefix
 from autounet.workspace import CHECKPOINT_KINDS, checkpoint_path
 
 MODEL_FORMAT = "autounet-export"
@@ -321,6 +326,62 @@ def _dataset_name(stage: StageModel) -> str:
         return ""
 
 
+@dataclass
+class _Planned:
+    """One network to export: where it comes from and the stem of its files."""
+
+    member: StageModel
+    network: torch.nn.Module
+    fold: str
+    kind: str
+    stem: str
+
+
+def _file_names(plan: _Planned, chosen: Sequence[str]) -> list[str]:
+    """The files one network becomes in the export folder, in the order they are moved there."""
+    names = [f"{plan.stem}.onnx"] if "onnx" in chosen else []
+    return names + ([f"{plan.stem}.bin", f"{plan.stem}.xml"] if "openvino" in chosen else [])
+
+
+def _check_targets(out_dir: Path, names: Sequence[str], overwrite: bool) -> None:
+    """Refuse to replace anything in ``out_dir`` unless ``overwrite``, and a folder where a file goes."""
+    folders = [out_dir / n for n in names if (out_dir / n).is_dir() and not (out_dir / n).is_symlink()]
+    if folders:
+        raise AutounetError(f"{folders[0]}: a folder, where the export writes a file: choose another output folder")
+    there = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+    if there and not overwrite:
+        listed = ", ".join(there[:6]) + (f" and {len(there) - 6} more" if len(there) > 6 else "")
+        raise AutounetError(
+            f"{out_dir}: {listed} {'exists' if len(there) == 1 else 'exist'} already and would be replaced: "
+            "choose another folder, or give --overwrite to replace them"
+        )
+
+
+def _export_network(plan: _Planned, chosen: Sequence[str], staging: Path, shape: tuple[int, ...]) -> None:
+    """Write one network's files for ``chosen`` formats into ``staging``; an exporter's failure
+    (anything but a file-system error) becomes one :class:`AutounetError` naming the network."""
+    onnx_path = staging / f"{plan.stem}.onnx"
+    via_onnx = onnx_exporter_available()
+    step = "ONNX"
+    try:
+        if via_onnx:
+            write_onnx(plan.network, onnx_path, shape)
+        if "openvino" in chosen:
+            step = "OpenVINO"
+            if via_onnx:
+                write_openvino_ir(onnx_path, staging / f"{plan.stem}.xml")
+            else:  # OpenVINO's PyTorch frontend
+                write_openvino_ir_from_network(plan.network, staging / f"{plan.stem}.xml", shape)
+    except (AutounetError, OSError):
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise AutounetError(
+            f"cannot export {plan.member.configuration} fold {plan.fold} ({plan.kind} checkpoint) to {step}: "
+            f"{type(exc).__name__}{': ' + first if first else ''}"
+        ) from None
+
+
 def export_model(
     model: str | Path,
     out_dir: str | Path,
@@ -333,11 +394,14 @@ def export_model(
     overwrite: bool = False,
 ) -> Path:
     """Export ``model`` (as ``autounet predict -m`` takes it) into ``out_dir``; returns the path
-    of the ``model.json`` written (last, atomically).
+    of the ``model.json`` written.
 
     ``formats``: ``onnx`` and/or ``openvino``. ``folds``, ``checkpoints`` and ``postprocess`` as
-    for ``autounet predict``; ``step`` is recorded as the tiling step. A folder that already holds
-    a ``model.json`` is refused unless ``overwrite``. A cascade raises :class:`AutounetError`.
+    for ``autounet predict``; ``step`` is recorded as the tiling step. Every file is written into
+    a temporary folder inside ``out_dir`` and moved into place when all are written, ``model.json``
+    last; a failure leaves nothing behind. A file of ``out_dir`` that the export would replace is
+    refused (all of them named, before anything is written) unless ``overwrite``; no other file
+    of ``out_dir`` is touched. A cascade raises :class:`AutounetError`.
     """
     chosen = _check_formats(formats)
     if not 0 < step <= 1:
@@ -345,9 +409,6 @@ def export_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise AutounetError(f"{out_dir}: a file, not a folder: the export goes into a folder")
-    document_path = out_dir / MODEL_FILE
-    if document_path.exists() and not overwrite:
-        raise AutounetError(f"{document_path} exists already: choose another folder, or overwrite it")
     members, postprocessing = resolve_model(model, folds, checkpoints, postprocess)
     for m in members:
         if m.previous is not None or m.plan.previous_stage:
@@ -355,33 +416,19 @@ def export_model(
                 f"{m.configuration} is a cascade stage (it needs {m.plan.previous_stage}'s prediction as input): "
                 "exporting cascades is not supported; export another configuration (e.g. 3d_fullres or 2d)"
             )
-    first = members[0]
-    make_folder(out_dir)
-    member_docs = []
+    planned = []
     for m in members:
-        doc = _member_document(m, step)
-        shape = (2, m.spec.in_channels, *m.plan.patch_size)
         for network, source in zip(m.networks, m.sources):
-            network = network.to("cpu").eval()
             fold, kind = _fold_and_kind(Path(source))
-            stem = f"{m.configuration}.fold{fold}.{kind}"
-            files: dict[str, str] = {}
-            onnx_path = out_dir / f"{stem}.onnx"
-            via_onnx = onnx_exporter_available()
-            if via_onnx:
-                write_onnx(network, onnx_path, shape)
-            if "openvino" in chosen:
-                if via_onnx:
-                    write_openvino_ir(onnx_path, out_dir / f"{stem}.xml")
-                else:  # OpenVINO's PyTorch frontend
-                    write_openvino_ir_from_network(network, out_dir / f"{stem}.xml", shape)
-                files["openvino"] = f"{stem}.xml"
-            if "onnx" in chosen:
-                files["onnx"] = onnx_path.name
-            elif via_onnx:
-                onnx_path.unlink()
-            doc.networks.append(NetworkFile(fold, kind, files, network_digest(network)))
-        member_docs.append(doc)
+            planned.append(_Planned(m, network.to("cpu").eval(), fold, kind, f"{m.configuration}.fold{fold}.{kind}"))
+    names = [n for p in planned for n in _file_names(p, chosen)] + [MODEL_FILE]
+    _check_targets(out_dir, names, overwrite)
+
+    first = members[0]
+    member_docs = {id(m): _member_document(m, step) for m in members}
+    for p in planned:
+        files = {fmt: f"{p.stem}.{'xml' if fmt == 'openvino' else 'onnx'}" for fmt in FORMATS if fmt in chosen}
+        member_docs[id(p.member)].networks.append(NetworkFile(p.fold, p.kind, files, network_digest(p.network)))
     if postprocessing is not None and postprocessing.decision is not None:
         postprocessing = replace(postprocessing, decision=replace(postprocessing.decision, evidence={}))
     document = ModelDocument(
@@ -395,10 +442,39 @@ def export_model(
         output_name=OUTPUT_NAME,
         formats=chosen,
         output=Output(first.activation, list(first.label_values), first.regions),
-        members=member_docs,
+        members=[member_docs[id(m)] for m in members],
         ensemble=ENSEMBLE_RULE,
         postprocessing=postprocessing,
         versions=_versions(chosen),
     )
-    atomic_write_json(document_path, to_plain(document))
-    return document_path
+    _write_export(out_dir, planned, chosen, names, document)
+    return out_dir / MODEL_FILE
+
+
+def _write_export(
+    out_dir: Path, planned: Sequence[_Planned], chosen: Sequence[str], names: Sequence[str], document: ModelDocument
+) -> None:
+    """Write everything into a temporary folder in ``out_dir``, then move it into place."""
+    created = not out_dir.exists()
+    try:
+        make_folder(out_dir)
+        remove_stale_temporaries(out_dir)  # what an export killed half-way left
+        staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(), suffix=".export", dir=out_dir))
+    except OSError as exc:
+        raise AutounetError(f"{out_dir}: cannot write the export there ({exc.strerror or exc})") from None
+    try:
+        for p in planned:
+            _export_network(p, chosen, staging, (2, p.member.spec.in_channels, *p.member.plan.patch_size))
+        atomic_write_json(staging / MODEL_FILE, to_plain(document))
+        (out_dir / MODEL_FILE).unlink(missing_ok=True)  # no model.json naming a mix of old and new files
+        for name in names:  # model.json last: the export is complete when it is there
+            os.replace(staging / name, out_dir / name)
+    except OSError as exc:
+        name = Path(exc.filename).name if exc.filename else ""
+        where = out_dir / name if name and name in names else out_dir
+        raise AutounetError(f"{where}: cannot write the export ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not (out_dir / MODEL_FILE).exists():
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty: the folder this export made and could not fill

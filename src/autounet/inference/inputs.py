@@ -11,6 +11,7 @@ tree; image files and DICOM files side by side in one folder are refused as ambi
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,12 @@ from autounet.errors import AutounetError
 
 _CHANNEL = re.compile(r"^(.+)_(\d{4})$")
 NAME_BY = ("series", "patientid")  # what names the case of a DICOM series
+# A DICOM UID (PS3.5 §9.1): digits in dot-separated components, at most 64 characters.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # matched whole (fullmatch: no trailing newline)
+UID_MAX_LENGTH = 64
+# What a case name made from DICOM data may be: ASCII letters, digits, "-", "_" and ".", no
+# leading dot; never a path.
+_SAFE_CASE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 DICOM_OUTPUT_SUFFIX = ".nii.gz"
 
 
@@ -84,33 +91,56 @@ def _image_files(paths: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
 
 
 def _dicom_series(roots: Sequence[Path]) -> list[DicomSeries]:
-    out = []
+    """The series under ``roots``; the non-image DICOM objects beside them are skipped with one note."""
+    out: list[DicomSeries] = []
+    skipped: list[tuple[Path, str]] = []
     for root in roots:
-        found = find_dicom_series([root])
+        before = len(skipped)
+        found = find_dicom_series([root], skipped)
         if not found:
+            others = len(skipped) - before
             raise AutounetError(
                 f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder, and no DICOM series in it or "
-                "its subfolders"
+                "its subfolders" + (f" (only {others} DICOM object(s) that are not images)" if others else "")
             )
         out += found
+    if skipped:
+        shown = ", ".join(f"{p} ({kind})" for p, kind in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        print(f"note: skipped {len(skipped)} DICOM object(s) that are not images: {shown}{more}", file=sys.stderr)
     return out
 
 
 def _file_name_part(text: str) -> str:
-    """``text`` usable as (part of) a file name: characters other than letters, digits, ``-``,
-    ``_`` and ``.`` become ``_``; no leading dot."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    """``text`` usable as (part of) a file name: characters other than ASCII letters, digits,
+    ``-``, ``_`` and ``.`` become ``_``; no leading dot; at most 64 characters (a PatientID's
+    longest)."""
+    safe = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in text[:64])
     return "_" + safe[1:] if safe.startswith(".") else safe
 
 
+def series_case_name(series: DicomSeries) -> str:
+    """The case name of a series named by its SeriesInstanceUID, which must be a valid UID: a
+    name from the data never becomes a path (``../x`` or ``/abs`` would write outside ``-o``)."""
+    uid = series.series_uid
+    if len(uid) > UID_MAX_LENGTH or not _UID.fullmatch(uid):
+        where = ", ".join(str(f) for f in series.folders)
+        raise AutounetError(
+            f"DICOM series in {where}: its SeriesInstanceUID (0020,000E) {uid!r} is not a valid UID (digits and "
+            f"dots, at most {UID_MAX_LENGTH} characters) and cannot name an output file; use --name-by patientid"
+        )
+    return uid
+
+
 def dicom_case_names(series: Sequence[DicomSeries], name_by: str) -> list[str]:
-    """Case names of DICOM series: the SeriesInstanceUID, or (``patientid``) the PatientID, made
-    file-name safe; a patient with several series gets ``_1``, ``_2``, ... in the order of the
-    series' SeriesNumber, then SeriesInstanceUID (the same names on every run)."""
+    """Case names of DICOM series: the SeriesInstanceUID (refused unless it is a valid UID), or
+    (``patientid``) the PatientID, made file-name safe (``../a/b`` becomes ``_._a_b``); a patient
+    with several series gets ``_1``, ``_2``, ... in the order of the series' SeriesNumber, then
+    SeriesInstanceUID (the same names on every run)."""
     if name_by not in NAME_BY:
         raise AutounetError(f"--name-by {name_by}: expected one of {', '.join(NAME_BY)}")
     if name_by == "series":
-        return [s.series_uid for s in series]
+        return [series_case_name(s) for s in series]
     by_patient: dict[str, list[int]] = {}
     for i, s in enumerate(series):
         if not s.patient_id:
@@ -136,6 +166,8 @@ def dicom_case_names(series: Sequence[DicomSeries], name_by: str) -> list[str]:
                 f"{b.patient_id!r} of {b.describe()}); use --name-by series"
             )
         first[name] = i
+        if not _SAFE_CASE_ID.fullmatch(name):  # cannot happen after _file_name_part; a name is never a path
+            raise AutounetError(f"{series[i].describe()}: PatientID {series[i].patient_id!r} gives no usable case name")
     return names
 
 
@@ -208,23 +240,25 @@ def discover_cases(paths: Sequence[str | Path], num_channels: int, name_by: str 
     return cases
 
 
-def read_input(case: InputCase) -> tuple[np.ndarray, Geometry, list[int]]:
+def read_input(case: InputCase, verified: bool = False) -> tuple[np.ndarray, Geometry, list[int]]:
     """A case's image ``(C, Z, Y, X)``, its geometry and the NaN/infinite voxels per channel
-    (see :func:`~autounet.data.image_io.read_image_scanned`)."""
+    (see :func:`~autounet.data.image_io.read_image_scanned`). ``verified``: :func:`verify_inputs`
+    has checked the files' bytes already, so they are not decompressed again for that. A DICOM
+    series is decoded here, once, in its stored type (:func:`~autounet.data.dicom.read_dicom_series`)."""
     if case.series is not None:
         image, geometry = read_dicom_series(case.series)  # refuses non-finite values itself
         return image, geometry, [0]
-    return read_image_scanned(case.files)
+    return read_image_scanned(case.files, verified=verified)
 
 
 def verify_inputs(cases: Sequence[InputCase]) -> None:
     """Every input file's data, before any prediction starts (one pass over each file): a file
     cut short, corrupt compressed data (see :mod:`autounet.data.image_verify`) or NaN/infinite
     voxels of a float NIfTI file (which SimpleITK would read as 0) stop the command naming the case.
-    A DICOM series is read in full (its geometry checked again)."""
+    A DICOM series is not decoded here (its headers were checked when it was found): it is decoded
+    once, when its case is read, and damaged pixel data stop the command then, naming the series."""
     for case in cases:
-        if case.series is not None:  # every slice's pixel data, decoded
-            read_dicom_series(case.series)
+        if case.series is not None:
             continue
         for f in case.files:
             try:
@@ -237,6 +271,17 @@ def verify_inputs(cases: Sequence[InputCase]) -> None:
                 )
 
 
+def header_of(case: InputCase, path: Path) -> sitk.ImageFileReader:
+    """A reader holding ``path``'s header (no voxel data read); one error naming the case otherwise."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise AutounetError(f"{case.case_id}: {path}: cannot read the image header") from None
+    return reader
+
+
 def check_header(case: InputCase, num_channels: int) -> None:
     """Channels and dimensions from the headers alone (no voxel data is read)."""
     total, shape = 0, None
@@ -245,12 +290,7 @@ def check_header(case: InputCase, num_channels: int) -> None:
             verify_image_header(f)  # the name, a NIfTI spacing of 0, an uncompressed file cut short
         except ImageReadError as exc:
             raise AutounetError(f"{case.case_id}: {exc}") from None
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(f))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise AutounetError(f"{case.case_id}: {f}: cannot read the image header") from None
+        reader = header_of(case, f)
         size = list(reader.GetSize())
         dim = reader.GetDimension()
         if dim not in (2, 3, 4):

@@ -8,7 +8,6 @@ second stage brings its first stage from the sibling folder ``results/<previous_
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,7 @@ from autounet.planning.plans import ConfigurationPlan
 from autounet.regions import RegionSet
 from autounet.training.checkpoint import load_checkpoint
 from autounet.utils.plain_data import from_plain
-from autounet.workspace import checkpoint_path
-
-_FOLD = re.compile(r"^fold_(\d+|all)$")
+from autounet.workspace import checkpoint_path, fold_folders, fold_of
 
 
 @dataclass
@@ -65,6 +62,15 @@ class StageModel:
         if self.previous is not None:
             self.previous.to(device)
         return self
+
+
+def stage_chain(stage: StageModel) -> list[StageModel]:
+    """A cascade's stages, first stage first (a single stage: itself)."""
+    out = []
+    while stage is not None:
+        out.insert(0, stage)
+        stage = stage.previous
+    return out
 
 
 def mirror_axes_of(augmentation: dict | None, dims: int) -> tuple[int, ...]:
@@ -117,22 +123,11 @@ def stage_from_checkpoints(paths: Sequence[Path], configuration: str | None = No
 
 
 def fold_dirs(model_dir: Path) -> dict[str, Path]:
-    """``fold name -> folder`` inside a configuration's results folder, or the folder itself for one fold."""
+    """``fold name -> folder`` inside a configuration's results folder (fold order: 0, 1, ...,
+    all), or the folder itself for one fold."""
     model_dir = Path(model_dir)
-    m = _FOLD.match(model_dir.name)
-    if m:
-        return {m.group(1): model_dir}
-    found = {}
-    if model_dir.is_dir():
-        for p in sorted(model_dir.iterdir()):
-            m = _FOLD.match(p.name)
-            if m and p.is_dir():
-                found[m.group(1)] = p
-    return found
-
-
-def _fold_order(name: str) -> tuple[int, int | str]:
-    return (1, name) if name == "all" else (0, int(name))
+    fold = fold_of(model_dir)
+    return {fold: model_dir} if fold is not None else fold_folders(model_dir)
 
 
 def inference_checkpoints(fold_dir: Path) -> list[str]:
@@ -172,14 +167,14 @@ def load_stage(
             f"{model_dir}: no trained model here (expected fold_K folders, as in W/NAME/results/CONFIG, or one fold_K folder)"
         )
     if folds is None:
-        numbered = sorted((f for f in available if f != "all"), key=_fold_order)
+        numbered = [f for f in available if f != "all"]
         chosen = numbered or ["all"]
     else:
         chosen = [str(f) for f in folds]
         missing = [f for f in chosen if f not in available]
         if missing:
             raise AutounetError(
-                f"{model_dir}: fold(s) {', '.join(missing)} not found (available: {', '.join(sorted(available, key=_fold_order))})"
+                f"{model_dir}: fold(s) {', '.join(missing)} not found (available: {', '.join(available)})"
             )
     paths = []
     used: list[str] = []
@@ -194,11 +189,11 @@ def load_stage(
                     hint = " (training has not finished: resume it, or use --checkpoint latest)"
                 raise AutounetError(f"{path}: not found{hint}")
             paths.append(path)
-    configuration = model_dir.parent.name if _FOLD.match(model_dir.name) else model_dir.name
+    configuration = model_dir.parent.name if fold_of(model_dir) is not None else model_dir.name
     stage = stage_from_checkpoints(paths, configuration)
     stage.extra["checkpoints"] = used
     if stage.plan.previous_stage:
-        results = model_dir.parent.parent if _FOLD.match(model_dir.name) else model_dir.parent
+        results = model_dir.parent.parent if fold_of(model_dir) is not None else model_dir.parent
         previous_dir = results / stage.plan.previous_stage
         if not fold_dirs(previous_dir):
             raise AutounetError(

@@ -26,11 +26,12 @@ import torch
 
 from autounet.data.geometry import SPACING_2D_IMAGES, Geometry
 from autounet.data.image_io import companion_files, save_image
-from autounet.data.probabilities import save_probability_file
+from autounet.data.probabilities import ProbabilityStream, save_probability_file
 from autounet.errors import AutounetError
 from autounet.inference.dicom_seg import DICOM_SEG_SUFFIX, require_highdicom, segmentation_dataset, write_dicom_seg
 from autounet.inference.inputs import InputCase, discover_cases, read_input, verify_inputs
-from autounet.inference.model import StageModel, load_stage
+from autounet.inference.model import StageModel, load_stage, stage_chain
+from autounet.inference.output_check import PROBABILITIES_SUFFIX, output_problem
 from autounet.inference.sliding_window import fits_on_device, predict_slices, predict_volume
 from autounet.packaging import open_package
 from autounet.postprocessing.apply import Postprocessing
@@ -47,12 +48,11 @@ from autounet.preprocessing.store import CaseProperties
 from autounet.regions import RegionSet
 from autounet.runtime import configure_backends, resolve_device
 from autounet.selection_document import load_selection
-from autounet.utils.atomic import make_folder
+from autounet.utils.atomic import atomic_write, make_folder
+from autounet.utils.paths import inside
 from autounet.utils.progress import progress
 from autounet.utils.temporary import remove_stale_temporaries
 from autounet.workspace import Workspace
-
-PROBABILITIES_SUFFIX = ".npz"
 
 
 @dataclass
@@ -84,21 +84,13 @@ class CaseTiming:
     shape: list[int] = field(default_factory=list)
 
 
-def _stages(stage: StageModel) -> list[StageModel]:
-    out = []
-    while stage is not None:
-        out.insert(0, stage)
-        stage = stage.previous
-    return out
-
-
 def prepare(stage: StageModel, case_id: str, image: np.ndarray, geometry: Geometry) -> Prepared:
     """Preprocess a raw image ``(C, Z, Y, X)`` for every stage of ``stage``."""
     t = time.perf_counter()
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise AutounetError(f"{case_id}: the image holds NaN or infinite intensities")
     images, props = [], []
-    for s in _stages(stage):
+    for s in stage_chain(stage):
         if geometry.spatial_dims == 2 and max(s.plan.spacing) < SPACING_2D_IMAGES / 2:
             raise AutounetError(
                 f"{case_id}: a 2D image, but the model was trained on 3D volumes (it would be resampled to "
@@ -202,7 +194,8 @@ def _ensemble_probabilities(
         )
         total = p if total is None else total.add_(p)
         del p
-    return total / len(stage.networks)
+    # in place: a copy would hold K x V twice (issue 22)
+    return total.div_(len(stage.networks)) if len(stage.networks) > 1 else total
 
 
 def argmax_on_grid(probabilities: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
@@ -227,7 +220,7 @@ def model_probabilities(
 ) -> torch.Tensor:
     """Run every stage of a model on a prepared case; the last stage's probabilities."""
     previous = None
-    stages = _stages(stage)
+    stages = stage_chain(stage)
     for i, s in enumerate(stages):
         probs = stage_probabilities(s, prepared.images[i], device, amp_dtype, tta, step, previous, tiles_per_batch)
         if i + 1 < len(stages):
@@ -269,12 +262,16 @@ def write_prediction(
     kind: str = "softmax",
     save_probabilities: bool = False,
 ) -> Path:
-    """Write ``CASE<suffix>`` (and ``CASE.npz`` with the probabilities), each atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{case}{suffix}"
+    """Write ``CASE<suffix>`` (and ``CASE.npz`` with the probabilities), each atomically and
+    each checked first to lie in ``out_dir`` (:func:`~autounet.utils.paths.inside`)."""
+    make_folder(out_dir)
+    path = inside(out_dir, f"{case}{suffix}")
+    for companion in companion_files(path):
+        inside(out_dir, companion.name)
     write_segmentation(path, prediction.segmentation, prediction.geometry)
     if save_probabilities and prediction.probabilities is not None:
-        save_probability_file(out_dir / f"{case}{PROBABILITIES_SUFFIX}", prediction.probabilities, label_list, kind)
+        npz = inside(out_dir, f"{case}{PROBABILITIES_SUFFIX}")
+        save_probability_file(npz, prediction.probabilities, label_list, kind)
     return path
 
 
@@ -374,10 +371,14 @@ class Predictor:
         _check_members(members)
         self.members = [m.to(self.device) for m in members]
         self.postprocessing = postprocessing if postprocess else None
+        self._converted: list = []  # engines that hand over to PyTorch when they fail at run time
         self.engines = self._compile(engine, precision, quiet)
         self.amp_dtype = None  # each engine runs its own precision
         self.tta, self.step = tta, step
         self.skipped: list[str] = []  # cases the last predict(skip_complete=True) found complete
+        # True: the export of before issue 22 (every member's K probability maps on the input grid
+        # in memory); kept for benchmarks/big_ct.py --legacy
+        self.legacy_export = False
 
     def _compile(self, engine: str, precision: str, quiet: bool) -> str:
         """Put every network of every member behind its engine; say once what runs them."""
@@ -389,6 +390,10 @@ class Predictor:
         for m in self.members:
             done = compile_stage(m, engine=engine, precision=precision, device=self.device)
             described.update(e.describe() for e in done.engines)
+            for e in done.engines:
+                if hasattr(e, "redo_case"):  # a converted engine: a failure redoes the case (one engine per case)
+                    e.redo_case = True
+                    self._converted.append(e)
             notes += [n for n in done.notes if n not in notes]
         summary = ", ".join(sorted(described))
         if not quiet:
@@ -411,19 +416,56 @@ class Predictor:
         done: dict[tuple[str, ...], Prepared] = {}
         out = []
         for m in self.members:
-            key = tuple(preprocess_key(s.plan, label_values(s.labels), PreprocessOptions()) for s in _stages(m))
+            key = tuple(preprocess_key(s.plan, label_values(s.labels), PreprocessOptions()) for s in stage_chain(m))
             if key not in done:
                 done[key] = prepare(m, case_id, image, geometry)
             out.append(done[key])
         return out
 
     def _network(self, prepared: list[Prepared]) -> list[torch.Tensor]:
+        """Every member's probabilities of a case. When a converted engine fails at run time,
+        every network hands over to PyTorch fp32 for good and the whole case is predicted again,
+        so that all its tiles come from one engine (a note says so)."""
+        from autounet.inference.engines import EngineRunFailure
+
+        try:
+            return self._network_once(prepared)
+        except EngineRunFailure as exc:
+            for e in self._converted:
+                e.fall_back(str(exc), self.device)
+            self.engines = "torch fp32"
+            print(
+                f"note: {exc}; PyTorch fp32 predicts from here on: case {prepared[0].case_id} is predicted again "
+                "with it from its first tile",
+                file=sys.stderr,
+            )
+            return self._network_once(prepared)
+
+    def _network_once(self, prepared: list[Prepared]) -> list[torch.Tensor]:
         out = []
         for m, p in zip(self.members, prepared):
             out.append(model_probabilities(m, p, self.device, self.amp_dtype, self.tta, self.step).cpu())
         return out
 
+    def _stream(self, probs: list[torch.Tensor], prepared: list[Prepared], stream=None) -> Prediction:
+        """The segmentation without ``K × input grid`` in memory (:mod:`autounet.inference.streaming`);
+        ``stream`` (a :class:`~autounet.data.probabilities.ProbabilityStream`) receives the probabilities."""
+        from autounet.inference.streaming import MemberOutput, stream_segmentation
+
+        outputs = [MemberOutput(pr, prep.properties[-1]) for pr, prep in zip(probs, prepared)]
+        seg = stream_segmentation(
+            outputs,
+            self.stage.label_values,
+            self.stage.regions,
+            self.postprocessing,
+            stream,
+            self.device if self.device.type == "cuda" else "cpu",
+        )
+        return Prediction(seg, None, prepared[0].properties[-1].geometry)
+
     def _finalize(self, probs: list[torch.Tensor], prepared: list[Prepared], keep_probabilities: bool) -> Prediction:
+        if not keep_probabilities and not self.legacy_export:
+            return self._stream(probs, prepared)
         pp = self.postprocessing
         need = keep_probabilities or len(self.members) > 1 or (pp is not None and pp.needs_probabilities)
         if not need:
@@ -452,8 +494,9 @@ class Predictor:
     def _load(self, case: InputCase, keep_raw: bool) -> tuple[list[Prepared], np.ndarray | None, float]:
         t = time.perf_counter()
         # ITK 5 reads NaN/Inf voxels of NIfTI files as 0: they are counted in the file's bytes, in
-        # the pass that verifies the file (see data/image_verify.py).
-        image, geometry, nonfinite = read_input(case)
+        # the pass verify_inputs made over every file before the first case (data/image_verify.py),
+        # so the files are read here without a second verifying pass (issue 22).
+        image, geometry, nonfinite = read_input(case, verified=True)
         if any(nonfinite):
             files = case.files
             if len(files) == len(nonfinite):
@@ -477,22 +520,37 @@ class Predictor:
         dicom_seg: bool = False,
     ) -> tuple[Path, float]:
         t = time.perf_counter()
-        prediction = self._finalize(probs, prepared, save_probabilities)
-        # made before anything is written: a SEG highdicom refuses leaves no NIfTI without it
-        seg_dataset = None
-        if dicom_seg:
-            seg_dataset = segmentation_dataset(case.series, prediction.segmentation, self.stage.labels)
+        made: list = []
+
+        def build(npz_tmp: Path | None) -> None:
+            if self.legacy_export:
+                made.append(self._finalize(probs, prepared, save_probabilities))
+                if npz_tmp is not None:
+                    save_probability_file(
+                        npz_tmp, made[0].probabilities, self.stage.label_values, self.stage.activation
+                    )
+            elif npz_tmp is None:
+                made.append(self._stream(probs, prepared))
+            else:
+                shape = (probs[0].shape[0], *prepared[0].properties[-1].original_shape)
+                with ProbabilityStream(npz_tmp, shape, self.stage.label_values, self.stage.activation) as stream:
+                    made.append(self._stream(probs, prepared, stream))
+            # made before the segmentation is written: a SEG highdicom refuses leaves no NIfTI without it
+            if dicom_seg:
+                made.append(segmentation_dataset(case.series, made[0].segmentation, self.stage.labels))
+
+        if save_probabilities:  # the probabilities go to disk class by class, while the segmentation is made
+            make_folder(out_dir)
+            atomic_write(inside(out_dir, f"{case.case_id}{PROBABILITIES_SUFFIX}"), build)
+        else:
+            build(None)
+        prediction = made[0]
+        seg_dataset = made[1] if dicom_seg else None
         path = write_prediction(
-            out_dir,
-            case.case_id,
-            case.suffix,
-            prediction,
-            self.stage.label_values,
-            self.stage.activation,
-            save_probabilities,
+            out_dir, case.case_id, case.suffix, prediction, self.stage.label_values, self.stage.activation, False
         )
         if seg_dataset is not None:
-            write_dicom_seg(out_dir / f"{case.case_id}{DICOM_SEG_SUFFIX}", seg_dataset)
+            write_dicom_seg(inside(out_dir, f"{case.case_id}{DICOM_SEG_SUFFIX}"), seg_dataset)
         if png and raw_image is not None:
             from autounet.visualization import render_overlay
 
@@ -500,7 +558,7 @@ class Predictor:
                 raw_image,
                 prediction.geometry.spacing,
                 prediction.segmentation,
-                out_dir / f"{case.case_id}.png",
+                inside(out_dir, f"{case.case_id}.png"),
                 title=case.case_id,
                 label_names={int(k): v for k, v in self.stage.labels.items()},
             )
@@ -511,16 +569,33 @@ class Predictor:
         case: InputCase, out_dir: Path, save_probabilities: bool = False, png: bool = False, dicom_seg: bool = False
     ) -> list[Path]:
         """Every file :meth:`predict` writes for ``case``: the segmentation (with the data file of a
-        ``.mhd``/``.nhdr`` header), ``CASE.npz``, ``CASE.png`` and ``CASE.dcm`` when asked for."""
-        seg = out_dir / case.output_name()
-        files = [seg, *companion_files(seg)]
+        ``.mhd``/``.nhdr`` header), ``CASE.npz``, ``CASE.png`` and ``CASE.dcm`` when asked for; each
+        checked to lie in ``out_dir`` (a case name is never a path, and no link leads out)."""
+        seg = inside(out_dir, case.output_name())
+        files = [seg, *(inside(out_dir, f.name) for f in companion_files(seg))]
         if save_probabilities:
-            files.append(out_dir / f"{case.case_id}{PROBABILITIES_SUFFIX}")
+            files.append(inside(out_dir, f"{case.case_id}{PROBABILITIES_SUFFIX}"))
         if png:
-            files.append(out_dir / f"{case.case_id}.png")
+            files.append(inside(out_dir, f"{case.case_id}.png"))
         if dicom_seg:
-            files.append(out_dir / f"{case.case_id}{DICOM_SEG_SUFFIX}")
+            files.append(inside(out_dir, f"{case.case_id}{DICOM_SEG_SUFFIX}"))
         return files
+
+    @staticmethod
+    def _complete(case_id: str, outputs: Sequence[Path], present: Sequence[Path]) -> bool:
+        """Whether an earlier run's outputs of a case are all there and read back completely
+        (:func:`~autounet.inference.output_check.output_problem`); a damaged one is named on
+        stderr and the case is predicted again."""
+        if len(present) != len(outputs):
+            return False
+        for f in present:
+            problem = output_problem(f)
+            if problem:
+                print(
+                    f"note: {case_id}: its earlier output is damaged ({problem}); predicting it again", file=sys.stderr
+                )
+                return False
+        return True
 
     def predict(
         self,
@@ -534,18 +609,25 @@ class Predictor:
         dry_run: bool = False,
         name_by: str = "series",
         dicom_seg: bool = False,
+        only: Sequence[str] | None = None,
+        memory_limit: float | None = None,
     ) -> list[CaseTiming]:
         """Segment every case of ``inputs`` (folders and/or files) into ``output_dir``; with
-        ``part=(i, n)`` only the i-th of n interleaved shares of the cases (sorted by name).
+        ``part=(i, n)`` only the i-th of n interleaved shares of the cases (sorted by name);
+        with ``only`` only the cases of these names (a cluster share of the remaining cases).
         ``dry_run``: check the inputs' names and the outputs already there as a prediction does,
         write nothing, and return the cases that would be predicted (with no times).
 
         Files already in ``output_dir`` that the prediction would write stop it before anything
         is predicted (naming them), unless ``overwrite`` (replace them) or ``skip_complete`` (skip
-        the cases whose outputs are all there, redo the others); the cases skipped are in
+        the cases whose outputs are all there and read back completely, redo the others, naming
+        each case whose earlier output was damaged); the cases skipped are in
         :attr:`skipped`. DICOM series are named by SeriesInstanceUID or (``name_by="patientid"``)
         PatientID; ``dicom_seg`` also writes ``CASE.dcm``, a DICOM SEG (DICOM inputs only;
         needs highdicom). Temporaries of an earlier, killed prediction are removed first.
+        ``memory_limit`` (GB; default what the machine has free) bounds the estimated peak
+        (:mod:`autounet.inference.memory`): a case that cannot fit stops the command before anything
+        is written, naming it; when overlapping cases would not fit, they are predicted one at a time.
         Reading and preprocessing of the next case and the export of the previous one run in
         background threads while the network predicts the current case.
         """
@@ -561,6 +643,8 @@ class Predictor:
         if out_dir.exists() and not out_dir.is_dir():
             raise AutounetError(f"{out_dir}: a file, not a folder: -o names the folder the segmentations go to")
         cases = share_of(discover_cases(inputs, self.num_channels, name_by), part)
+        if only is not None:
+            cases = [c for c in cases if c.case_id in set(only)]
         if dicom_seg and any(c.series is None for c in cases):
             plain = [c.case_id for c in cases if c.series is None]
             raise AutounetError(
@@ -576,7 +660,9 @@ class Predictor:
         present = {c.case_id: [f for f in outputs[c.case_id] if os.path.lexists(f)] for c in cases}
         self.skipped = []
         if skip_complete:
-            self.skipped = [c.case_id for c in cases if len(present[c.case_id]) == len(outputs[c.case_id])]
+            self.skipped = [
+                c.case_id for c in cases if self._complete(c.case_id, outputs[c.case_id], present[c.case_id])
+            ]
             cases = [c for c in cases if c.case_id not in self.skipped]
         elif not overwrite:
             clash = [f for c in cases for f in present[c.case_id]]
@@ -588,9 +674,12 @@ class Predictor:
                 )
         if dry_run:
             return [CaseTiming(c.case_id, out_dir / c.output_name(), 0.0, 0.0, 0.0) for c in cases]
+        overlap = self._memory_plan(cases, memory_limit, save_probabilities)
         verify_inputs(cases)  # every voxel byte too, before anything is written
         make_folder(out_dir)
         remove_stale_temporaries(out_dir)
+        if not overlap:
+            return self._predict_one_at_a_time(cases, out_dir, save_probabilities, png, dicom_seg)
         timings: list[CaseTiming] = []
         with (
             ThreadPoolExecutor(1, thread_name_prefix="read") as reader,
@@ -606,6 +695,7 @@ class Predictor:
                 network_s = time.perf_counter() - t
                 if pending is not None:
                     timings.append(_finish(pending))
+                prepared = _without_images(prepared)  # the export needs only the properties
                 future = writer.submit(
                     self._export, case, probs, prepared, raw_image, out_dir, save_probabilities, png, dicom_seg
                 )
@@ -614,6 +704,57 @@ class Predictor:
             if pending is not None:
                 timings.append(_finish(pending))
         return timings
+
+    def _memory_plan(self, cases: Sequence[InputCase], memory_limit: float | None, save_probabilities: bool) -> bool:
+        """Whether cases may overlap (read next, export previous) within ``memory_limit`` GB; refuses
+        a case that does not fit alone (:func:`~autounet.inference.memory.plan_memory`)."""
+        from autounet.inference.memory import (
+            GB,
+            available_bytes,
+            estimate_case,
+            input_grid,
+            plan_memory,
+            resident_bytes,
+        )
+
+        if memory_limit is not None and not memory_limit > 0:
+            raise AutounetError(f"--memory-limit must be a positive number of GB, got {memory_limit}")
+        limit = int(memory_limit * GB) if memory_limit is not None else available_bytes()
+        base = resident_bytes()
+        estimates = []
+        for c in cases:
+            shape, spacing, channels = input_grid(c)
+            estimates.append(estimate_case(self.members, c.case_id, shape, spacing, channels, base, save_probabilities))
+        overlap = plan_memory(estimates, limit)
+        if not overlap and len(cases) > 1:
+            print(
+                f"note: overlapping cases would exceed the memory limit of {limit / GB:.1f} GB; "
+                "predicting one case at a time",
+                file=sys.stderr,
+            )
+        return overlap
+
+    def _predict_one_at_a_time(
+        self, cases: Sequence[InputCase], out_dir: Path, save_probabilities: bool, png: bool, dicom_seg: bool
+    ) -> list[CaseTiming]:
+        """:meth:`predict` without overlap: read, network and export of one case before the next."""
+        timings = []
+        for case in progress(cases, total=len(cases), desc="predict"):
+            prepared, raw_image, pre_s = self._load(case, png)
+            t = time.perf_counter()
+            probs = self._network(prepared)
+            network_s = time.perf_counter() - t
+            prepared = _without_images(prepared)
+            path, export_s = self._export(case, probs, prepared, raw_image, out_dir, save_probabilities, png, dicom_seg)
+            shape = list(prepared[0].properties[-1].original_shape)
+            timings.append(CaseTiming(case.case_id, path, pre_s, network_s, export_s, shape))
+            del probs, prepared, raw_image
+        return timings
+
+
+def _without_images(prepared: list[Prepared]) -> list[Prepared]:
+    """The same cases without their preprocessed images (freed before the export)."""
+    return [Prepared(p.case_id, [], p.properties, p.seconds) for p in prepared]
 
 
 def share_of(cases: Sequence[InputCase], part: tuple[int, int] | None) -> list[InputCase]:

@@ -10,6 +10,13 @@ Memory: the input and the accumulators live on ``accumulate_device``, which is t
 device when they fit there (the caller decides, see :func:`fits_on_device`) and host memory
 otherwise; only the tiles of one batch travel to the compute device. 2D networks run on a 3D
 volume as a 3D window of depth 1, so tiles of different slices share a batch.
+
+Precision: the ``K`` probability accumulators are float16 (:data:`ACCUMULATOR_DTYPE`, half the
+memory of float32, as nnU-Net v2 keeps its logits), while each tile's probabilities, the weight
+map, the normaliser and the division by it are float32. A probability then carries a relative
+error of at most about ``overlaps * 2**-11`` (under 0.4 % with 8 overlapping tiles), so a
+segmentation can only change where two classes were within that of each other in float32
+(:data:`HALF_ACCUMULATION_TIE`); the final argmax (after reverting to the input's grid) is float32.
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ from tqdm import tqdm
 from autounet.utils.progress import progress_enabled
 
 ACTIVATIONS = ("softmax", "sigmoid")
+# What the per-class accumulators (and so the returned probabilities) are stored in.
+ACCUMULATOR_DTYPE = torch.float16
+# Two classes whose float32 probabilities are closer than this may swap order with float16
+# accumulators (at most 8 float16 additions of values <= 1, each rounding by <= 2**-11 relative).
+HALF_ACCUMULATION_TIE = 8 * 2.0**-11
 # Show a tile progress bar for volumes with at least this many network evaluations.
 TILE_BAR_THRESHOLD = 64
 
@@ -67,9 +79,11 @@ ACTIVATION_FLOATS_PER_VOXEL = 128
 
 
 def accumulator_bytes(channels: int, outputs: int, spatial: Sequence[int]) -> int:
-    """Bytes of what lives for a whole volume on the accumulating device: the input (C), one
-    network's probabilities (K), the weight map (1) and the running total of a fold ensemble (K)."""
-    return 4 * math.prod(spatial) * (channels + 2 * outputs + 1)
+    """Bytes of what lives for a whole volume on the accumulating device: the input (C, float32),
+    one network's probabilities (K), the weight map (1, float32), the running total of a fold
+    ensemble (K) and one class's float32 quotient while normalising (1)."""
+    half = torch.finfo(ACCUMULATOR_DTYPE).bits // 8
+    return math.prod(spatial) * (4 * channels + 2 * half * outputs + 4 + 4)
 
 
 def activation_bytes(patch: Sequence[int], tiles_per_batch: int) -> int:
@@ -99,6 +113,28 @@ def fits_on_device(
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     needed = accumulator_bytes(channels, outputs, spatial) + (activation_bytes(patch, tiles_per_batch) if patch else 0)
     return fits_in_memory(needed, free, cached, fraction)
+
+
+def _most_overlapping(starts: Sequence[int], patch: int, size: int) -> int:
+    """The largest number of tiles that cover one voxel along an axis."""
+    cover = np.zeros(size + 1, dtype=np.int64)
+    for s in starts:
+        cover[s] += 1
+        cover[s + patch] -= 1
+    return int(np.cumsum(cover).max())
+
+
+def _accumulation_weights(
+    patch: Sequence[int], starts: Sequence[Sequence[int]], size: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """The Gaussian weights scaled for float16 accumulators: the most overlapping tiles sum to at
+    most 2**14 (float16 ends at 65504), and no weight is below 2**-4, so that a weight times a
+    probability of at least 2**-10 stays a normal float16 (a tile corner's Gaussian weight, 1e-8
+    and less, would otherwise vanish, and a volume corner that one tile covers would get no
+    probability at all). The division by the summed weights removes the scale."""
+    overlaps = math.prod(_most_overlapping(st, p, s) for st, p, s in zip(starts, patch, size))
+    scale = 2.0 ** math.floor(math.log2(2**14 / overlaps))
+    return (gaussian_importance(patch, device=device) * scale).clamp_min(2.0**-4)
 
 
 class _SliceNet(torch.nn.Module):
@@ -131,8 +167,10 @@ def predict_volume(
     activation: str = "softmax",
     accumulate_device: str | torch.device | None = None,
     desc: str = "tiles",
+    accumulate_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Probabilities ``(K, *spatial)`` (float32, on ``accumulate_device``) of an image ``(C, *spatial)``.
+    """Probabilities ``(K, *spatial)`` of an image ``(C, *spatial)``, on ``accumulate_device``, in
+    ``accumulate_dtype`` (default :data:`ACCUMULATOR_DTYPE`, float16; see the module docstring).
 
     ``patch`` has one value per spatial axis of ``image``. ``mirror_axes`` are spatial axes
     (0-based) to mirror for test-time augmentation. ``accumulate_device`` defaults to ``device``.
@@ -153,10 +191,11 @@ def predict_volume(
         x = F.pad(x, pad_arg)
     padded = list(x.shape[1:])
     x = x.to(acc)
-    weight = gaussian_importance(patch, device=acc)
-    probs = torch.zeros((num_outputs, *padded), dtype=torch.float32, device=acc)
+    starts_per_axis = [tile_starts(s, p, step) for s, p in zip(padded, patch)]
+    weight = _accumulation_weights(patch, starts_per_axis, padded, acc)
+    probs = torch.zeros((num_outputs, *padded), dtype=accumulate_dtype or ACCUMULATOR_DTYPE, device=acc)
     norm = torch.zeros(padded, dtype=torch.float32, device=acc)
-    starts = list(itertools.product(*[tile_starts(s, p, step) for s, p in zip(padded, patch)]))
+    starts = list(itertools.product(*starts_per_axis))
     flips = mirror_combinations([a + 2 for a in mirror_axes])
     bar = tqdm(
         total=len(starts),
@@ -181,11 +220,12 @@ def predict_volume(
             total = out if total is None else total + out
         total = (total / len(flips)).to(acc)
         for b, box in enumerate(boxes):
-            probs[(slice(None), *box)] += total[b] * weight
+            probs[(slice(None), *box)] += (total[b] * weight).to(probs.dtype)
             norm[box] += weight
         bar.update(len(chunk))
     bar.close()
-    probs /= norm
+    for k in range(num_outputs):  # in float32, one class at a time
+        probs[k] = probs[k].float().div_(norm)
     if any(pad):
         probs = probs[(slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial)])]
     return probs
@@ -205,6 +245,7 @@ def predict_slices(
     activation: str = "softmax",
     accumulate_device: str | torch.device | None = None,
     desc: str = "tiles",
+    accumulate_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """A 2D network over every slice (axis 1 of ``image`` ``(C, Z, Y, X)``): probabilities ``(K, Z, Y, X)``.
 
@@ -224,4 +265,5 @@ def predict_slices(
         activation,
         accumulate_device,
         desc,
+        accumulate_dtype,
     )

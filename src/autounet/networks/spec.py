@@ -25,6 +25,13 @@ class NetworkSpec:
     stored specs without them load unchanged: ``residual_encoder`` / ``residual_decoder``
     (residual conv blocks, Fig. 6b), ``attention_gates`` (decoder attention, Oktay et al. 2018)
     and ``drop_block_prob`` / ``drop_block_size`` (DropBlock, Ghiasi et al. 2018; 0 is off).
+
+    nnU-Net v2's residual-encoder U-Net (the ResEnc presets) is the same spec with
+    ``encoder_blocks_per_stage`` set (one count per stage, e.g. 1, 3, 4, 6, 6, 6): a stem
+    convolution, then that many basic residual blocks per encoder stage, the first of a stage
+    strided (``downsampling`` ``strided_conv``); ``decoder_convs_per_stage`` conv blocks per
+    decoder level (2 in the plain U-Net, 1 in the ResEnc presets). Both default to the plain
+    U-Net, so specs stored without them load unchanged.
     """
 
     dims: int
@@ -42,6 +49,8 @@ class NetworkSpec:
     drop_block_size: int = 5  # seed 004's public code uses 5
     negative_slope: float = 0.01
     he_init: bool = True
+    encoder_blocks_per_stage: list[int] = field(default_factory=list)  # empty: the plain encoder
+    decoder_convs_per_stage: int = 2
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -75,6 +84,21 @@ class NetworkSpec:
             or self.drop_block_size < 1
         ):
             raise AutounetError(f"drop_block_size must be an integer >= 1, got {self.drop_block_size!r}")
+        if isinstance(self.decoder_convs_per_stage, bool) or self.decoder_convs_per_stage not in range(1, 9):
+            raise AutounetError(f"decoder_convs_per_stage must be an integer 1-8, got {self.decoder_convs_per_stage!r}")
+        if self.residual_decoder and self.decoder_convs_per_stage != 2:
+            raise AutounetError("residual_decoder blocks have two convolutions: decoder_convs_per_stage must be 2")
+        if self.encoder_blocks_per_stage:
+            self._validate_residual_encoder(n)
+
+    def _validate_residual_encoder(self, n: int) -> None:
+        blocks = self.encoder_blocks_per_stage
+        if len(blocks) != n or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+            raise AutounetError(f"encoder_blocks_per_stage needs one count >= 1 per stage ({n}), got {blocks}")
+        if self.downsampling != "strided_conv":
+            raise AutounetError("a residual encoder (encoder_blocks_per_stage) down-samples with strided_conv")
+        if self.residual_encoder or self.drop_block_prob > 0:
+            raise AutounetError("encoder_blocks_per_stage cannot be combined with residual_encoder or DropBlock")
 
     def output_strides(self) -> list[list[int]]:
         """Down-sampling factor of each output (main first, then the deep-supervision heads)."""
@@ -103,6 +127,8 @@ SPEC_OVERRIDES = (
     "drop_block_prob",
     "drop_block_size",
     "width_multiplier",
+    "encoder_blocks_per_stage",
+    "decoder_convs_per_stage",
 )
 
 
@@ -119,6 +145,8 @@ def spec_from_plan(
     drop_block_prob: float | None = None,
     drop_block_size: int | None = None,
     width_multiplier: float | None = None,
+    encoder_blocks_per_stage: list[int] | None = None,
+    decoder_convs_per_stage: int | None = None,
 ) -> NetworkSpec:
     """The network for a configuration of plans.json, with optional overrides.
 
@@ -156,6 +184,8 @@ def spec_from_plan(
     drop_block_prob = pick(drop_block_prob, "drop_block_prob", 0.0)
     drop_block_size = pick(drop_block_size, "drop_block_size", 5)
     width_multiplier = pick(width_multiplier, "width_multiplier", 1.0)
+    encoder_blocks = list(pick(encoder_blocks_per_stage, "encoder_blocks_per_stage", []))
+    decoder_convs = pick(decoder_convs_per_stage, "decoder_convs_per_stage", 2)
 
     pools = [list(k) for k in plan.pool_op_kernel_sizes]
     convs = [list(k) for k in plan.conv_kernel_sizes]
@@ -199,6 +229,8 @@ def spec_from_plan(
         attention_gates=attention_gates,
         drop_block_prob=float(drop_block_prob),
         drop_block_size=drop_block_size,
+        encoder_blocks_per_stage=encoder_blocks,
+        decoder_convs_per_stage=decoder_convs,
         notes=notes,
     )
     spec.validate()

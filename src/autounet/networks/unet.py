@@ -17,6 +17,10 @@ Seed 004 §3.3 ablation switches (all off by default, adding no modules then):
   activation and after the activation that follows the addition). Not on the up-sampling, gates
   or heads. NVIDIA's public code puts it between conv and norm instead; here it comes after the
   activation so that instance norm cannot refill the dropped blocks.
+
+nnU-Net v2's residual encoder (``encoder_blocks_per_stage``, the ResEnc presets): a stem
+conv -> norm -> leaky ReLU, then per stage that many :class:`BasicResidualBlock` (the first of a
+stage strided); the decoder has ``decoder_convs_per_stage`` conv blocks per level.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class ConvNormAct(nn.Sequential):
 
 
 class PlainBlock(nn.Sequential):
-    """Two conv -> norm -> leaky ReLU; the first may be strided."""
+    """``convs`` (two by default) conv -> norm -> leaky ReLU; the first may be strided."""
 
     def __init__(
         self,
@@ -76,10 +80,48 @@ class PlainBlock(nn.Sequential):
         stride: list[int],
         slope: float,
         drop_block: tuple[float, int] | None = None,
+        convs: int = 2,
     ):
         super().__init__(
             ConvNormAct(dims, cin, cout, kernel, stride, slope, drop_block=drop_block),
-            ConvNormAct(dims, cout, cout, kernel, [1] * dims, slope, drop_block=drop_block),
+            *(
+                ConvNormAct(dims, cout, cout, kernel, [1] * dims, slope, drop_block=drop_block)
+                for _ in range(convs - 1)
+            ),
+        )
+
+
+class BasicResidualBlock(nn.Module):
+    """The residual unit of nnU-Net v2's ResEnc encoder: conv-norm-act, conv-norm, plus the input
+    (average-pooled when the block is strided, projected by a 1x1 conv and norm when the channels
+    change), then act."""
+
+    def __init__(self, dims: int, cin: int, cout: int, kernel: list[int], stride: list[int], slope: float):
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvNormAct(dims, cin, cout, kernel, stride, slope),
+            ConvNormAct(dims, cout, cout, kernel, [1] * dims, slope, act=False),
+        )
+        skip: list[nn.Module] = []
+        if any(s != 1 for s in stride):
+            pool = nn.AvgPool3d if dims == 3 else nn.AvgPool2d
+            skip.append(pool(kernel_size=stride, stride=stride))
+        if cin != cout:
+            skip += [_conv(dims)(cin, cout, kernel_size=1, bias=False), _norm(dims, cout)]
+        self.skip = nn.Sequential(*skip) if skip else nn.Identity()
+        self.act = nn.LeakyReLU(slope, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.skip(x))
+
+
+class ResidualStage(nn.Sequential):
+    """``blocks`` :class:`BasicResidualBlock` of one encoder stage; the first one strided."""
+
+    def __init__(self, dims: int, cin: int, cout: int, kernel: list[int], stride: list[int], slope: float, blocks: int):
+        super().__init__(
+            BasicResidualBlock(dims, cin, cout, kernel, stride, slope),
+            *(BasicResidualBlock(dims, cout, cout, kernel, [1] * dims, slope) for _ in range(blocks - 1)),
         )
 
 
@@ -126,6 +168,9 @@ class UNet(nn.Module):
         self.pools = nn.ModuleList()
         self.encoder = nn.ModuleList()
         block = ResidualBlock if spec.residual_encoder else PlainBlock
+        blocks = spec.encoder_blocks_per_stage
+        if blocks:  # nnU-Net v2's residual encoder: a stem, then residual stages
+            self.stem = ConvNormAct(d, spec.in_channels, f[0], spec.conv_kernel_sizes[0], ones, slope)
         for s in range(spec.num_stages):
             cin = spec.in_channels if s == 0 else f[s - 1]
             stride = ones
@@ -136,7 +181,11 @@ class UNet(nn.Module):
                 else:
                     self.pools.append(nn.Identity())
                     stride = kernel
-            self.encoder.append(block(d, cin, f[s], spec.conv_kernel_sizes[s], stride, slope, drop))
+            if blocks:
+                cin = f[0] if s == 0 else cin
+                self.encoder.append(ResidualStage(d, cin, f[s], spec.conv_kernel_sizes[s], stride, slope, blocks[s]))
+            else:
+                self.encoder.append(block(d, cin, f[s], spec.conv_kernel_sizes[s], stride, slope, drop))
         transposed = nn.ConvTranspose3d if d == 3 else nn.ConvTranspose2d
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
@@ -144,7 +193,11 @@ class UNet(nn.Module):
         for s in range(spec.num_stages - 2, -1, -1):  # decoder level s joins encoder stage s
             k = spec.pool_kernel_sizes[s]
             self.upsample.append(transposed(f[s + 1], f[s], kernel_size=k, stride=k))
-            self.decoder.append(block(d, 2 * f[s], f[s], spec.conv_kernel_sizes[s], ones, slope, drop))
+            if spec.residual_decoder:
+                self.decoder.append(block(d, 2 * f[s], f[s], spec.conv_kernel_sizes[s], ones, slope, drop))
+            else:
+                convs = spec.decoder_convs_per_stage
+                self.decoder.append(PlainBlock(d, 2 * f[s], f[s], spec.conv_kernel_sizes[s], ones, slope, drop, convs))
         if spec.attention_gates:  # same order as the decoder: deepest level first
             self.attention = nn.ModuleList(AttentionGate(d, f[s], f[s]) for s in range(spec.num_stages - 2, -1, -1))
         conv = _conv(d)
@@ -157,6 +210,8 @@ class UNet(nn.Module):
         """Logits at full resolution; in training mode with deep supervision, a list
         ``[full resolution, next level, ...]``."""
         skips = []
+        if self.spec.encoder_blocks_per_stage:
+            x = self.stem(x)
         for s, block in enumerate(self.encoder):
             if s > 0:
                 x = self.pools[s - 1](x)
@@ -172,12 +227,21 @@ class UNet(nn.Module):
                 skip = self.attention[i](skip, x)
             x = block(torch.cat([x, skip], dim=1))
             if level < wanted:
-                outputs[level] = self.heads[level](x)
+                outputs[level] = self._head(level, x)
         if n == 1:
-            outputs[0] = self.heads[0](x)
+            outputs[0] = self._head(0, x)
         if self.training and len(self.heads) > 1:
             return [outputs[level] for level in range(len(self.heads))]
         return outputs[0]
+
+    def _head(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        # Predicting under autocast, the 1x1 head runs in float32 on the (upcast) features: bf16
+        # logits would be rounded before the argmax (10.0 vs 10.03 would tie). Training, and a
+        # float32 run (ONNX export included), take the plain path.
+        if self.training or not torch.is_autocast_enabled(x.device.type):
+            return self.heads[level](x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.heads[level](x.float())
 
 
 def he_init(module: nn.Module, negative_slope: float = 1e-2) -> None:

@@ -2,17 +2,20 @@
 
 The zip holds, under ``NAME/``, the workspace files prediction reads, laid out as in the
 workspace (so that, unpacked, the folder is a ``W/NAME`` that ``predict -m`` takes as it is):
-``dataset.json`` (labels and channels; without the raw data's paths), ``plans.json``,
-``fingerprint.json``, ``selection.json`` (the model to run and its post-processing),
-``report.md`` and its pictures when present, and the inference checkpoints of every packaged
-configuration and fold, without their training state (optimiser, gradient scaler, schedule and
-random states). ``manifest.json`` names the versions, the description and license, and the size
-and SHA-256 of every other file.
+``dataset.json`` (labels and channels; without the raw data's paths and case list),
+``plans.json``, ``fingerprint.json`` (its dataset-level summary only: no case ids, crop boxes
+or per-case statistics), ``selection.json`` (the model to run and its post-processing), and
+the inference checkpoints of every packaged configuration and fold, without their training
+state (optimiser, gradient scaler, schedule and random states). ``report.md``, its pictures
+(which show a training image with its labels) and the folds' ``progress.png`` only with
+``with_report``. ``manifest.json`` names the versions, the description and license, and the
+size and SHA-256 of every other file.
 
 Which checkpoints: those `predict -m W/NAME` loads, as :func:`autounet.inference.model.load_stage`
 chooses them (``checkpoint_final.pt``, which names the training preset's
 ``inference_checkpoints``, and those of them that exist); a cascade's second stage brings every
-fold of its first stage.
+fold of its first stage (as `predict` uses them), also when that stage is itself a member of the
+model packaged with fewer folds.
 """
 
 from __future__ import annotations
@@ -30,24 +33,28 @@ import torch
 
 from autounet import __version__
 from autounet.errors import AutounetError
+from autounet.packaging.contents import summary_plain
 from autounet.packaging.manifest import (
     PACKAGE_FORMAT,
     PACKAGE_FORMAT_VERSION,
     PackagedFile,
     PackageManifest,
+    WorkspaceModel,
     sha256_of_stream,
 )
+from autounet.planning.fingerprint import load_fingerprint
 from autounet.planning.plans import Plans, load_plans
 from autounet.selection_document import Selection, Winner, load_selection
 from autounet.training.checkpoint import load_checkpoint
 from autounet.utils.atomic import atomic_write, dumps_json
 from autounet.utils.loaders import read_json
 from autounet.utils.plain_data import to_plain
+from autounet.utils.temporary import is_stale
 from autounet.workspace import (
     CHECKPOINT_KINDS,
     Workspace,
     checkpoint_path,
-    fold_of,
+    fold_folders,
     progress_plot_path,
     validate_name,
 )
@@ -80,6 +87,7 @@ def create_package(
     description: str = "",
     license: str = "",
     overwrite: bool = False,
+    with_report: bool = False,
 ) -> CreatedPackage:
     """Write the model package of the workspace folder ``root`` (``W/NAME``) to ``output`` (a ``.zip``).
 
@@ -87,6 +95,8 @@ def create_package(
     ``configurations`` / ``folds``: package those instead; the package's ``selection.json`` then
     names them as its model, with no post-processing unless the configurations are the selected
     ones (the post-processing was decided on their cross-validation predictions).
+    ``with_report``: add ``report.md``, its pictures and the folds' ``progress.png`` (they show
+    training data: an example case with its labels, per-case results).
     """
     root, output = Path(root), Path(output)
     ws = Workspace.of(root)
@@ -112,10 +122,11 @@ def create_package(
     documents[_relative(ws, ws.dataset_json)] = _dataset_json(ws)
     documents[_relative(ws, ws.plans_json)] = ws.plans_json.read_bytes()
     if ws.fingerprint_json.is_file():
-        documents[_relative(ws, ws.fingerprint_json)] = ws.fingerprint_json.read_bytes()
+        summary = summary_plain(load_fingerprint(ws.fingerprint_json))
+        documents[_relative(ws, ws.fingerprint_json)] = _json_bytes(summary, ws.fingerprint_json)
     documents[_relative(ws, ws.selection_json)] = _json_bytes(packaged.to_plain(), ws.selection_json)
     pictures: list[Path] = []
-    if ws.report_md.is_file():
+    if with_report and ws.report_md.is_file():
         documents[_relative(ws, ws.report_md)] = ws.report_md.read_bytes()
         if ws.report_figures_dir.is_dir():
             pictures += sorted(p for p in ws.report_figures_dir.glob("*.png") if p.is_file())
@@ -125,7 +136,7 @@ def create_package(
         for fold in fold_names:
             fold_dir = ws.fold_dir(configuration, fold)
             checkpoints += _inference_checkpoints(fold_dir)
-            if progress_plot_path(fold_dir).is_file():
+            if with_report and progress_plot_path(fold_dir).is_file():
                 pictures.append(progress_plot_path(fold_dir))
 
     created = datetime.now(timezone.utc).replace(microsecond=0)
@@ -159,10 +170,16 @@ def create_package(
                 description=description,
                 license=license,
                 files=dict(files),
+                workspace_model=WorkspaceModel(
+                    name=selection.winner.name,
+                    members=list(selection.winner.members),
+                    folds=list(selection.winner.folds),
+                ),
             )
             add(archive, _relative(ws, ws.package_manifest_json), _json_bytes(to_plain(manifest), output), True)
             files.pop(_relative(ws, ws.package_manifest_json))
 
+    _remove_abandoned(output)
     atomic_write(output, write)
     with open(output, "rb") as fh:
         digest, size = sha256_of_stream(fh)
@@ -224,20 +241,42 @@ def _stages_to_package(ws: Workspace, plans: Plans, winner: Winner) -> dict[str,
         for name in names:
             if not ws.fold_dir(member, name).is_dir():
                 raise AutounetError(f"{ws.fold_dir(member, name)}: not found ({member} fold {name} is not trained)")
-        out[member] = names
-        previous = plans.configuration(member).previous_stage
-        while previous and previous not in out:
-            out[previous] = _trained_fold_names(ws, previous, member)
-            previous = plans.configuration(previous).previous_stage
+        out[member] = sorted(set(out.get(member, [])) | set(names), key=_fold_key)
+        previous, needed_by = plans.configuration(member).previous_stage, member
+        while previous:
+            every = _trained_fold_names(ws, previous, needed_by)
+            out[previous] = sorted(set(out.get(previous, [])) | set(every), key=_fold_key)
+            previous, needed_by = plans.configuration(previous).previous_stage, previous
     return out
+
+
+def _fold_key(name: str) -> tuple[int, int]:
+    return (1, 0) if name == "all" else (0, int(name))
+
+
+def _remove_abandoned(output: Path) -> None:
+    """Delete the temporaries of earlier writes of ``output`` whose process was killed
+    (``.autounet-tmp.*.NAME.zip`` beside it, as large as a package); nothing else."""
+    try:
+        entries = list(output.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.endswith("." + output.name):
+            continue
+        try:
+            if entry.is_file() and not entry.is_symlink() and is_stale(entry.name, entry.lstat().st_mtime):
+                entry.unlink()
+        except OSError:
+            continue
 
 
 def _trained_fold_names(ws: Workspace, configuration: str, needed_by: str) -> list[str]:
     results = ws.results_dir(configuration)
-    found = [fold_of(p) for p in sorted(results.iterdir()) if p.is_dir()] if results.is_dir() else []
-    numbered = sorted(int(f) for f in found if f is not None and f != "all")
+    found = list(fold_folders(results))
+    numbered = [f for f in found if f != "all"]
     if numbered:
-        return [str(f) for f in numbered]
+        return numbered
     if "all" in found:
         return ["all"]
     raise AutounetError(

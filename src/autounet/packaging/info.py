@@ -3,8 +3,10 @@
 Labels and channels (``plans.json``), the model `predict` runs (``selection.json``: its
 configurations, folds and post-processing), the training data (``fingerprint.json`` and the
 plans' median spacing and shape), the cross-validation Dice (the selection's ranking) and, for a
-package, its manifest (versions, description, license). A package is verified and unpacked into
-the cache first (:func:`~autounet.packaging.open.open_package`), as `predict` does.
+package, its manifest (versions, description, license) and what it contains. A package is
+verified and unpacked into the cache first (:func:`~autounet.packaging.open.open_package`), as
+`predict` does. The cross-validation Dice is the workspace's: for a package of other folds or
+configurations than the workspace's model it is labelled as that model's, not the package's.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autounet.errors import AutounetError
+from autounet.packaging.contents import load_fingerprint_document
 from autounet.packaging.create import predicted_checkpoints
-from autounet.packaging.manifest import read_manifest_bytes
-from autounet.packaging.open import open_package, package_sha256
-from autounet.planning.fingerprint import load_fingerprint
+from autounet.packaging.manifest import PackageManifest, WorkspaceModel, read_manifest_bytes
+from autounet.packaging.open import open_package
 from autounet.planning.plans import Plans, load_plans
+from autounet.planning.summary import network_description
 from autounet.selection_document import Selection, load_selection
 from autounet.training.checkpoint import load_checkpoint
 from autounet.utils.loaders import read_json
-from autounet.workspace import Workspace, checkpoint_path, fold_of
+from autounet.workspace import Workspace, checkpoint_path, fold_folders
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ConfigurationInfo:
     checkpoints: list[str]  # the checkpoint kinds `predict` loads for each fold
     previous_stage: str | None  # a cascade's first stage (part of the model too)
     initialised_from: str | None = None  # `train --pretrained`: the source run its first fold started from
+    network: str = ""  # the network in words (blocks per stage, estimated memory): planning.summary
 
 
 @dataclass
@@ -53,6 +57,8 @@ class PackageDetails:
     description: str
     license: str
     files: int
+    contents: list[str] = field(default_factory=list)  # what the package holds, in words
+    workspace_model: WorkspaceModel | None = None  # what its workspace's `select` chose (format 2 on)
 
 
 @dataclass
@@ -77,6 +83,9 @@ class ModelInfo:
     cv_dice: float | None  # the model's mean foreground Dice in cross-validation
     cv_dice_postprocessed: float | None  # ... after its post-processing
     cv_dice_per_class: dict[str, float | None] = field(default_factory=dict)
+    # None: the scores are of this model; else what they are of (the workspace's model, when the
+    # package runs other folds or configurations: then they are not this package's accuracy)
+    cv_of: str | None = None
     ranking: dict[str, float | None] = field(default_factory=dict)  # every candidate -> its Dice, best first
     package: PackageDetails | None = None
 
@@ -87,8 +96,8 @@ def model_info(target: str | Path) -> ModelInfo:
     details = None
     if target.is_file() or target.suffix.lower() == ".zip":
         root = open_package(target)
-        sha256 = package_sha256(target)
-        details = _details(Workspace.of(root), target, sha256, target.stat().st_size)
+        size = target.stat().st_size if target.is_file() else None
+        details = _details(Workspace.of(root), target, root.parent.name, size)  # the entry's key: its SHA-256
     else:
         root = target
         if not root.is_dir():
@@ -124,11 +133,29 @@ def model_info(target: str | Path) -> ModelInfo:
     )
     if selection is not None:
         _scores(info, selection)
+        if details is not None and details.workspace_model is not None:
+            info.cv_of = _scores_of(details.workspace_model, selection)
     return info
 
 
+def _scores_of(workspace: WorkspaceModel, selection: Selection) -> str | None:
+    """What the scores of a package's selection describe when it is not the packaged model."""
+    winner = selection.winner
+    if sorted(workspace.members) == sorted(winner.members) and sorted(workspace.folds) == sorted(winner.folds):
+        return None
+    return (
+        f"the workspace's model {workspace.name} with folds {', '.join(map(str, workspace.folds))}; "
+        f"this package runs {winner.name} with folds {', '.join(map(str, winner.folds))}, whose own accuracy "
+        "was not measured"
+    )
+
+
 def _details(ws: Workspace, path: Path | None, sha256: str | None, size: int | None) -> PackageDetails:
-    manifest = read_manifest_bytes(ws.package_manifest_json.read_bytes(), str(ws.package_manifest_json))
+    try:
+        raw = ws.package_manifest_json.read_bytes()
+    except OSError as exc:
+        raise AutounetError(f"{ws.package_manifest_json}: cannot read the file ({exc.strerror or exc})") from None
+    manifest = read_manifest_bytes(raw, str(ws.package_manifest_json))
     return PackageDetails(
         path=path,
         sha256=sha256,
@@ -140,7 +167,36 @@ def _details(ws: Workspace, path: Path | None, sha256: str | None, size: int | N
         description=manifest.description,
         license=manifest.license,
         files=len(manifest.files) + 1,
+        contents=_contents(manifest),
+        workspace_model=manifest.workspace_model,
     )
+
+
+def _contents(manifest: PackageManifest) -> list[str]:
+    """What a package holds, in words, from its manifest's file list."""
+    names = list(manifest.files)
+    layout = Workspace(Path("."), "package")  # the package's files keep their workspace names
+
+    def held(path: Path) -> bool:
+        return path.relative_to(layout.root).as_posix() in names
+
+    checkpoints = [n for n in names if n.endswith(".pt")]
+    pictures = [n for n in names if n.endswith(".png")]
+    out = [f"{len(checkpoints)} checkpoint(s) (weights, network and plan; no training state)"]
+    out += [path.name for path in (layout.plans_json, layout.selection_json) if held(path)]
+    if held(layout.dataset_json):
+        out.append(f"{layout.dataset_json.name} (labels, channels; no case list)")
+    if held(layout.fingerprint_json):
+        out.append(
+            f"{layout.fingerprint_json.name} (dataset summary, no per-case data)"
+            if manifest.format_version >= 2
+            else f"{layout.fingerprint_json.name} (with every training case's id and statistics)"
+        )
+    if held(layout.report_md) or pictures:
+        out.append(f"{layout.report_md.name} and {len(pictures)} picture(s) (an example training case with its labels)")
+    else:
+        out.append("no report")
+    return out
 
 
 def _configurations(ws: Workspace, plans: Plans, selection: Selection | None) -> list[ConfigurationInfo]:
@@ -179,6 +235,7 @@ def _configurations(ws: Workspace, plans: Plans, selection: Selection | None) ->
                 checkpoints=predicted_checkpoints(ws.fold_dir(name, present[0])) if present else [],
                 previous_stage=plan.previous_stage,
                 initialised_from=_initialised_from(ws.fold_dir(name, present[0])) if present else None,
+                network=network_description(plan),
             )
         )
     return out
@@ -197,17 +254,13 @@ def _initialised_from(fold_dir: Path) -> str | None:
 
 
 def _trained_folds(ws: Workspace, configuration: str) -> list[str]:
-    results = ws.results_dir(configuration)
-    if not results.is_dir():
-        return []
-    folds = [fold_of(p) for p in sorted(results.iterdir()) if p.is_dir()]
-    trained = [f for f in folds if f is not None and checkpoint_path(ws.fold_dir(configuration, f), "final").is_file()]
-    return sorted(trained, key=lambda f: (f == "all", int(f) if f != "all" else 0))
+    folds = fold_folders(ws.results_dir(configuration))
+    return [f for f, folder in folds.items() if checkpoint_path(folder, "final").is_file()]
 
 
 def _training_cases(ws: Workspace) -> int | None:
     if ws.fingerprint_json.is_file():
-        return load_fingerprint(ws.fingerprint_json).num_cases
+        return load_fingerprint_document(ws.fingerprint_json).num_cases
     if ws.dataset_json.is_file():
         count = read_json(ws.dataset_json, dict).get("numTraining")
         return count if isinstance(count, int) and not isinstance(count, bool) else None
@@ -251,6 +304,8 @@ def format_info(info: ModelInfo) -> str:
         )
         lines.append(f"  description: {p.description or '(none given)'}")
         lines.append(f"  license: {p.license or '(none given)'}")
+        if p.contents:
+            lines.append(f"  contents: {'; '.join(p.contents)}")
         lines.append(f"  unpacked in {info.workspace}")
     else:
         lines.append(f"workspace {info.workspace}")
@@ -287,6 +342,8 @@ def format_info(info: ModelInfo) -> str:
             )
             + f", checkpoint(s) {', '.join(c.checkpoints) or '-'}"
         )
+        if c.network:
+            lines.append(f"    network: {c.network}")
         if c.initialised_from:
             lines.append(f"    fine-tuned: initialised from {c.initialised_from}")
     if info.model is not None:
@@ -298,6 +355,8 @@ def format_info(info: ModelInfo) -> str:
                 f"cross-validation ({info.cv_cases} cases): mean foreground Dice {_fmt(info.cv_dice)}{after}; "
                 f"per class: {per_class}"
             )
+            if info.cv_of:
+                lines.append(f"  (these scores are of {info.cv_of})")
         else:
             lines.append("cross-validation: these configurations were not ranked together by `autounet select`")
         if len(info.ranking) > 1:

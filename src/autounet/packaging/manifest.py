@@ -8,15 +8,18 @@ from it in any way is refused. Its fields are described in README.md (`autounet 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import IO, Any
 
 from autounet.errors import AutounetError
+from autounet.utils.loaders import parse_json
 from autounet.utils.plain_data import from_plain
 
 PACKAGE_FORMAT = "autounet-model-package"
-PACKAGE_FORMAT_VERSION = 1
+# Version 2: the fingerprint is a summary without per-case data, the report is optional, and the
+# manifest names the workspace's model (``workspace_model``). Version 1 packages are still read.
+PACKAGE_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 # The kinds of file a package may hold: checkpoints (tensors and plain data, loaded with
 # weights_only=True), JSON documents, report.md and its pictures. Anything else is refused.
 ALLOWED_SUFFIXES = (".pt", ".json", ".md", ".png")
@@ -33,6 +36,16 @@ class PackagedFile:
 
 
 @dataclass
+class WorkspaceModel:
+    """The model `autounet select` chose in the packaged workspace (its cross-validation scores
+    are of these configurations and folds, which the package may run fewer of)."""
+
+    name: str
+    members: list[str]
+    folds: list[int]
+
+
+@dataclass
 class PackageManifest:
     """The content of a package's ``manifest.json``."""
 
@@ -45,6 +58,7 @@ class PackageManifest:
     description: str
     license: str
     files: dict[str, PackagedFile]  # every file but the manifest -> its size and checksum
+    workspace_model: WorkspaceModel | None = None  # format 2 on
 
 
 def sha256_of_stream(stream: IO[bytes], chunk: int = 1 << 20) -> tuple[str, int]:
@@ -66,10 +80,10 @@ def parse_manifest(data: Any, where: str) -> PackageManifest:
     if data.get("format") != PACKAGE_FORMAT:
         raise AutounetError(f"{where}: not an autounet model package manifest (format {data.get('format')!r})")
     version = data.get("format_version")
-    if version != PACKAGE_FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_FORMAT_VERSIONS:
         raise AutounetError(
-            f"{where}: package format version {version!r} is not supported: this autounet reads version "
-            f"{PACKAGE_FORMAT_VERSION} (a newer autounet may read it)"
+            f"{where}: package format version {version!r} is not supported: this autounet reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (a newer autounet may read it)"
         )
     manifest = from_plain(PackageManifest, data, where)
     for name, entry in manifest.files.items():
@@ -82,8 +96,4 @@ def parse_manifest(data: Any, where: str) -> PackageManifest:
 
 def read_manifest_bytes(raw: bytes, where: str) -> PackageManifest:
     """:func:`parse_manifest` of a manifest's bytes (UTF-8 JSON)."""
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AutounetError(f"{where}: not valid JSON ({exc})") from None
-    return parse_manifest(data, where)
+    return parse_manifest(parse_json(raw, where), where)

@@ -57,4 +57,6 @@ def train_and_validate(
         validation = None
         if validate and trained.is_main_process and str(options.fold) != "all":
             validation = _validate_and_report(ws, options.configuration, options.fold, options.device, validation_tta)
+            if trained.trackers is not None:  # --logger: the full-case scores beside the curves
+                trained.trackers.log_validation(validation.evaluation.mean, validation.evaluation.foreground_mean)
     return FoldResult(trained, validation)

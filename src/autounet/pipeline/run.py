@@ -39,6 +39,7 @@ from autounet.planning.run import plan_dataset
 from autounet.preprocessing.run import preprocess_dataset
 from autounet.selection_document import Selection
 from autounet.training.options import TrainOptions
+from autounet.training.trackers import check_loggers
 from autounet.utils import arguments
 from autounet.utils.atomic import read_json
 from autounet.workspace import Workspace, checkpoint_path, manifest_path, previous_stage_path
@@ -56,6 +57,7 @@ class RunOptions:
     max_minutes: float | None = None  # per fold
     recipe: str | None = None  # planning recipe (e.g. "brats")
     patch_size: list[int] | None = None  # planning override (a CPU convenience for the brats preset)
+    gpu_memory_target_gb: float | None = None  # the nnU-Net v2 recipes' memory target (None: the preset's)
     device: str | None = None
     workers: int | None = None
     seed: int = 0
@@ -67,6 +69,7 @@ class RunOptions:
     plans_from_label: str | None = None  # how the plans name it (e.g. the package .zip); None: plans_from
     pretrained: str | None = None  # start new folds from this run's weights (training/pretrained.py)
     pretrained_label: str | None = None  # how the fold's checkpoints name it; None: pretrained
+    loggers: list[str] | None = None  # experiment trackers of every fold (training/trackers.py)
 
     def validate(self) -> RunOptions:
         """Refuse impossible numbers with one clear message each (before anything is written)."""
@@ -79,6 +82,7 @@ class RunOptions:
         arguments.whole("--threads", self.loader_threads, 1)
         arguments.whole("--seed", self.seed, 0)
         arguments.real("--width-multiplier", self.width_multiplier, above=0)
+        check_loggers(self.loggers)
         return self
 
 
@@ -219,6 +223,7 @@ def train_fold(ws: Workspace, configuration: str, fold: int | str, options: RunO
             loader_threads=options.loader_threads,
             pretrained=options.pretrained,
             pretrained_label=options.pretrained_label,
+            loggers=options.loggers,
         ),
         validation_tta=options.validation_tta,
     )
@@ -309,6 +314,7 @@ def run_pipeline(
         patch_size=options.patch_size,
         plans_from=options.plans_from,
         plans_from_label=options.plans_from_label,
+        gpu_memory_target_gb=options.gpu_memory_target_gb,
     )
     plans = planned.plans
     if planned.report is not None:
@@ -338,8 +344,8 @@ def run_pipeline(
     selection = select(ws, configurations, workers=options.workers)
     print(format_selection(selection, plans.labels))
     print("[5/5] report", flush=True)
-    from autounet.reporting import write_report
+    from autounet.reporting import write_html_report, write_report
 
     report = write_report(ws)
-    print(f"report: {report}")
+    print(f"report: {report} and {write_html_report(ws)}")
     return RunResult(ws, selection, trained, skipped, report, time.time() - start)

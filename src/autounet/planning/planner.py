@@ -56,6 +56,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -143,10 +144,16 @@ def _batch_size(nominal: int, patch_voxels: int, dataset_voxels: float, opts: Pl
 def _normalization(fp: Fingerprint, opts: PlannerOptions) -> list[ChannelNormalization]:
     mean_fraction = float(np.mean([c.crop_voxel_fraction for c in fp.cases]))
     use_mask = mean_fraction <= opts.nonzero_mask_max_crop_fraction
+    return channel_normalizations(fp, lambda scheme: use_mask)
+
+
+def channel_normalizations(fp: Fingerprint, use_nonzero_mask: Callable[[str], bool]) -> list[ChannelNormalization]:
+    """Each channel's scheme from its modality name, CT channels with the dataset's foreground
+    statistics; ``use_nonzero_mask(scheme)`` is the recipe's rule for normalising inside the mask."""
     out = []
     for i, name in enumerate(fp.channel_names):
         scheme = normalization_scheme(name)
-        n = ChannelNormalization(channel=i, name=name, scheme=scheme, use_nonzero_mask=use_mask)
+        n = ChannelNormalization(channel=i, name=name, scheme=scheme, use_nonzero_mask=use_nonzero_mask(scheme))
         if scheme == "ct":
             st = fp.foreground_intensity_per_channel[i]
             n = replace(n, clip_low=st.percentile_00_5, clip_high=st.percentile_99_5, mean=st.mean, std=st.std)

@@ -100,6 +100,10 @@ class ConfigurationPlan:
     # or None. It is no class: stored class index ``num_classes`` (it is the highest value), no
     # network output, left out of every loss term and metric.
     ignore_label: int | None = None
+    # nnU-Net v2 recipes: the planner's static estimate of one sample's feature-map values and
+    # the GPU memory it stands for at this batch (GB); None for the seed 001 / 004 recipes.
+    feature_map_voxels: int | None = None
+    estimated_memory_gb: float | None = None
 
     @property
     def image_channels(self) -> int:
@@ -118,7 +122,8 @@ class Plans:
     configurations: dict[str, ConfigurationPlan]
     notes: list[str] = field(default_factory=list)
     schema_version: int = PLANS_SCHEMA_VERSION
-    recipe: str = "nnunet"  # planning preset: "nnunet" (seed 001) or "brats" (seed 004)
+    recipe: str = "nnunet"  # planning preset: "nnunet" (seed 001), "brats" (seed 004), "nnunetv2", "resenc-m|l|xl"
+    gpu_memory_target_gb: float | None = None  # the nnU-Net v2 recipes' memory target
 
     @property
     def ignore_label(self) -> int | None:
@@ -141,4 +146,65 @@ def save_plans(plans: Plans, path: str | Path) -> None:
 
 
 def load_plans(path: str | Path) -> Plans:
-    return load_json_dataclass(Plans, path, "plans", PLANS_SCHEMA_VERSION, hint="run `autounet plan` first")
+    """``path``'s plans, refused (naming the file and field) when a value is out of range: plans may come
+    from strangers (``--plans-from``, a model package), and a negative patch or a NaN spacing would
+    otherwise fail deep inside preprocessing or training."""
+    plans = load_json_dataclass(Plans, path, "plans", PLANS_SCHEMA_VERSION, hint="run `autounet plan` first")
+    problem = plans_problem(plans)
+    if problem:
+        raise AutounetError(f"{path}: invalid plans: {problem}")
+    return plans
+
+
+MAX_PATCH_EDGE = 4096  # voxels; far above any planned patch
+
+
+def plans_problem(plans: Plans) -> str | None:
+    """What makes ``plans`` unusable (sizes, spacings, axis orders, kernel lists), or None."""
+    if not _finite_positive(plans.original_median_spacing, 3):
+        return f"original_median_spacing {plans.original_median_spacing}: expected 3 finite numbers > 0"
+    if not plans.configurations:
+        return "no configuration"
+    for name, c in plans.configurations.items():
+        problem = _configuration_problem(c, plans.configurations)
+        if problem:
+            return f"configuration {name}: {problem}"
+    return None
+
+
+def _finite_positive(values: list[float], count: int) -> bool:
+    return len(values) == count and all(v == v and 0 < v < float("inf") for v in values)
+
+
+def _whole(values: list[int], count: int, low: int = 1, high: int = MAX_PATCH_EDGE) -> bool:
+    return len(values) == count and all(low <= v <= high for v in values)
+
+
+def _configuration_problem(c: ConfigurationPlan, configurations: dict[str, ConfigurationPlan]) -> str | None:
+    dims = c.network_dims
+    if dims not in (2, 3):
+        return f"network_dims {dims}: expected 2 or 3"
+    if sorted(c.transpose_forward) != [0, 1, 2] or [c.transpose_forward[i] for i in c.transpose_backward] != [0, 1, 2]:
+        return f"transpose_forward {c.transpose_forward} / transpose_backward {c.transpose_backward}: not inverse axis orders"
+    if not _finite_positive(c.spacing, 3):
+        return f"spacing {c.spacing}: expected 3 finite numbers > 0"
+    if not _whole(c.median_shape, 3, high=2**31):
+        return f"median_shape {c.median_shape}: expected 3 whole numbers > 0"
+    if not _whole(c.patch_size, dims):
+        return f"patch_size {c.patch_size}: expected {dims} whole numbers in 1..{MAX_PATCH_EDGE}"
+    if c.batch_size < 1:  # nnU-Net v2's 2D plans of small images reach thousands
+        return f"batch_size {c.batch_size}: expected a whole number > 0"
+    if not all(_whole(k, dims, high=64) for k in c.pool_op_kernel_sizes):
+        return f"pool_op_kernel_sizes {c.pool_op_kernel_sizes}: expected {dims} whole numbers in 1..64 per step"
+    if len(c.conv_kernel_sizes) != len(c.pool_op_kernel_sizes) + 1 or not all(
+        _whole(k, dims, high=64) for k in c.conv_kernel_sizes
+    ):
+        return f"conv_kernel_sizes {c.conv_kernel_sizes}: expected {len(c.pool_op_kernel_sizes) + 1} stages of {dims} sizes"
+    if len(c.features_per_stage) != len(c.conv_kernel_sizes) or not all(1 <= f <= 65536 for f in c.features_per_stage):
+        return f"features_per_stage {c.features_per_stage}: expected {len(c.conv_kernel_sizes)} numbers in 1..65536"
+    if not c.normalization or not 1 <= c.num_input_channels <= 4096 or not 1 <= c.num_classes <= 65536:
+        return "no channel normalisation, or input channels / classes out of range"
+    for stage in (c.previous_stage, c.next_stage):
+        if stage is not None and stage not in configurations:
+            return f"stage {stage!r} is not one of the configurations"
+    return None

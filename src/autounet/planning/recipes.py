@@ -1,4 +1,6 @@
-"""Planning presets ("recipes"): the nnU-Net paper's planner (seed 001) and NVIDIA's BraTS recipe (seed 004).
+"""Planning presets ("recipes"): the nnU-Net paper's planner (seed 001), NVIDIA's BraTS recipe
+(seed 004), and nnU-Net v2's planner with its residual-encoder presets
+(``nnunetv2``, ``resenc-m``, ``resenc-l``, ``resenc-xl``: :mod:`autounet.planning.planner_v2`).
 
 ``nnunet`` (default): :func:`planner.plan_experiment`. When the dataset declares overlapping
 regions (nnU-Net v2 ``dataset.json``), every configuration trains one sigmoid output per region
@@ -36,11 +38,13 @@ from autounet.data.dataset import without_ignore
 from autounet.errors import AutounetError
 from autounet.planning.fingerprint import Fingerprint
 from autounet.planning.planner import PlannerOptions, _configuration, plan_experiment, small_case_warnings
+from autounet.planning.planner_v2 import PRESETS as V2_PRESETS
+from autounet.planning.planner_v2 import plan_v2
 from autounet.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
 from autounet.planning.topology import NVIDIA_FEATURES, max_stages, pools_for_size, round_up_to_pools
 from autounet.regions import RegionSet, brats_regions_for, regions_from_v2
 
-RECIPES = ("nnunet", "brats")
+RECIPES = ("nnunet", "brats", *V2_PRESETS)
 BRATS_PATCH_EDGE = 128
 BRATS_DEEP_SUPERVISION_HEADS = 2
 BRATS_REGION_NAMES = ("WT", "TC", "ET")
@@ -69,6 +73,18 @@ def check_patch_size(recipe: str, patch_size: list[int] | None) -> None:
         )
     if any(int(p) < 1 for p in patch_size):
         raise AutounetError(f"--patch-size needs positive edges, got {' '.join(map(str, patch_size))}")
+
+
+def check_memory_target(recipe: str, gpu_memory_target_gb: float | None) -> None:
+    """``--gpu-memory-target`` applies to the nnU-Net v2 recipes, which size patches by memory."""
+    if gpu_memory_target_gb is None:
+        return
+    if recipe not in V2_PRESETS:
+        raise AutounetError(f"--gpu-memory-target applies to --recipe {', '.join(V2_PRESETS)} only, not {recipe}")
+    if not (isinstance(gpu_memory_target_gb, (int, float)) and math.isfinite(gpu_memory_target_gb)) or not (
+        0 < gpu_memory_target_gb <= 10_000
+    ):
+        raise AutounetError(f"--gpu-memory-target must be a number of GB in (0, 10000], got {gpu_memory_target_gb}")
 
 
 def has_background_info(fp: Fingerprint) -> bool:
@@ -251,12 +267,18 @@ def plan_with_recipe(
     regions: RegionSet | None = None,
     options: PlannerOptions | None = None,
     patch_size: list[int] | None = None,
+    gpu_memory_target_gb: float | None = None,
 ) -> Plans:
-    """Plans for ``recipe`` (``nnunet`` or ``brats``); ``regions``: the dataset's declared regions."""
+    """Plans for ``recipe`` (one of :data:`RECIPES`); ``regions``: the dataset's declared regions;
+    ``gpu_memory_target_gb``: the nnU-Net v2 recipes' memory target (default: the preset's)."""
     recipe = check_recipe(recipe)
     check_patch_size(recipe, patch_size)
+    check_memory_target(recipe, gpu_memory_target_gb)
     if recipe == "brats":
         plans = plan_brats(fp, regions, options, patch_size)
+    elif recipe in V2_PRESETS:
+        plans = plan_v2(fp, recipe, gpu_memory_target_gb)
+        plans = _with_regions(plans, regions) if regions is not None else plans
     else:
         plans = plan_experiment(fp, options)
         plans = _with_regions(plans, regions) if regions is not None else plans

@@ -19,7 +19,13 @@ from autounet.planning.fingerprint import (
 )
 from autounet.planning.planner import PlannerOptions
 from autounet.planning.plans import Plans, save_plans
-from autounet.planning.recipes import check_recipe, has_background_info, plan_with_recipe, regions_from_fingerprint
+from autounet.planning.recipes import (
+    check_memory_target,
+    check_recipe,
+    has_background_info,
+    plan_with_recipe,
+    regions_from_fingerprint,
+)
 from autounet.planning.transfer import load_source_plans, plans_from_source
 from autounet.regions import region_set_for_dataset
 from autounet.utils.atomic import atomic_write_json, read_json
@@ -49,13 +55,15 @@ def _source_plans(
     plans_from: str | Path | None,
     recipe: str | None,
     patch_size: list[int] | None,
+    gpu_memory_target_gb: float | None = None,
 ) -> Plans | None:
     """The plans of ``--plans-from`` (None without it); they decide what a recipe would."""
     if plans_from is None:
         return None
-    if recipe is not None or patch_size is not None:
+    if recipe is not None or patch_size is not None or gpu_memory_target_gb is not None:
         raise AutounetError(
-            "--plans-from takes the source's recipe and patch: give it without --recipe or --patch-size"
+            "--plans-from takes the source's recipe and patch: give it without --recipe, --patch-size or "
+            "--gpu-memory-target"
         )
     return load_source_plans(plans_from)
 
@@ -80,19 +88,22 @@ def plan_dataset(
     patch_size: list[int] | None = None,
     plans_from: str | Path | None = None,
     plans_from_label: str | None = None,
+    gpu_memory_target_gb: float | None = None,
 ) -> PlanResult:
     """Check, fingerprint and plan a raw dataset into ``W/NAME/``.
 
     The fingerprint is reused when ``W/NAME/fingerprint.json`` was made from the same files
     (same dataset.json, names, sizes and modification times) unless ``force``. ``recipe``:
-    ``nnunet`` (default, seed 001) or ``brats`` (seed 004's recipe, see
-    :mod:`autounet.planning.recipes`); ``patch_size`` overrides the brats recipe's 128³ patch
+    ``nnunet`` (default, seed 001), ``brats`` (seed 004's recipe, see
+    :mod:`autounet.planning.recipes`) or nnU-Net v2's ``nnunetv2`` / ``resenc-m|l|xl``
+    (``gpu_memory_target_gb``: their memory target); ``patch_size`` overrides the brats recipe's 128³ patch
     (a CPU convenience). ``plans_from``: a planned workspace folder or a plans.json whose
     networks the plans keep (:mod:`autounet.planning.transfer`; instead of ``recipe``), named in
     the plans' notes as ``plans_from_label`` (default: its path).
     """
-    source = _source_plans(plans_from, recipe, patch_size)
+    source = _source_plans(plans_from, recipe, patch_size, gpu_memory_target_gb)
     recipe = check_recipe(source.recipe if source is not None else recipe)
+    check_memory_target(recipe, gpu_memory_target_gb)
     raw = Path(raw)
     dataset, findings = parse_raw_dataset(raw)
     errors = [str(f) for f in findings if f.severity == "error"]
@@ -117,7 +128,7 @@ def plan_dataset(
             source, fp, plans_from_label or str(plans_from), region_set_for_dataset(dataset), options
         )
     else:
-        plans = plan_with_recipe(fp, recipe, region_set_for_dataset(dataset), options, patch_size)
+        plans = plan_with_recipe(fp, recipe, region_set_for_dataset(dataset), options, patch_size, gpu_memory_target_gb)
 
     atomic_write_json(ws.dataset_json, {**dataset.descriptor, "raw_path": str(dataset.root), "layout": dataset.layout})
     if report is not None:
@@ -134,17 +145,18 @@ def plan_from_fingerprint(
     patch_size: list[int] | None = None,
     plans_from: str | Path | None = None,
     plans_from_label: str | None = None,
+    gpu_memory_target_gb: float | None = None,
 ) -> PlanResult:
     """Plan from a fingerprint.json alone (no images needed); writes ``W/NAME/plans.json``.
     ``plans_from``: as :func:`plan_dataset`."""
-    source = _source_plans(plans_from, recipe, patch_size)
+    source = _source_plans(plans_from, recipe, patch_size, gpu_memory_target_gb)
     fp = load_fingerprint(fingerprint)
     if source is not None:
         plans = plans_from_source(
             source, fp, plans_from_label or str(plans_from), regions_from_fingerprint(fp), options
         )
     else:
-        plans = plan_with_recipe(fp, recipe, regions_from_fingerprint(fp), options, patch_size)
+        plans = plan_with_recipe(fp, recipe, regions_from_fingerprint(fp), options, patch_size, gpu_memory_target_gb)
     if Path(fingerprint).resolve() != ws.fingerprint_json.resolve():
         save_fingerprint(fp, ws.fingerprint_json)
     save_plans(plans, ws.plans_json)

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from autounet.planning.plans import Plans
+from autounet.planning.plans import ConfigurationPlan, Plans
 
 
 def _x(values) -> str:
     return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def network_description(plan: ConfigurationPlan) -> str:
+    """The network in words: its encoder's blocks per stage, and the nnU-Net v2 recipes' memory estimate."""
+    network = plan.network or {}
+    blocks = network.get("encoder_blocks_per_stage")
+    stages = len(network.get("features_per_stage") or plan.features_per_stage)
+    decoder = network.get("decoder_convs_per_stage", 2)
+    if blocks:
+        text = f"residual encoder, blocks per stage {','.join(map(str, blocks))}, {decoder} conv(s) per decoder stage"
+    else:
+        text = f"{stages} stages of two convolutions, {decoder} per decoder stage"
+    if plan.estimated_memory_gb is not None:
+        text += f"; ~{plan.estimated_memory_gb:g} GB estimated at batch {plan.batch_size}"
+    return text
 
 
 def format_plans(plans: Plans) -> str:
@@ -41,7 +56,10 @@ def format_plans(plans: Plans) -> str:
         regions = ", ".join(f"{r.name} {{{', '.join(map(str, r.labels))}}}" for r in first.regions.regions)
         lines.append(f"regions (sigmoid outputs): {regions}")
     if plans.recipe != "nnunet":
-        lines.append(f"recipe: {plans.recipe} (training preset {first.training_preset})")
+        memory = f", GPU memory target {plans.gpu_memory_target_gb:g} GB" if plans.gpu_memory_target_gb else ""
+        lines.append(f"recipe: {plans.recipe} (training preset {first.training_preset}){memory}")
+    if plans.gpu_memory_target_gb is not None:
+        lines.extend(f"network {c.name}: {network_description(c)}" for c in plans.configurations.values())
     lines.append("axes (network order) = raw (z, y, x) permuted by " + str(first.transpose_forward))
     lines.extend(n if n.startswith("warning:") else f"note: {n}" for n in plans.notes)
     return "\n".join(lines)

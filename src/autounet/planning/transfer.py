@@ -7,17 +7,19 @@ train ... --pretrained SOURCE`): the weights fit only when the networks are the 
 Taken from the source, per configuration: the configurations themselves, the axis order
 (``transpose_forward``), the target spacing, the patch, the pooling and convolution kernels, the
 features per stage and the recipe's network entry, Dice mode and in-plane augmentation, the
-resampling orders, the training and augmentation presets, and the normalisation scheme of each
-channel (``ct``/``zscore``/... and whether it applies inside the nonzero mask): the network sees
-inputs on the same grid and scale as the one it was trained on.
+resampling orders, the training and augmentation presets, and the normalisation of each channel
+(``ct``/``zscore``/..., whether it applies inside the nonzero mask, and a CT channel's clip window,
+mean and std, as nnU-Net transfers them): the network sees inputs on the same grid and scale as
+the ones it was trained on.
 
 Taken from the new dataset: its name, channel names, labels (the networks' output count follows
 them: one per class, or per region when the new dataset declares regions or the source is a
 ``brats`` plan, whose WT/TC/ET regions are re-derived from the new labels), its median shapes at
 the source's spacing, the batch size by the planner's rule (nominal batch for the patch, capped at
-5% of the new dataset's voxels, at least 2: a small dataset gets a small batch), the intensity
-statistics of CT channels (its own foreground percentiles, mean and std), the background values of
-a ``brats`` plan, and the small-case warnings.
+5% of the new dataset's voxels, at least 2: a small dataset gets a small batch), the background
+values of a ``brats`` plan, and the small-case warnings. A note says when the labels (or regions)
+differ from the source's: the networks' output heads are then re-initialised by ``--pretrained``
+(:mod:`autounet.training.pretrained`), which copies them only for the same labels.
 
 Refused: a different number of image channels (the first convolution could not take the
 inputs). A region-based dataset gets no cascade (as :mod:`autounet.planning.recipes`).
@@ -46,6 +48,7 @@ from autounet.planning.planner import (
 from autounet.planning.plans import ChannelNormalization, ConfigurationPlan, Plans, load_plans
 from autounet.planning.recipes import _background_cropped, default_brats_regions, detect_background
 from autounet.regions import RegionSet
+from autounet.utils.loaders import regular_file
 from autounet.workspace import Workspace
 
 TRANSFER_NOTE = "plans from "  # how the first note of transferred plans begins
@@ -66,7 +69,7 @@ def source_plans_path(source: str | Path) -> Path:
         raise AutounetError(
             f"--plans-from {source}: not found; give a planned workspace W/NAME, a model package .zip or a plans.json file"
         )
-    return source
+    return regular_file(source, "plans", "cannot read the plans")  # a FIFO would block the read forever
 
 
 def load_source_plans(source: str | Path) -> Plans:
@@ -79,21 +82,40 @@ def _labels(labels: dict[str, str]) -> str:
 
 
 def _normalization(source: list[ChannelNormalization], fp: Fingerprint) -> tuple[list[ChannelNormalization], list[str]]:
-    """The source's scheme per channel with the new dataset's own statistics (CT channels)."""
+    """The source's normalisation per channel, a CT channel's statistics included (the pretrained
+    network learnt on inputs scaled by them), under this dataset's channel names."""
     out, notes = [], []
     for src, name in zip(source, fp.channel_names):
-        n = ChannelNormalization(
-            channel=src.channel, name=name, scheme=src.scheme, use_nonzero_mask=src.use_nonzero_mask
-        )
-        if src.scheme == "ct":  # seed 001 §2.2: the dataset's own foreground percentiles and moments
-            st = fp.foreground_intensity_per_channel[src.channel]
-            n = replace(n, clip_low=st.percentile_00_5, clip_high=st.percentile_99_5, mean=st.mean, std=st.std)
+        out.append(replace(src, name=name))
         if src.name != name:
             notes.append(
                 f"channel {src.channel} is '{name}' here and '{src.name}' in the source: normalised as {src.scheme}."
             )
-        out.append(n)
+        if src.scheme == "ct":
+            st = fp.foreground_intensity_per_channel[src.channel]
+            notes.append(
+                f"channel {src.channel} ({name}, CT): the source's normalisation is kept (clip {src.clip_low:.4g} to "
+                f"{src.clip_high:.4g}, mean {src.mean:.4g}, std {src.std:.4g}); this dataset's own foreground would "
+                f"give clip {st.percentile_00_5:.4g} to {st.percentile_99_5:.4g}, mean {st.mean:.4g}, std {st.std:.4g}."
+            )
     return out, notes
+
+
+def same_outputs(
+    labels: dict[str, str], regions: RegionSet | None, other_labels: dict[str, str], other_regions: RegionSet | None
+) -> bool:
+    """Whether two networks' outputs mean the same: the same labels (value and name) and the same
+    regions (name and labels). Only then does `train --pretrained` copy the output heads."""
+
+    def outputs(r: RegionSet | None) -> list[tuple[str, list[int]]] | None:
+        return None if r is None else [(x.name, list(x.labels)) for x in r.regions]
+
+    return dict(labels) == dict(other_labels) and outputs(regions) == outputs(other_regions)
+
+
+def _same_outputs(source: Plans, classes: dict[str, str], regions: RegionSet | None) -> bool:
+    source_regions = next((c.regions for c in source.configurations.values() if c.regions), None)
+    return same_outputs(source.labels, source_regions, classes, regions)
 
 
 def _nominal_batch(dims: int, patch: list[int], opts: PlannerOptions) -> int:
@@ -176,8 +198,8 @@ def plans_from_source(
     names = ", ".join(configs)
     notes = [
         f"{TRANSFER_NOTE}{source_label} ({source.dataset_name}, planner {source.planner}): {names} keep its target "
-        "spacing, patch, network topology and normalisation scheme; batch size, intensity statistics and labels are "
-        "this dataset's."
+        "spacing, patch, network topology and normalisation (a CT channel's statistics too); batch size and labels "
+        "are this dataset's."
     ]
     notes.extend(_normalization(next(iter(source.configurations.values())).normalization, fp)[1])
     for name, plan in configs.items():
@@ -195,11 +217,12 @@ def plans_from_source(
             f"this dataset's median spacing is {'x'.join(f'{s:.4g}' for s in median_spacing)} mm (z, y, x); its images "
             f"are resampled to the source's {'x'.join(f'{s:.4g}' for s in target)} mm."
         )
-    if dict(source.labels) != classes or (source_regions is None) != (regions is None):
+    if not _same_outputs(source, classes, regions):
         outputs = f"{len(regions.regions)} region(s)" if regions is not None else f"{num_classes} classes"
+        what = "labels" if dict(source.labels) != classes else "regions"
         notes.append(
-            f"labels differ from the source's ({_labels(source.labels)}; here {_labels(classes)}): the networks "
-            f"have {outputs} as outputs, and a pretrained network's output heads are re-initialised."
+            f"{what} differ from the source's ({_labels(source.labels)}; here {_labels(classes)}): the networks "
+            f"have {outputs} as outputs, and `train --pretrained` re-initialises their output heads."
         )
     if len(configs) < len(source.configurations):
         notes.append("no cascade for a region-based dataset: its next stage would need class maps.")

@@ -96,9 +96,10 @@ def _brats_file(pair: tuple[Path, Path, Path], pp: Postprocessing) -> Path:
     return save_image(out, result, geometry)
 
 
-def segmentation_files(in_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+def segmentation_files(in_dir: str | Path, out_dir: str | Path | None = None, overwrite: bool = False) -> list[Path]:
     """The segmentations `autounet postprocess` works on (image files, not hidden ones) in
-    ``in_dir``; a clear error for a missing or empty folder, or an ``out_dir`` that is a file."""
+    ``in_dir``; a clear error for a missing or empty folder, an ``out_dir`` that is a file, or
+    (unless ``overwrite``, or OUT is IN: in place) an ``out_dir`` already holding a file of a case."""
     from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
 
     in_dir = Path(in_dir)
@@ -113,14 +114,38 @@ def segmentation_files(in_dir: str | Path, out_dir: str | Path | None = None) ->
     )
     if not files:
         raise AutounetError(f"no segmentations in {in_dir} (image endings: {', '.join(IMAGE_SUFFIXES)})")
+    if out_dir is not None and not overwrite:
+        _refuse_existing(files, in_dir, Path(out_dir))
     return files
 
 
+def _refuse_existing(files: list[Path], in_dir: Path, out_dir: Path) -> None:
+    """Refuse an OUT (other than IN) holding files a case would write: the image and, for a
+    header such as ``.mhd`` / ``.nhdr``, its data file."""
+    from autounet.data.image_io import image_suffix
+
+    if not out_dir.is_dir() or out_dir.resolve() == in_dir.resolve():
+        return
+    names = set()
+    for f in files:
+        stem = f.name[: -len(image_suffix(f))]
+        names |= {f.name, *(stem + data for data in (".zraw", ".raw", ".raw.gz"))}
+    there = sorted(p.name for p in out_dir.iterdir() if p.name in names)
+    if there:
+        few = ", ".join(there[:3]) + (f" and {len(there) - 3} more" if len(there) > 3 else "")
+        raise AutounetError(f"{out_dir}: already holds {few}; give --overwrite to replace them, or another OUT")
+
+
 def apply_to_folder(
-    in_dir: str | Path, out_dir: str | Path, pp: Postprocessing | None, workers: int | None = None
+    in_dir: str | Path,
+    out_dir: str | Path,
+    pp: Postprocessing | None,
+    workers: int | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """`autounet postprocess IN OUT --from W/NAME`: apply ``pp`` (the selected post-processing,
-    None: none) to every segmentation in a folder; ``brats_et`` reads each one's saved probabilities."""
+    None: none) to every segmentation in a folder; ``brats_et`` reads each one's saved probabilities.
+    Files of the cases already in an OUT other than IN are refused unless ``overwrite``."""
     import functools
 
     from autounet.data.image_io import image_suffix
@@ -130,7 +155,7 @@ def apply_to_folder(
     from autounet.utils.temporary import remove_stale_temporaries
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    files = segmentation_files(in_dir, out_dir)
+    files = segmentation_files(in_dir, out_dir, overwrite)
     items = []
     for f in files if pp is not None and pp.kind == "brats_et" else []:
         probs = f.parent / (f.name[: -len(image_suffix(f))] + ".npz")

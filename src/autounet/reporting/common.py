@@ -5,12 +5,21 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from autounet.errors import AutounetError
 
 # What a section may run into when its input files are missing, partial or from another version.
 SKIPPABLE = (AutounetError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError)
+
+
+def require_workspace(root: Path, dataset_json: Path, plans_json: Path) -> None:
+    """Refuse a folder that is not a workspace ``W/NAME`` (neither dataset.json nor plans.json):
+    a report written there could replace someone's own ``report.md`` / ``report.html``."""
+    if not root.is_dir() or not (dataset_json.is_file() or plans_json.is_file()):
+        what = "no dataset.json or plans.json there" if root.is_dir() else "no such folder"
+        raise AutounetError(f"{root}: workspace not found ({what}; run `autounet plan` first)")
 
 
 def is_number(x: Any) -> bool:

@@ -3,7 +3,6 @@ every trained fold's log and validation scores, and each configuration's cross-v
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,10 @@ from autounet.workspace import (
     Workspace,
     checkpoint_path,
     cv_summary_path,
+    fold_folders,
     training_log_path,
     validation_summary_path,
 )
-
-_FOLD = re.compile(r"^fold_(\d+|all)$")
 
 
 @dataclass
@@ -61,10 +59,6 @@ class FoldSummary:
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The entries of a ``log.jsonl`` (blank lines skipped; NaN allowed, as the trainer writes it)."""
     return read_json_lines(path)
-
-
-def _fold_order(name: str) -> tuple[int, int]:
-    return (1, 0) if name == "all" else (0, int(name))
 
 
 def _stop_reason(folder: Path, log: list[dict[str, Any]]) -> str:
@@ -105,16 +99,9 @@ def trained_folds(ws: Workspace, configurations: Iterable[str]) -> dict[str, lis
     """Per configuration (in the given order) its folds with a ``log.jsonl``, fold 0, 1, ..., then ``all``."""
     found: dict[str, list[FoldSummary]] = {}
     for config in configurations:
-        results = ws.results_dir(config)
-        if not results.is_dir():
-            continue
-        folds = []
-        for p in results.iterdir():
-            m = _FOLD.match(p.name)
-            if m and training_log_path(p).is_file():
-                folds.append((_fold_order(m.group(1)), p))
+        folds = [p for p in fold_folders(ws.results_dir(config)).values() if training_log_path(p).is_file()]
         if folds:
-            found[config] = [read_fold(config, p) for _, p in sorted(folds)]
+            found[config] = [read_fold(config, p) for p in folds]
     return found
 
 

@@ -12,7 +12,7 @@ from autounet.utils.atomic import read_json
 from autounet.workspace import validation_dir
 
 
-def _best_configurations(ctx: ReportContext) -> list[str]:
+def best_configurations(ctx: ReportContext) -> list[str]:
     """The winner's member configurations, else the trained ones by CV (or validation) Dice, best first."""
     members = [m for m in ctx.selection.winner.members if m in ctx.folds] if ctx.selection else []
     if members:
@@ -28,7 +28,7 @@ def _best_configurations(ctx: ReportContext) -> list[str]:
     return sorted(ctx.folds, key=score, reverse=True)
 
 
-def _predictions(folder: Path) -> dict[str, Path]:
+def prediction_files(folder: Path) -> dict[str, Path]:
     from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix
 
     found = {}
@@ -54,9 +54,9 @@ def example_section(ctx: ReportContext) -> list[str]:
     if not ctx.folds:
         return note("Skipped: no trained fold, so no validation prediction to show.")
     choice = None
-    for config in _best_configurations(ctx):
+    for config in best_configurations(ctx):
         for fold in ctx.folds[config]:
-            preds = _predictions(validation_dir(fold.folder))
+            preds = prediction_files(validation_dir(fold.folder))
             if preds:
                 choice = (config, fold, preds)
                 break

@@ -7,8 +7,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from autounet.errors import AutounetError
-from autounet.reporting.common import SKIPPABLE, note
+from autounet.reporting.common import SKIPPABLE, note, require_workspace
 from autounet.reporting.context import ReportContext, load_context
 from autounet.reporting.example import example_section
 from autounet.reporting.fingerprint import fingerprint_section
@@ -38,8 +37,7 @@ def _guarded(section: Callable[[ReportContext], list[str]], ctx: ReportContext) 
 
 def render_report(ws: Workspace) -> str:
     """The report's Markdown text; writes the pictures it links into ``W/NAME/report/``."""
-    if not ws.root.is_dir():
-        raise AutounetError(f"{ws.root}: workspace not found (run `autounet plan` first)")
+    require_workspace(ws.root, ws.dataset_json, ws.plans_json)
     ctx, problems = load_context(ws)
     title = ws.name
     if ctx.fingerprint is not None and ctx.fingerprint.dataset_name != ws.name:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,6 @@ from autounet.utils.parallel import default_workers, map_cases
 from autounet.utils.plain_data import from_plain
 from autounet.validation.cross_validation import fold_summaries
 from autounet.workspace import Workspace, checkpoint_path
-
-_FOLD = re.compile(r"^fold_(\d+)$")
 
 
 @dataclass

@@ -259,7 +259,13 @@ def assemble_run(
     network = UNet(spec)
     transfer = None
     if pretrained_file is not None:
-        transfer = load_matching_weights(network, options.pretrained_label or str(options.pretrained), pretrained_file)
+        transfer = load_matching_weights(
+            network,
+            options.pretrained_label or str(options.pretrained),
+            pretrained_file,
+            labels=dict(plans.labels),
+            regions=plan.regions,
+        )
     network = network.to(device)
     model = network
     if info.enabled:

@@ -102,6 +102,13 @@ class DiceLoss:
         return -soft_dice(probs, onehot, self.batch_dice, self.include_background, reduce=self.reduce)
 
 
+def _annotated_mean(summed: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """A sum over the annotated voxels divided by their count (0 when there are none, without a
+    host sync; ``F.cross_entropy``'s own mean would be NaN there, e.g. at a coarse deep-supervision
+    level of a sparsely annotated patch)."""
+    return summed / (target != ignore_index).sum().clamp_min(1)
+
+
 class CrossEntropyLoss:
     """Mean cross-entropy over the voxels (the annotated ones, with ``ignore_index``)."""
 
@@ -109,11 +116,11 @@ class CrossEntropyLoss:
         self.ignore_index = ignore_index
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = target[:, 0].long()
         if self.ignore_index is None:
-            return F.cross_entropy(logits.float(), target[:, 0].long())
-        target, mask = annotated_targets(target, self.ignore_index)
-        ce = F.cross_entropy(logits.float(), target[:, 0].long(), reduction="none")
-        return _masked_mean(ce, mask[:, 0])
+            return F.cross_entropy(logits.float(), labels)
+        summed = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="sum")
+        return _annotated_mean(summed, labels, self.ignore_index)
 
 
 class FocalLoss:
@@ -125,10 +132,14 @@ class FocalLoss:
         self.ignore_index = ignore_index
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        target, mask = annotated_targets(target, self.ignore_index)
-        ce = F.cross_entropy(logits.float(), target[:, 0].long(), reduction="none")
-        p_t = torch.exp(-ce)
-        return _masked_mean((1 - p_t) ** self.gamma * ce, None if mask is None else mask[:, 0])
+        labels = target[:, 0].long()
+        if self.ignore_index is None:
+            ce = F.cross_entropy(logits.float(), labels, reduction="none")
+            return ((1 - torch.exp(-ce)) ** self.gamma * ce).mean()
+        # ignored voxels get ce = 0, hence a focal term of 0
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=self.ignore_index, reduction="none")
+        focal = (1 - torch.exp(-ce)) ** self.gamma * ce
+        return _annotated_mean(focal.sum(), labels, self.ignore_index)
 
 
 class DiceCELoss:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autounet.errors import AutounetError
+from autounet.training.trackers import check_loggers
 from autounet.utils import arguments
 
 
@@ -41,6 +42,7 @@ class TrainOptions:
     # folder; used only when the fold starts from scratch (a resume continues its own checkpoint).
     pretrained: str | None = None
     pretrained_label: str | None = None  # how logs name the source (e.g. the package .zip); None: pretrained
+    loggers: list[str] | None = None  # experiment trackers (training/trackers.py): tensorboard, wandb, mlflow
 
     def validate(self) -> TrainOptions:
         """Refuse impossible numbers with one clear message each (before anything is read or written)."""
@@ -61,6 +63,7 @@ class TrainOptions:
         arguments.whole("--deep-supervision-heads", self.deep_supervision_heads, 0)
         arguments.sizes("--features", self.features)
         arguments.real("--width-multiplier", self.width_multiplier, above=0)
+        check_loggers(self.loggers)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise AutounetError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         return self

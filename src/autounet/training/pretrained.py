@@ -1,8 +1,10 @@
 """Starting a run from another run's weights (`autounet train ... --pretrained SOURCE`).
 
 Every tensor of the new network whose name and shape match a tensor of the source checkpoint is
-copied; every other one keeps its fresh initialisation (the output heads when the number of
-classes differs, the first convolution when the input channels differ, any stage whose features
+copied, except the output heads when the source's labels or regions are not the new run's (same
+values and names: :func:`autounet.planning.transfer.same_outputs`): a head of the same shape would
+still predict the source's classes under the new names. Every other tensor keeps its fresh
+initialisation (the first convolution when the input channels differ, any stage whose features
 differ). A source of which no encoder convolution weight fits is refused: it is another network.
 
 ``SOURCE`` is a checkpoint file, a fold folder (``checkpoint_final.pt``, else ``_best``, else
@@ -21,15 +23,20 @@ import torch
 
 from autounet.errors import AutounetError
 from autounet.planning.plans import CONFIGURATIONS
+from autounet.planning.transfer import same_outputs
+from autounet.regions import RegionSet
 from autounet.training.checkpoint import load_checkpoint
-from autounet.workspace import CHECKPOINT_KINDS, Workspace, checkpoint_path, fold_of
+from autounet.utils.plain_data import from_plain
+from autounet.workspace import CHECKPOINT_KINDS, Workspace, checkpoint_path, fold_folders
 
 # Which checkpoint of a fold folder: what inference uses first (the finished run), then the best,
 # then the latest (a run still going or stopped early is still a useful start).
 FOLD_CHECKPOINTS = ("final", "best", "latest")
 ENCODER = "encoder."
+HEADS = "heads."  # the output convolutions (one per deep-supervision level)
 NAMES_SHOWN = 6  # names listed per group of re-initialised tensors
 MISSING = "not in the source"
+OTHER_LABELS = "the source's labels differ"
 
 
 def _fold_checkpoint(folder: Path) -> Path | None:
@@ -42,9 +49,9 @@ def _has_checkpoint(folder: Path) -> bool:
 
 def _configuration_checkpoint(folder: Path) -> Path | None:
     """``fold_all`` when trained, else the lowest-numbered trained fold of a configuration folder."""
-    folds = [(fold_of(d), d) for d in folder.iterdir() if d.is_dir() and fold_of(d) is not None]
-    ordered = sorted(folds, key=lambda fd: (fd[0] != "all", int(fd[0]) if fd[0] != "all" else -1))
-    return next((c for _, d in ordered if (c := _fold_checkpoint(d)) is not None), None)
+    folds = fold_folders(folder)
+    ordered = ([folds.pop("all")] if "all" in folds else []) + list(folds.values())
+    return next((c for d in ordered if (c := _fold_checkpoint(d)) is not None), None)
 
 
 def pretrained_checkpoint(source: str | Path, configuration: str) -> Path:
@@ -63,7 +70,7 @@ def pretrained_checkpoint(source: str | Path, configuration: str) -> Path:
                     f"--pretrained {source}: this fold folder holds no checkpoint_final.pt, _best.pt or _latest.pt"
                 )
             return found
-        if any(fold_of(d) is not None for d in source.iterdir()):
+        if fold_folders(source):
             found = _configuration_checkpoint(source)
             if found is None:
                 raise AutounetError(f"--pretrained {source}: none of its fold folders holds a checkpoint yet")
@@ -98,6 +105,7 @@ class WeightTransfer:
     loaded: list[str] = field(default_factory=list)
     reinitialised: dict[str, str] = field(default_factory=dict)  # name -> why
     unused: list[str] = field(default_factory=list)  # source tensors the network has no place for
+    labels_differ: str | None = None  # how the source's labels differ from the run's (None: the same)
 
     def record(self) -> dict[str, Any]:
         """Plain data for the run's checkpoints (``initialised_from``)."""
@@ -131,8 +139,13 @@ class WeightTransfer:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
         missing = [n for n, why in self.reinitialised.items() if why == MISSING]
-        reshaped = [f"{n} ({why})" for n, why in self.reinitialised.items() if why != MISSING]
-        for what, names in (("another shape in the source", reshaped), (MISSING, missing)):
+        relabelled = [n for n, why in self.reinitialised.items() if why == OTHER_LABELS]
+        reshaped = [f"{n} ({why})" for n, why in self.reinitialised.items() if why not in (MISSING, OTHER_LABELS)]
+        for what, names in (
+            ("another shape in the source", reshaped),
+            (MISSING, missing),
+            (f"{OTHER_LABELS} ({self.labels_differ})", relabelled),
+        ):
             if names:
                 more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
                 lines.append(f"  re-initialised, {what}: {', '.join(names[:NAMES_SHOWN])}{more}")
@@ -142,9 +155,37 @@ class WeightTransfer:
         return "\n".join(lines)
 
 
-def load_matching_weights(network: torch.nn.Module, source: str, checkpoint: Path) -> WeightTransfer:
-    """Copy into ``network`` every tensor of ``checkpoint`` with the same name and shape; refused
-    when no encoder tensor matches. The rest keep their initialisation."""
+def _labels_differ(stored: dict[str, Any], labels: dict[str, str], regions: RegionSet | None) -> str | None:
+    """How the source checkpoint's outputs differ from the run's (None: they mean the same)."""
+    theirs, their_regions = stored.get("labels"), stored.get("regions")
+    if not isinstance(theirs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in theirs.items()):
+        return "it records no labels"
+    try:
+        their_regions = from_plain(RegionSet, their_regions, "regions") if their_regions else None
+    except AutounetError:
+        return "its regions cannot be read"
+    if same_outputs(theirs, their_regions, labels, regions):
+        return None
+    if dict(theirs) != dict(labels):
+        return f"{_show(theirs)} there, {_show(labels)} here"
+    return "other regions"
+
+
+def _show(labels: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(labels.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+
+def load_matching_weights(
+    network: torch.nn.Module,
+    source: str,
+    checkpoint: Path,
+    labels: dict[str, str] | None = None,
+    regions: RegionSet | None = None,
+) -> WeightTransfer:
+    """Copy into ``network`` every tensor of ``checkpoint`` with the same name and shape, the
+    output heads only when the checkpoint's labels and regions are ``labels`` and ``regions``
+    (the new run's; None: not compared); refused when no encoder tensor matches. The rest keep
+    their initialisation."""
     stored = load_checkpoint(checkpoint)
     weights = stored.get("state_dict")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
@@ -157,11 +198,14 @@ def load_matching_weights(network: torch.nn.Module, source: str, checkpoint: Pat
     }
     own = network.state_dict()
     result = WeightTransfer(source, checkpoint, origin)
+    result.labels_differ = _labels_differ(stored, labels, regions) if labels is not None else None
     merged = {}
     for name, tensor in own.items():
         theirs = weights.get(name)
         if theirs is None:
             result.reinitialised[name] = MISSING
+        elif result.labels_differ is not None and name.startswith(HEADS):
+            result.reinitialised[name] = OTHER_LABELS
         elif theirs.shape != tensor.shape:
             result.reinitialised[name] = f"{_shape(tensor)} here, {_shape(theirs)} in the source"
         else:

@@ -36,6 +36,7 @@ from autounet.training.losses import annotated_targets, one_hot
 from autounet.training.options import TrainOptions
 from autounet.training.setup import ignore_index
 from autounet.training.step import LossTracker, must_stop, train_step
+from autounet.training.trackers import Trackers, open_trackers
 from autounet.utils.atomic import make_folder
 from autounet.utils.plain_data import to_plain
 from autounet.utils.progress import progress_enabled
@@ -51,6 +52,7 @@ class TrainResult:
     log: list[dict[str, Any]]
     best_ema_dice: float
     is_main_process: bool = True  # False on the ranks > 0 of a torchrun job, which write nothing
+    trackers: Trackers | None = None  # --logger: open until the hold of `train` ends (validation logs to them)
 
 
 @dataclass
@@ -328,7 +330,7 @@ def _train(ws: Workspace, options: TrainOptions, hold: ExitStack) -> TrainResult
         where = f"resuming after epoch {state.epoch}" if stored is not None else "starting"
         print(
             f"{options.configuration} fold {options.fold}: {where}; {len(run.train_cases)} training / {len(run.val_cases)} validation cases, "
-            f"batch {run.batch_size} of {run.plan.patch_size} on {run.device}"
+            f"batch {run.batch_size} of {run.plan.patch_size} on {describe_device(run.device)} in {precision_name(run)}"
             + (f" x {run.info.world_size} processes" if run.info.enabled else "")
             + f", {run.preset.iterations_per_epoch} iterations per epoch, up to {run.preset.max_epochs} epochs"
         )
@@ -336,6 +338,12 @@ def _train(ws: Workspace, options: TrainOptions, hold: ExitStack) -> TrainResult
             print(run.pretrained.format())
         elif options.pretrained and stored is not None:
             print(f"--pretrained {options.pretrained} not applied: a resumed run continues from its own checkpoint")
+    trackers = None
+    if run.info.is_main and options.loggers:
+        trackers = open_trackers(
+            options.loggers, ws, options.configuration, options.fold, _tracker_config(run), state.epoch
+        )
+        hold.callback(trackers.close)
     stopped = "max_epochs"
     last_epoch_seconds = None
     while state.epoch < run.preset.max_epochs:
@@ -379,6 +387,8 @@ def _train(ws: Workspace, options: TrainOptions, hold: ExitStack) -> TrainResult
         _save(run, state, rank, score)
         if run.info.is_main:
             print(format_epoch(entry), flush=True)
+            if trackers is not None:
+                trackers.log_epoch(entry)
         last_epoch_seconds = seconds
         if stop:
             stopped = "converged"
@@ -397,4 +407,37 @@ def _train(ws: Workspace, options: TrainOptions, hold: ExitStack) -> TrainResult
         )
     barrier(run.info)
     shutdown(run.info)  # the other processes are free; validation runs after, on the main one
-    return TrainResult(run.fold_dir, state.epoch, stopped, state.log, state.best_ema_dice, run.info.is_main)
+    return TrainResult(run.fold_dir, state.epoch, stopped, state.log, state.best_ema_dice, run.info.is_main, trackers)
+
+
+def precision_name(run: Run) -> str:
+    """What the training start line says: fp32, bf16, or fp16 with its gradient scaler."""
+    if run.scaler is not None:
+        return "fp16 with gradient scaler"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(run.amp_dtype, "fp32")
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 ...)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _tracker_config(run: Run) -> dict[str, Any]:
+    """A run's hyperparameters and plan, as the trackers' config."""
+    return {
+        "dataset": run.ws.name,
+        "configuration": run.options.configuration,
+        "fold": str(run.options.fold),
+        "options": to_plain(run.options),
+        "training_preset": to_plain(run.preset),
+        "augmentation_preset": to_plain(run.augmentation),
+        "batch_size": run.batch_size,
+        "precision": precision_name(run),
+        "device": str(run.device),
+        "world_size": run.info.world_size,
+        "train_cases": len(run.train_cases),
+        "val_cases": len(run.val_cases),
+        "plan": to_plain(run.plan),
+    }

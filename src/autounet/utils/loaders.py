@@ -39,38 +39,57 @@ def regular_file(path: str | Path, kind: str, unreadable: str) -> Path:
     return path
 
 
-def read_json(path: str | Path, expect: type | None = None) -> Any:
+# Larger than any document autounet writes (a fingerprint of 10 000 cases is about 20 MB): a
+# bigger file is not one of ours, and is refused before it is read whole into memory.
+JSON_LIMIT_BYTES = 256 * 1024 * 1024
+
+
+def parse_json(text: str | bytes, where: str | Path) -> Any:
+    """The JSON value of ``text``; one error naming ``where`` when it is not JSON (truncated, not
+    UTF-8, or nested too deeply for the parser)."""
+    try:
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AutounetError(f"{where}: not valid JSON, the file is damaged or truncated ({exc})") from None
+    except RecursionError:
+        raise AutounetError(f"{where}: refused: JSON nested too deeply to be one of autounet's documents") from None
+
+
+def read_json(path: str | Path, expect: type | None = None, limit: int = JSON_LIMIT_BYTES) -> Any:
     """The content of the JSON file ``path``.
 
-    Raises :class:`AutounetError` naming the file when it is missing or unreadable, is not valid
-    JSON (a truncated file is not), or, with ``expect`` (``dict`` or ``list``), holds another type.
+    Raises :class:`AutounetError` naming the file when it is missing or unreadable, larger than
+    ``limit`` bytes, is not valid JSON (a truncated file is not; nor is one nested too deeply),
+    or, with ``expect`` (``dict`` or ``list``), holds another type.
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise AutounetError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AutounetError(f"{path}: not valid JSON, the file is damaged or truncated ({exc})") from None
-    except OSError as exc:
-        raise AutounetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    data = parse_json(_read_capped(path, limit), path)
     if expect is not None and not isinstance(data, expect):
         raise AutounetError(f"{path}: expected {_JSON_TYPES.get(expect, expect.__name__)}, found {type(data).__name__}")
     return data
 
 
-def read_text(path: str | Path) -> str:
-    """The UTF-8 text of ``path``, with the same errors as :func:`read_json`."""
-    path = Path(path)
+def _read_capped(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, refused when it holds more than ``limit``."""
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)
     except FileNotFoundError:
         raise AutounetError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise AutounetError(f"{path}: not UTF-8 text, the file is damaged ({exc})") from None
     except OSError as exc:
         raise AutounetError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise AutounetError(f"{path}: refused: larger than {limit} bytes, more than such a document can hold")
+    return raw
+
+
+def read_text(path: str | Path, limit: int = JSON_LIMIT_BYTES) -> str:
+    """The UTF-8 text of ``path`` (at most ``limit`` bytes), with the same errors as :func:`read_json`."""
+    path = Path(path)
+    try:
+        return _read_capped(path, limit).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AutounetError(f"{path}: not UTF-8 text, the file is damaged ({exc})") from None
 
 
 def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
@@ -83,6 +102,8 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
                 entry = json.loads(line)
             except ValueError as exc:
                 raise AutounetError(f"{path}: line {n} is not JSON ({exc})") from None
+            except RecursionError:
+                raise AutounetError(f"{path}: line {n} is JSON nested too deeply") from None
             if not isinstance(entry, dict):
                 raise AutounetError(f"{path}: line {n} is not a JSON object")
             entries.append(entry)

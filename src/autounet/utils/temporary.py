@@ -1,30 +1,49 @@
 """Temporary files of unfinished writes, named so that a later run can tell whose they are.
 
 Every file (or folder) that autounet writes atomically is first written under the name
-``.autounet-tmp.<host>-<pid>.<random>.<final name>`` beside its target (``host``: 8 hex digits
-of this machine's name; ``pid``: the writing process). A process killed in the middle of a write
-leaves that temporary behind; a later command that writes into the same folder removes the
-temporaries whose process is no longer alive on this machine (:func:`remove_stale_temporaries`),
-never those of a live process, of another machine, or any file it did not make.
+``.autounet-tmp.<host>-<pid>.<random>.<final name>`` beside its target. ``host`` is 8 hex digits
+of this machine's name, its boot and its PID namespace (so that containers sharing a host name
+but not their processes, or a machine after a reboot, have another); ``pid`` is the writing
+process. A process killed in the middle of a write leaves that temporary behind; a later command
+that writes into the same folder removes it (:func:`remove_stale_temporaries`) when its process
+is gone (no process of that id, or one started after the temporary was last written: the id was
+reused), or, when the owner cannot be checked (another machine, container or boot), when the
+temporary has not changed for :data:`STALE_AFTER_S`. It never removes a live process's temporary
+or any file whose name is not an autounet temporary's.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import re
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 PREFIX = ".autounet-tmp."
 _NAME = re.compile(r"^\.autounet-tmp\.([0-9a-f]{8})-(\d+)\.")
+# A temporary whose owner cannot be checked is taken as abandoned after a day without change (an
+# atomic write takes seconds; an unpack or a package, minutes).
+STALE_AFTER_S = 24 * 3600
 
 
+@functools.cache
 def _host_token() -> str:
-    return hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+    """8 hex digits of this host name, boot and PID namespace: equal exactly where pids are comparable."""
+    parts = [socket.gethostname(), "", ""]
+    try:  # Linux: the boot and the PID namespace; elsewhere the host name alone
+        parts[1] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        parts[2] = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pass
+    return hashlib.sha1("\n".join(parts).encode("utf-8", "replace")).hexdigest()[:8]
 
 
 def temporary_prefix() -> str:
@@ -37,53 +56,39 @@ def is_temporary(name: str) -> bool:
     return _NAME.match(name) is not None
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (True when it cannot be told)."""
-    if pid <= 0:
+def process_alive(pid: int, since: float | None = None) -> bool:
+    """Whether process ``pid`` runs on this machine (True when it cannot be told); with ``since``
+    (a time stamp of something it wrote), a process of that id started later is not it."""
+    if pid <= 0 or pid == os.getpid():
         return True
-    if pid == os.getpid():
-        return True
-    if sys.platform == "win32":
-        return _windows_process_alive(pid)
     try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
+        if not psutil.pid_exists(pid):
+            return False
+        if since is not None and psutil.Process(pid).create_time() > since + 1.0:
+            return False  # the id was reused by a process started after the write
+    except psutil.NoSuchProcess:
         return False
-    except OSError:  # EPERM: it exists, owned by someone else
+    except psutil.Error:  # access denied and the like: it exists
         return True
     return True
 
 
-def _windows_process_alive(pid: int) -> bool:  # pragma: no cover - Windows only
-    try:
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return kernel32.GetLastError() != 87  # ERROR_INVALID_PARAMETER: no such process
-        try:
-            code = ctypes.c_ulong()
-            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-                return True
-            return code.value == 259  # STILL_ACTIVE
-        finally:
-            kernel32.CloseHandle(handle)
-    except Exception:
-        return True
-
-
-def is_stale(name: str) -> bool:
-    """Whether ``name`` is a temporary left by a process of this machine that is no longer alive."""
+def is_stale(name: str, modified: float | None = None) -> bool:
+    """Whether ``name`` (last changed at ``modified``) is a temporary whose writer is gone: a dead
+    process of this machine, or one that cannot be checked and left it unchanged for a day."""
     m = _NAME.match(name)
-    return m is not None and m.group(1) == _host_token() and not process_alive(int(m.group(2)))
+    if m is None:
+        return False
+    if m.group(1) == _host_token():
+        return not process_alive(int(m.group(2)), modified)
+    return modified is not None and time.time() - modified > STALE_AFTER_S
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporaries of dead processes of this machine directly in ``folder``; returns them.
+    """Delete the stale temporaries (:func:`is_stale`) directly in ``folder``; returns them.
 
-    Files of live processes, of other machines and every other file are left alone; a missing
-    folder has none.
+    Files of live processes, recent ones of other machines and every other file are left alone;
+    a missing folder has none.
     """
     folder = Path(folder)
     removed: list[Path] = []
@@ -92,7 +97,13 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     except (FileNotFoundError, NotADirectoryError):
         return removed
     for entry in entries:
-        if not is_stale(entry.name):
+        if not is_temporary(entry.name):
+            continue
+        try:
+            modified = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if not is_stale(entry.name, modified):
             continue
         path = Path(entry.path)
         try:

@@ -8,27 +8,22 @@ every fold of ``splits.json`` is in.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from autounet.errors import AutounetError
 from autounet.evaluation.evaluate import EvaluationResult, load_evaluation, summarize
 from autounet.utils.atomic import atomic_write_json, read_json
-from autounet.workspace import Workspace, cv_summary_path, validation_summary_path
-
-_FOLD = re.compile(r"^fold_(\d+)$")
+from autounet.workspace import Workspace, cv_summary_path, fold_folders, validation_summary_path
 
 
 def fold_summaries(results_dir: Path) -> dict[int, Path]:
     """``fold -> fold_K/validation/summary.json`` for the numbered folds that have one."""
-    found = {}
-    if Path(results_dir).is_dir():
-        for p in Path(results_dir).iterdir():
-            m = _FOLD.match(p.name)
-            if m and validation_summary_path(p).is_file():
-                found[int(m.group(1))] = validation_summary_path(p)
-    return dict(sorted(found.items()))
+    return {
+        int(fold): validation_summary_path(p)
+        for fold, p in fold_folders(results_dir).items()
+        if fold != "all" and validation_summary_path(p).is_file()
+    }
 
 
 def _expected_folds(results_dir: Path) -> int | None:

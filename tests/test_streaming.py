@@ -1,0 +1,128 @@
+"""The streaming ensemble and export (issue 22) gives today's segmentation and probability file."""
+
+import numpy as np
+import pytest
+import torch
+
+from autounet.data.crop import box_slices
+from autounet.data.probabilities import ProbabilityStream, load_probability_file, save_probability_file
+from autounet.inference import streaming
+from autounet.inference.streaming import MemberOutput, resample_linear, revert_channel, stream_segmentation
+from autounet.postprocessing.apply import Postprocessing
+from autounet.postprocessing.brats_et import EtRule, brats_postprocess
+from autounet.postprocessing.components import PostprocessingDecision, apply_postprocessing
+from autounet.preprocessing.case import preprocess_case, revert_map, revert_probabilities
+from autounet.preprocessing.resample import resample_volume
+from autounet.regions import brats_2015, regions_to_labels
+from autounet.utils.atomic import atomic_write
+from test_preprocess_case import make_case, make_plan
+
+VALUES = [0, 1, 4]
+
+
+def _props(spacing, target, transpose=(0, 1, 2)):
+    image, label, geo = make_case(shape=(10, 22, 18), spacing=spacing, pad=2)
+    return preprocess_case("c", image, geo, label, make_plan(target, transpose), VALUES).properties
+
+
+def _softmax(props, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = torch.from_numpy(rng.normal(0, 2, (k, *props.shape_after_resampling)).astype(np.float32))
+    return torch.softmax(logits, 0)
+
+
+@pytest.fixture(scope="module")
+def anisotropic():
+    """Thick slices (a separate axis, nearest along it), a transposed network order and a crop box."""
+    props = _props((4.0, 0.8, 0.9), (4.0, 1.1, 0.7), transpose=(0, 2, 1))
+    assert props.separate_axis is not None and props.crop_bbox[1] != [0, 22]
+    return props
+
+
+def test_one_class_reverts_to_exactly_what_revert_map_gives_inside_the_crop_box(anisotropic):
+    probs = _softmax(anisotropic)
+    inside = box_slices(tuple(tuple(b) for b in anisotropic.crop_bbox))
+    for k in range(3):
+        np.testing.assert_array_equal(
+            revert_channel(probs[k], anisotropic, torch.device("cpu")),
+            revert_map(probs[k].numpy(), anisotropic)[inside],
+        )
+
+
+def test_the_pytorch_resampler_for_gpus_gives_numpys_values_exactly(anisotropic):
+    """The GPU path (:func:`resample_linear`) checked on the CPU against the NumPy resampler,
+    with a separate axis, growing and shrinking axes, and slabs (a small SLAB_VOXELS)."""
+    probs = _softmax(anisotropic)[1]
+    crop = [anisotropic.shape_after_crop[a] for a in anisotropic.transpose_forward]
+    for shape, sep in ((crop, anisotropic.separate_axis), ([7, 40, 9], None), (list(probs.shape), 1)):
+        expected = resample_volume(probs.numpy(), shape, 1, sep, 0)
+        np.testing.assert_array_equal(resample_linear(probs, shape, sep).numpy(), expected)
+    streaming.SLAB_VOXELS, saved = 50, streaming.SLAB_VOXELS
+    try:
+        np.testing.assert_array_equal(
+            resample_linear(probs, [7, 40, 9]).numpy(), resample_volume(probs.numpy(), [7, 40, 9], 1)
+        )
+    finally:
+        streaming.SLAB_VOXELS = saved
+
+
+def test_one_member_gives_the_argmax_of_revert_probabilities(anisotropic):
+    probs = _softmax(anisotropic)
+    today, _ = revert_probabilities(probs.numpy(), anisotropic)
+    seg = stream_segmentation([MemberOutput(probs, anisotropic)], VALUES)
+    np.testing.assert_array_equal(seg, np.asarray(VALUES, np.uint8)[today])
+
+
+def test_an_ensemble_of_two_plans_equals_the_mean_of_the_reverted_probabilities(tmp_path):
+    a, b = _props((1.0, 0.8, 0.9), (1.2, 1.1, 0.7)), _props((1.0, 0.8, 0.9), (0.9, 1.3, 1.0), (2, 0, 1))
+    pa, pb = _softmax(a, seed=1), _softmax(b, seed=2)
+    kept = [revert_probabilities(p.numpy(), q, keep_probabilities=True)[1] for p, q in ((pa, a), (pb, b))]
+    total = kept[0] + kept[1]
+    total /= 2
+    decision = PostprocessingDecision(keep_largest_foreground=True, keep_largest_classes=[], candidates={})
+    pp = Postprocessing("components", decision=decision)
+    expected = apply_postprocessing(np.asarray(VALUES, np.uint8)[total.argmax(0)], decision)
+    path = tmp_path / "c.npz"
+
+    def write(tmp):
+        with ProbabilityStream(tmp, total.shape, VALUES, "softmax") as stream:
+            made.append(stream_segmentation([MemberOutput(pa, a), MemberOutput(pb, b)], VALUES, None, pp, stream))
+
+    made = []
+    atomic_write(path, write)
+    np.testing.assert_array_equal(made[0], expected)
+    # the streamed file is the file save_probability_file writes from the whole array
+    save_probability_file(tmp_path / "whole.npz", total, VALUES, "softmax")
+    streamed, whole = load_probability_file(path), load_probability_file(tmp_path / "whole.npz")
+    np.testing.assert_array_equal(streamed[0], whole[0])
+    assert streamed[1:] == whole[1:] == (VALUES, "softmax")
+    assert streamed[0][0, 0, 0, 0] == 1.0 and streamed[0][1:, 0, 0, 0].sum() == 0  # outside the crop box
+
+
+def test_regions_with_the_brats_et_rule_equal_the_whole_array_path(anisotropic):
+    regions = brats_2015()
+    rng = np.random.default_rng(3)
+    maps = [torch.from_numpy(rng.random((3, *anisotropic.shape_after_resampling), np.float32)) for _ in range(2)]
+    reverted = [np.stack([revert_map(m[r].numpy(), anisotropic) for r in range(3)]) for m in maps]
+    total = reverted[0] + reverted[1]
+    total /= 2
+    members = [MemberOutput(m, anisotropic) for m in maps]
+    plain = stream_segmentation(members, regions.label_values, regions)
+    np.testing.assert_array_equal(plain, regions_to_labels(total, regions))
+    rule = EtRule(component_voxels=40, total_voxels=200, et_threshold=0.6)
+    pp = Postprocessing("brats_et", rule=rule, regions=regions)
+    np.testing.assert_array_equal(
+        stream_segmentation(members, regions.label_values, regions, pp), brats_postprocess(total, regions, rule)
+    )
+
+
+def test_a_stream_that_misses_a_class_leaves_no_file(tmp_path):
+    path = tmp_path / "c.npz"
+
+    def write(tmp):
+        with ProbabilityStream(tmp, (2, 3, 4, 5), VALUES[:2], "softmax") as stream:
+            stream.write(0, np.zeros((3, 4, 5), np.float32), (slice(0, 3), slice(0, 4), slice(0, 5)), 1.0)
+
+    with pytest.raises(ValueError, match="1 of 2 classes written"):
+        atomic_write(path, write)
+    assert list(tmp_path.iterdir()) == []
