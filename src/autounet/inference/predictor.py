@@ -675,7 +675,7 @@ class Predictor:
         if dry_run:
             return [CaseTiming(c.case_id, out_dir / c.output_name(), 0.0, 0.0, 0.0) for c in cases]
         overlap = self._memory_plan(cases, memory_limit, save_probabilities)
-        verify_inputs(cases)  # every voxel byte too, before anything is written
+        verify_inputs(cases)  # image files to their last byte before anything is written (DICOM series: when read)
         make_folder(out_dir)
         remove_stale_temporaries(out_dir)
         if not overlap:
