@@ -38,13 +38,29 @@ def _planned_workspace(args, tmp: Path, recipe: str | None = None):
     return planned.workspace
 
 
+def _interleaved_steps(runs: dict, batches: dict, iterations: int, device) -> dict[str, list[float]]:
+    """Seconds per training step of each run, the runs taking turns (A, B, A, B, ...); one untimed
+    warm-up step each."""
+    from autounet.training.step import train_step
+
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    for i in range(iterations + 1):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            train_step(run, *batches[key], run.preset.optimizer.lr)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times[key].append(time.perf_counter() - start)
+    return times
+
+
 def compare_recipes(args) -> int:
     """The trainer's step of each recipe's network (same configuration, ``--batch-size`` or each
     plan's batch), each on one augmented batch of its own, interleaved A, B, A, B after a warm-up
     step each, so that every network sees the same machine state."""
     from autounet.training.assemble import assemble_run
     from autounet.training.options import TrainOptions
-    from autounet.training.step import train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,15 +76,7 @@ def compare_recipes(args) -> int:
             batches[r] = runs[r].augmenter(
                 torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed
             )
-        times: dict[str, list[float]] = {r: [] for r in runs}
-        for i in range(args.iterations + 1):
-            for r, run in runs.items():
-                start = time.perf_counter()
-                train_step(run, *batches[r], run.preset.optimizer.lr)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i:
-                    times[r].append(time.perf_counter() - start)
+        times = _interleaved_steps(runs, batches, args.iterations, device)
     base = statistics.median(times[args.recipes[0]])
     result = {
         "dataset": str(args.raw),
@@ -96,7 +104,6 @@ def compare_precisions(args) -> int:
     state for all), after a warm-up step each."""
     from autounet.training.assemble import assemble_run
     from autounet.training.options import TrainOptions
-    from autounet.training.step import train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,15 +118,7 @@ def compare_precisions(args) -> int:
         image, seg = first.augmenter(
             torch.from_numpy(batch.image), torch.from_numpy(batch.seg), batch.augmentation_seed
         )
-        times: dict[str, list[float]] = {p: [] for p in runs}
-        for i in range(args.iterations + 1):
-            for p, run in runs.items():
-                start = time.perf_counter()
-                train_step(run, image, seg, run.preset.optimizer.lr)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i:
-                    times[p].append(time.perf_counter() - start)
+        times = _interleaved_steps(runs, {p: (image, seg) for p in runs}, args.iterations, device)
     base = statistics.median(times[args.precision[0]])
     result = {
         "dataset": str(args.raw),
