@@ -20,7 +20,9 @@ Each run prints one JSON line: peak RSS (``ru_maxrss``), the memory estimate of
 :mod:`autounet.inference.memory`, seconds per phase (``read`` and ``preprocess`` together as
 ``preprocess_s``: the predictor reads and preprocesses in one step; ``network_s``; ``export_s``:
 revert, ensemble, post-processing and writing), tiles per second and the export's share of the
-network time. ``--legacy`` also runs each with the export of before issue 22 (every member's
+network time. ``--tile-timing`` instead times one tile of each network at ``--width-multiplier``
+(e.g. 1, as planned) and the network seconds of the CT they make, with and without mirroring.
+``--legacy`` also runs each with the export of before issue 22 (every member's
 ``K × input grid`` float32 probabilities in memory), skipped with a note where its own estimate
 (``K × N × 4`` bytes per member plus their sum) exceeds the machine's free memory.
 """
@@ -166,6 +168,52 @@ def run_once(spec: dict) -> dict:
     }
 
 
+def tile_timing(classes: int, width: float, repeats: int = 3) -> dict:
+    """Seconds per tile of the planned 2d and 3d_fullres networks at ``width`` (PyTorch fp32 on the
+    CPU, no mirroring; the median of ``repeats`` after a warm-up), and the network seconds of the
+    default ``--shape`` CT that they make, without and with mirroring: what the export's share is
+    measured against when the networks are as wide as the planner makes them."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from autounet.inference.sliding_window import predict_slices, predict_volume, tile_starts, tiles_per_batch_for
+    from autounet.preprocessing.resample import resampled_shape
+
+    shape, spacing = [600, 512, 512], [1.0, 0.8, 0.8]
+    plans, labels = ct_plans(classes, shape, spacing)
+    out: dict = {"classes": classes, "width_multiplier": width, "torch_threads": torch.get_num_threads()}
+    for name in ("2d", "3d_fullres"):
+        stage = untrained_stage(plans.configurations[name], labels, width)
+        three_d = stage.plan.network_dims == 3
+        patch = list(stage.plan.patch_size)
+        window = patch if three_d else [1, *patch]
+        batch = tiles_per_batch_for(three_d, stage.num_outputs, window)
+        volume = [window[0] * (batch if three_d else 1), *window[1:]] if three_d else [batch, *window[1:]]
+        image = np.random.default_rng(0).normal(size=(1, *volume)).astype(np.float32)
+        fn = predict_volume if three_d else predict_slices
+        run = (fn, stage, image, patch, batch)
+        _seconds_per_tile(*run)  # warm-up
+        per_tile = statistics.median(_seconds_per_tile(*run) for _ in range(repeats))
+        v = resampled_shape(shape, spacing, stage.plan.spacing)
+        tiles = math.prod(len(tile_starts(max(a, b), b, 0.5)) for a, b in zip(v, window))
+        out[name] = {
+            "patch": patch,
+            "seconds_per_tile": round(per_tile, 3),
+            "tiles": tiles,
+            "network_s": round(tiles * per_tile, 1),
+            "network_s_tta": round(tiles * per_tile * 2 ** len(stage.mirror_axes), 1),
+        }
+    return out
+
+
+def _seconds_per_tile(fn, stage, image, patch, batch) -> float:
+    start = time.perf_counter()
+    fn(stage.networks[0], image, patch, stage.num_outputs, step=1.0, tiles_per_batch=batch)
+    return (time.perf_counter() - start) / batch
+
+
 def _child(spec: dict) -> dict:
     done = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=os.environ.copy()
@@ -195,8 +243,15 @@ def main() -> int:
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (default: off)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-limit", type=float, default=None, metavar="GB")
+    parser.add_argument(
+        "--tile-timing", action="store_true", help="only time one tile of each network (see tile_timing)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tile_timing:
+        for classes in args.classes:
+            print(json.dumps(tile_timing(classes, args.width_multiplier)), flush=True)
+        return 0
     if args.child:
         print(json.dumps(run_once(json.loads(args.child))))
         return 0

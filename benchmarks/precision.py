@@ -1,42 +1,69 @@
-"""Agreement of inference precisions on hippocampus with a barely trained model (issue 22). One JSON line.
+"""The accuracy guard of every engine and precision on hippocampus with a barely trained model (issue 22). One JSON line.
 
-    python benchmarks/precision.py DATA_DIR [--test 52] [--cases N] [--epochs 2] [--iterations 10] [--out FOLDER]
+    python benchmarks/precision.py DATA_DIR [--test 52] [--cases N] [--epochs 2] [--iterations 10]
+        [--out FOLDER] [--runs torch:fp32 torch:bf16 ...] [--no-tta]
 
 Copies the dataset (``DATA_DIR``: an MSD folder, e.g. /work/shared/data/hippocampus) into
 ``--out`` (default: a temporary folder), holds its last ``--test`` cases out, plans, preprocesses
-and trains ``3d_fullres`` fold ``all`` for ``--epochs`` x ``--iterations`` on the CPU, then
-predicts the held-out cases with:
+and trains ``3d_fullres`` fold ``all`` for ``--epochs`` x ``--iterations`` on the CPU in fp32
+(skipped when ``--out`` holds that training already), then predicts the held-out cases with:
 
-* ``reference``: PyTorch fp32 with float32 accumulators (the accumulators before issue 22);
-* ``torch fp32``: PyTorch fp32 with the float16 accumulators: its segmentations may differ from
-  the reference only at voxels whose float32 top-two probabilities are within
-  :data:`~autounet.inference.sliding_window.HALF_ACCUMULATION_TIE` (counted as ``changed`` and
-  ``changed_not_tie``);
-* ``auto`` (what ``--engine auto --precision auto`` runs here), ``torch bf16`` (the head in
-  float32) and ``torch bf16, bf16 head`` (the logits rounded, as before issue 22): Dice per class
-  against ``torch fp32``, pooled over the held-out cases.
+* the reference: PyTorch fp32 with float32 accumulators (the accumulators before issue 22), its
+  probabilities kept;
+* with ``--before FILE`` (the sliding window before issue 22: ``git show
+  aa4cd39^:src/autounet/inference/sliding_window.py > FILE``): PyTorch fp32 through that code,
+  float32 accumulators and unscaled Gaussian weights, its probabilities kept: ``torch:fp32``'s
+  labels are then also compared with it (``vs_before``: differing voxels, and how many of them
+  are ties within ``HALF_ACCUMULATION_TIE`` of its probabilities);
+* each of ``--runs`` (``ENGINE:PRECISION``; default every engine and precision, ``auto:auto``
+  included, and ``torch:bf16-head`` = PyTorch bf16 with the head in bf16 as before issue 22),
+  through the predictor's streaming export (what ``autounet predict`` writes), with the float16
+  accumulators.
+
+For each run it reports what ran (after any fallback), the seconds, per-class Dice against the
+reference, the differing voxels and how many of them are ties (the reference's two best classes
+within :data:`~autounet.inference.agreement.FP32_TIE`; for ``torch:fp32`` also within
+:data:`~autounet.inference.sliding_window.HALF_ACCUMULATION_TIE` alone), and whether the accuracy
+guard (:func:`~autounet.inference.agreement.guard_problem`) holds. A run whose engine or precision
+falls back is reported as such and not predicted.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from autounet.api import plan, preprocess
 from autounet.data.image_io import read_image
+from autounet.inference import predictor as predictor_module
 from autounet.inference import sliding_window
+from autounet.inference.agreement import Agreement, agreement_for, decision_margin, guard_problem
+from autounet.inference.engines import resolve_engine, resolve_precision
 from autounet.inference.predictor import Predictor
 from autounet.networks.unet import UNet
 from autounet.pipeline.fold import train_and_validate
 from autounet.training.options import TrainOptions
 from autounet.workspace import Workspace
+
+RUNS = (
+    "torch:fp32",
+    "onnxruntime:fp32",
+    "openvino:fp32",
+    "openvino:bf16",
+    "torch:bf16",
+    "torch:bf16-head",
+    "torch:fp16",
+    "auto:auto",
+)
 
 
 def _dataset(source: Path, target: Path, test: int) -> tuple[Path, list[Path]]:
@@ -48,18 +75,30 @@ def _dataset(source: Path, target: Path, test: int) -> tuple[Path, list[Path]]:
         (target / sub).mkdir(parents=True, exist_ok=True)
     for c in keep:
         for key in ("image", "label"):
-            shutil.copy(source / c[key], target / c[key])
+            if not (target / c[key]).is_file():
+                shutil.copy(source / c[key], target / c[key])
     meta.update(training=keep, numTraining=len(keep))
     (target / "dataset.json").write_text(json.dumps(meta, indent=1))
     return target, [source / c["image"] for c in held]
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2 * int((a & b).sum()) / total
+def _before(path: Path):
+    """``predict_volume`` as the predictor calls it, computed by the sliding window in ``path``."""
+    spec = importlib.util.spec_from_file_location("sliding_window_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    accepted = inspect.signature(module.predict_volume).parameters
+
+    def predict_volume(networks, image, *args, sink=None, **kwargs):
+        nets = networks if isinstance(networks, (list, tuple)) else [networks]
+        if len(nets) != 1 or sink is not None:
+            raise SystemExit("--before: one network and no spilling only")
+        return module.predict_volume(nets[0], image, *args, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    return predict_volume
 
 
-def _plain_head(self, level, x):  # the head as before issue 22: under autocast, bf16 logits
+def _bf16_head(self, level, x):  # the head as before issue 22: under autocast, bf16 logits
     return self.heads[level](x)
 
 
@@ -71,17 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cases", type=int, default=None, help="predict only the first N held-out cases")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), help="ENGINE:PRECISION to compare (default: all)")
+    parser.add_argument(
+        "--no-tta", action="store_true", help="no mirroring (bf16 is emulated, and slow, without AVX512-BF16)"
+    )
+    parser.add_argument("--before", type=Path, default=None, help="sliding_window.py of before issue 22 (see above)")
     parser.add_argument(
         "--checkpoint", default="final", help="which checkpoint predicts (latest: use a training cut short)"
     )
     args = parser.parse_args(argv)
     root = args.out or Path(tempfile.mkdtemp(prefix="autounet-precision-"))
-    raw, held = _dataset(args.data, root / "raw" / "Hippocampus", args.test)
     work = root / "W"
     ws = Workspace.at(work, "Hippocampus")
     model = ws.results_dir("3d_fullres")
+    held = _dataset(args.data, root / "raw" / "Hippocampus", args.test)[1]
     if not (model / "fold_all" / f"checkpoint_{args.checkpoint}.pt").is_file():
-        plan(raw, work=work, workers=1)
+        plan(root / "raw" / "Hippocampus", work=work, workers=1)
         preprocess("Hippocampus", work=work, workers=1, configurations=["3d_fullres"])
         options = TrainOptions(
             "3d_fullres",
@@ -90,59 +134,101 @@ def main(argv: list[str] | None = None) -> int:
             iterations_per_epoch=args.iterations,
             validation_iterations=1,
             device="cpu",
+            precision="fp32",
         )
         train_and_validate(ws, options, False, False)
+    log = [json.loads(line) for line in (model / "fold_all" / "log.jsonl").read_text().splitlines() if line.strip()]
     images = [read_image([p]) for p in held[: args.cases]]
 
-    def run(engine: str, precision: str, accumulate=torch.float16, keep=False):
-        sliding_window.ACCUMULATOR_DTYPE = accumulate
-        try:
-            predictor = Predictor(
-                model, device="cpu", engine=engine, precision=precision, quiet=True, checkpoints=[args.checkpoint]
-            )
-            out = [predictor.predict_array(im, geo, f"c{i}", keep) for i, (im, geo) in enumerate(images)]
-        finally:
-            sliding_window.ACCUMULATOR_DTYPE = torch.float16
-        return predictor.engines, out
+    def predictor(engine: str, precision: str) -> Predictor:
+        return Predictor(
+            model,
+            device="cpu",
+            engine=engine,
+            precision=precision,
+            quiet=True,
+            checkpoints=[args.checkpoint],
+            tta=not args.no_tta,
+        )
 
-    _, reference = run("torch", "fp32", torch.float32, keep=True)
-    _, fp32 = run("torch", "fp32")
-    changed = changed_not_tie = 0
-    for ref, new in zip(reference, fp32):
-        top2 = np.sort(ref.probabilities, axis=0)[-2:]
-        tie = (top2[1] - top2[0]) < sliding_window.HALF_ACCUMULATION_TIE
-        differ = ref.segmentation != new.segmentation
-        changed += int(differ.sum())
-        changed_not_tie += int((differ & ~tie).sum())
+    sliding_window.ACCUMULATOR_DTYPE = torch.float32
+    try:
+        t = time.perf_counter()
+        ref_predictor = predictor("torch", "fp32")
+        reference = [ref_predictor.predict_array(im, geo, f"c{i}", True) for i, (im, geo) in enumerate(images)]
+        ref_seconds = time.perf_counter() - t
+    finally:
+        sliding_window.ACCUMULATOR_DTYPE = torch.float16
+    labels = [v for v in ref_predictor.stage.label_values if v != 0]
+    margins = [decision_margin(r.probabilities, ref_predictor.stage.activation) for r in reference]
     report = {
         "cases": len(images),
-        "training": f"{args.epochs} epochs x {args.iterations} iterations",
+        "training": f"{len(log)} epochs x {log[-1]['iterations'] if log else '?'} iterations ({model / 'fold_all'})",
         "checkpoint": args.checkpoint,
-        "half_accumulators": {
-            "voxels": int(sum(r.segmentation.size for r in reference)),
-            "changed": changed,
-            "changed_not_tie": changed_not_tie,
-        },
-        "dice_vs_torch_fp32": {},
+        "tta": not args.no_tta,
+        "reference": {"run": "torch fp32, float32 accumulators", "seconds": round(ref_seconds, 1)},
+        "auto_here": _auto(),
+        "runs": {},
     }
-    runs = {"auto": ("auto", "auto"), "torch bf16": ("torch", "bf16")}
-    for label, (engine, precision) in runs.items():
-        described, preds = run(engine, precision)
-        report["dice_vs_torch_fp32"][f"{label} ({described})"] = _per_class(preds, fp32)
-    UNet._head, saved = _plain_head, UNet._head
-    try:
-        described, preds = run("torch", "bf16")
-    finally:
-        UNet._head = saved
-    report["dice_vs_torch_fp32"][f"torch bf16, bf16 head as before ({described})"] = _per_class(preds, fp32)
+    before = None
+    if args.before:
+        saved_volume = predictor_module.predict_volume
+        predictor_module.predict_volume = _before(args.before)
+        try:
+            t = time.perf_counter()
+            before = [
+                predictor("torch", "fp32").predict_array(im, geo, f"c{i}", True) for i, (im, geo) in enumerate(images)
+            ]
+            seconds = round(time.perf_counter() - t, 1)
+        finally:
+            predictor_module.predict_volume = saved_volume
+        same = Agreement(sliding_window.HALF_ACCUMULATION_TIE, labels)
+        for b, r, m in zip(before, reference, margins):
+            same.add(b.segmentation, r.segmentation, m)
+        report["before"] = {"seconds": seconds, "reference_vs_before": same.summary()}
+    for run in args.runs:
+        engine, _, precision = run.partition(":")
+        old_head = precision == "bf16-head"
+        precision = "bf16" if old_head else precision
+        saved = UNet._head
+        if old_head:
+            UNet._head = _bf16_head
+        try:
+            pred = predictor(engine, precision)
+            entry: dict = {"ran": pred.engines}
+            if engine != "auto" and pred.engines != f"{engine} {precision}":
+                entry["skipped"] = "falls back here"
+                report["runs"][run] = entry
+                continue
+            t = time.perf_counter()
+            segs = [pred.predict_array(im, geo, f"c{i}").segmentation for i, (im, geo) in enumerate(images)]
+            entry["seconds"] = round(time.perf_counter() - t, 1)
+        finally:
+            UNet._head = saved
+        ran_precision = pred.engines.split()[-1]
+        agreement = agreement_for(ran_precision, labels)
+        strict = Agreement(sliding_window.HALF_ACCUMULATION_TIE, labels)
+        for ref, seg, margin in zip(reference, segs, margins):
+            agreement.add(ref.segmentation, seg, margin)
+            strict.add(ref.segmentation, seg, margin)
+        entry.update(agreement.summary())
+        entry["differing_ties_half_accumulation"] = strict.differing - strict.differing_not_tie
+        if before is not None and run == "torch:fp32":
+            vs = Agreement(sliding_window.HALF_ACCUMULATION_TIE, labels)
+            for b, seg in zip(before, segs):
+                vs.add(b.segmentation, seg, decision_margin(b.probabilities, pred.stage.activation))
+            entry["vs_before"] = vs.summary()
+        problem = guard_problem(agreement, ran_precision)
+        entry["guard"] = problem or "holds"
+        report["runs"][run] = entry
+        print(json.dumps({run: entry}), file=sys.stderr, flush=True)
     print(json.dumps(report))
     return 0
 
 
-def _per_class(preds, reference) -> dict[str, float]:
-    seg = np.concatenate([p.segmentation.ravel() for p in preds])
-    ref = np.concatenate([p.segmentation.ravel() for p in reference])
-    return {str(v): round(_dice(seg == v, ref == v), 5) for v in (1, 2)}
+def _auto() -> str:
+    engine = resolve_engine("auto", "cpu", "auto")
+    return f"{engine} {resolve_precision('auto', engine, 'cpu')} on this CPU"
 
 
 if __name__ == "__main__":

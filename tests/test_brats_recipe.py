@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from autounet.api import plan, plan_from_fingerprint, preprocess
+from autounet.api import plan, preprocess
 from autounet.cli import main
 from autounet.data.image_io import read_image, read_label, write_image
 from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
@@ -341,8 +341,8 @@ def test_declared_regions_are_trained_by_both_recipes(tmp_path: Path):
     plans = plan(raw, work=tmp_path / "W", workers=1).plans
     assert plans.configurations and all(c.regions.names == ["whole", "inner"] for c in plans.configurations.values())
     assert not any(c.previous_stage for c in plans.configurations.values())
-    brats = plan_from_fingerprint(
-        tmp_path / "W" / "v2" / "fingerprint.json", work=tmp_path / "W2", name="v2", recipe="brats"
+    brats = plan(
+        fingerprint=tmp_path / "W" / "v2" / "fingerprint.json", work=tmp_path / "W2", name="v2", recipe="brats"
     )
     assert brats.plans.configurations["3d_fullres"].regions.names == ["whole", "inner"]
     with pytest.raises(AutounetError, match="not a BraTS convention"):

@@ -64,7 +64,7 @@ def test_training_precision_from_the_device_facts():
     assert training_dtype("cuda", "auto", (7, 5), False) == torch.float16
     assert training_dtype("cuda", "auto", (8, 6), False) == torch.bfloat16
     assert training_dtype("cuda", "fp32", (9, 0), False) is None
-    # the CPU: bf16 by default only where it is native (measured faster at the same Dice: README)
+    # the CPU: bf16 by default only where it is native (measured faster at the same Dice: docs/explanation/measurements.md)
     assert training_dtype("cpu", "auto", None, cpu_bf16=True) == torch.bfloat16
     assert training_dtype("cpu", "auto", None, cpu_bf16=False) is None
     assert training_dtype("cpu", "bf16", None, cpu_bf16=False) == torch.bfloat16

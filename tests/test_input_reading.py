@@ -1,6 +1,6 @@
-"""One pass over each input of a prediction (issue 22): a NIfTI file is verified (CRC, non-finite
-voxels) once, before the first case, and then read without a second verifying decompression; a
-DICOM series is decoded once, when its case is read."""
+"""One pass over each input of a prediction (issue 22): the first case's NIfTI files are verified
+(CRC, length, non-finite voxels) in the pass that reads them, the later cases' before the first
+case is predicted; a DICOM series is decoded once, when its case is read."""
 
 from __future__ import annotations
 
@@ -29,27 +29,31 @@ def _counting(monkeypatch):
     return calls
 
 
-def test_a_nifti_input_is_decompressed_once_to_verify_and_once_to_read(tmp_path, monkeypatch):
+def test_the_first_case_is_verified_by_its_read_and_the_later_ones_before_it(tmp_path, monkeypatch):
     image = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
     write_image(tmp_path / "a.nii.gz", image, geometry())
-    (case,) = discover_cases([tmp_path], 1)
+    write_image(tmp_path / "b.nii.gz", image, geometry())
+    first, second = discover_cases([tmp_path], 1)
     calls = _counting(monkeypatch)
-    verify_inputs([case])
-    array, _, nonfinite = read_input(case, verified=True)
-    assert len(calls) == 1  # before issue 22: verified again by the read (three decompressions)
-    assert nonfinite == [0]
+    verify_inputs([first, second])
+    assert calls == [second.files[0]]  # the first case is verified in the pass that reads it
+    array, _, nonfinite = read_input(first, verified=True)
+    assert len(calls) == 1 and nonfinite == [0]  # the read verified it without scan_nifti's pass
     np.testing.assert_array_equal(array[0], image)
-    read_input(case)  # unverified: the read verifies and counts itself
-    assert len(calls) == 2
 
 
-def test_a_nifti_input_with_nan_is_refused_by_the_verifying_pass(tmp_path):
+def test_nan_voxels_are_counted_by_the_read_of_the_first_case_and_refused_before_the_later_ones(tmp_path):
     image = np.ones((6, 7, 8), np.float32)
-    image[2, 3, 4] = np.nan
     write_image(tmp_path / "a.nii.gz", image, geometry())
-    (case,) = discover_cases([tmp_path], 1)
-    with pytest.raises(AutounetError, match="NaN or infinite"):
-        verify_inputs([case])
+    image[2, 3, 4] = np.nan
+    write_image(tmp_path / "b.nii.gz", image, geometry())
+    write_image(tmp_path / "c.nii.gz", image, geometry())
+    _, b, c = discover_cases([tmp_path], 1)
+    with pytest.raises(AutounetError, match="b: the image holds NaN or infinite intensities"):
+        verify_inputs(discover_cases([tmp_path], 1))
+    verify_inputs([c])  # the first case: left to its read
+    array, _, nonfinite = read_input(c, verified=True)
+    assert nonfinite == [1] and np.isfinite(array).all()  # counted; made 0 as SimpleITK reads it
 
 
 @pytest.fixture

@@ -104,9 +104,10 @@ def test_a_case_beyond_the_memory_limit_exits_2_naming_it_before_writing_anythin
     )
     path = tmp_path / "in" / "big.nii.gz"
     path.parent.mkdir()
-    # 160 x 256 x 256 voxels at 1 mm: 104 classes of float16 accumulators alone take 2.2 GB
+    # 160 x 1024 x 1024 voxels at 1 mm: even spilled to disk, the rolling accumulator of 104 float16
+    # classes over the 32 rows of one tile takes 7 GB
     write_image(
-        path, np.zeros((40, 64, 64), np.float32), Geometry((4.0, 4.0, 4.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+        path, np.zeros((40, 256, 256), np.float32), Geometry((4.0, 4.0, 4.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
     )
     out = tmp_path / "out"
     code = main(["predict", "-i", str(path.parent), "-o", str(out), "-m", str(tmp_path), "--memory-limit", "2"])

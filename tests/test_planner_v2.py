@@ -3,7 +3,7 @@
 The oracle: tests/fixtures/nnunetv2/<dataset>/ holds nnU-Net's dataset.json, its
 dataset_fingerprint.json and the plans its planners made (benchmarks/nnunetv2_oracle.sh made
 them; nnU-Net is not needed here). Each dataset is planned from nnU-Net's own fingerprint through
-`plan_from_fingerprint`, and every configuration is compared field by field.
+`autounet.plan(fingerprint=...)`, and every configuration is compared field by field.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autounet.api import plan_from_fingerprint
+from autounet.api import plan
 from autounet.errors import AutounetError
 from autounet.networks.spec import spec_from_plan
 from autounet.planning.fingerprint import save_fingerprint
@@ -62,8 +62,8 @@ def test_the_oracle_covers_four_datasets_and_every_preset():
 def test_plans_equal_nnunet_v2(dataset, plans_file, tmp_path):
     recipe, memory = PLANS[plans_file]
     save_fingerprint(nnunet_fingerprint(dataset), tmp_path / "fingerprint.json")
-    result = plan_from_fingerprint(
-        tmp_path / "fingerprint.json", work=tmp_path, name="ds", recipe=recipe, gpu_memory_target_gb=memory
+    result = plan(
+        fingerprint=tmp_path / "fingerprint.json", work=tmp_path, name="ds", recipe=recipe, gpu_memory_target_gb=memory
     )
     ours = load_plans(result.workspace.plans_json)  # what was written, read back
     theirs = json.loads((FIXTURES / dataset / plans_file).read_text())

@@ -6,13 +6,11 @@ import torch
 
 from autounet.data.crop import box_slices
 from autounet.data.probabilities import ProbabilityStream, load_probability_file, save_probability_file
-from autounet.inference import streaming
-from autounet.inference.streaming import MemberOutput, resample_linear, revert_channel, stream_segmentation
+from autounet.inference.streaming import MemberOutput, revert_channel, revert_rows, stream_segmentation
 from autounet.postprocessing.apply import Postprocessing
 from autounet.postprocessing.brats_et import EtRule, brats_postprocess
 from autounet.postprocessing.components import PostprocessingDecision, apply_postprocessing
 from autounet.preprocessing.case import preprocess_case, revert_map, revert_probabilities
-from autounet.preprocessing.resample import resample_volume
 from autounet.regions import brats_2015, regions_to_labels
 from autounet.utils.atomic import atomic_write
 from test_preprocess_case import make_case, make_plan
@@ -49,23 +47,6 @@ def test_one_class_reverts_to_exactly_what_revert_map_gives_inside_the_crop_box(
         )
 
 
-def test_the_pytorch_resampler_for_gpus_gives_numpys_values_exactly(anisotropic):
-    """The GPU path (:func:`resample_linear`) checked on the CPU against the NumPy resampler,
-    with a separate axis, growing and shrinking axes, and slabs (a small SLAB_VOXELS)."""
-    probs = _softmax(anisotropic)[1]
-    crop = [anisotropic.shape_after_crop[a] for a in anisotropic.transpose_forward]
-    for shape, sep in ((crop, anisotropic.separate_axis), ([7, 40, 9], None), (list(probs.shape), 1)):
-        expected = resample_volume(probs.numpy(), shape, 1, sep, 0)
-        np.testing.assert_array_equal(resample_linear(probs, shape, sep).numpy(), expected)
-    streaming.SLAB_VOXELS, saved = 50, streaming.SLAB_VOXELS
-    try:
-        np.testing.assert_array_equal(
-            resample_linear(probs, [7, 40, 9]).numpy(), resample_volume(probs.numpy(), [7, 40, 9], 1)
-        )
-    finally:
-        streaming.SLAB_VOXELS = saved
-
-
 def test_one_member_gives_the_argmax_of_revert_probabilities(anisotropic):
     probs = _softmax(anisotropic)
     today, _ = revert_probabilities(probs.numpy(), anisotropic)
@@ -97,6 +78,26 @@ def test_an_ensemble_of_two_plans_equals_the_mean_of_the_reverted_probabilities(
     np.testing.assert_array_equal(streamed[0], whole[0])
     assert streamed[1:] == whole[1:] == (VALUES, "softmax")
     assert streamed[0][0, 0, 0, 0] == 1.0 and streamed[0][1:, 0, 0, 0].sum() == 0  # outside the crop box
+
+
+def test_members_on_one_grid_are_reverted_once_and_equal_the_mean_of_their_reverted_maps(anisotropic):
+    """2d and 3d_fullres of one spacing: summed before reverting (linear), so the mean differs from
+    reverting each only by float32 rounding, and so do the labels (only at such ties)."""
+    pa, pb, pc = (_softmax(anisotropic, seed=s) for s in (3, 4, 5))
+    kept = [revert_probabilities(p.numpy(), anisotropic, keep_probabilities=True)[1] for p in (pa, pb, pc)]
+    mean = (kept[0] + kept[1] + kept[2]) / 3
+    members = [MemberOutput(p, anisotropic) for p in (pa, pb, pc)]
+    calls = []
+    original = revert_rows
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("autounet.inference.streaming.revert_rows", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+        seg = stream_segmentation(members, VALUES)
+    assert sorted(calls) == [0, 1, 2]  # one revert per class, not one per member and class
+    ties = np.sort(mean, axis=0)
+    clear = ties[-1] - ties[-2] > 1e-5
+    expected = np.asarray(VALUES, np.uint8)[mean.argmax(0)]
+    np.testing.assert_array_equal(seg[clear], expected[clear])
+    assert clear.mean() > 0.99
 
 
 def test_regions_with_the_brats_et_rule_equal_the_whole_array_path(anisotropic):

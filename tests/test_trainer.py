@@ -180,6 +180,7 @@ def test_fold_all_and_invalid_requests(work):
     assert len(ck["training"]["train_cases"]) == 6 and result.fold_dir.name == "fold_all"
     with pytest.raises(AutounetError, match="fold 7 does not exist"):
         train(work, "raw", TrainOptions("3d_fullres", 7, epochs=1, **QUICK))
+    assert not list((work / "raw" / "results" / "3d_fullres").glob(".fold_7*"))  # refused before its lock
     with pytest.raises(AutounetError, match="not planned"):
         train(work, "raw", TrainOptions("3d_lowres", 0, epochs=1, **QUICK))
     if not torch.cuda.is_available():

@@ -10,8 +10,9 @@ import os as _os
 
 # On shared cores (a clinic workstation, a busy node) OpenMP threads that spin while they wait
 # steal the cores the other threads need: PyTorch on the CPU ran 3x slower with one competing
-# process instead of 2x (README, "CPU speed"). Passive waiting, unless the user chose; it takes
-# effect when autounet is imported before torch (always so for the `autounet` command).
+# process instead of 2x (docs/explanation/measurements.md, "CPU speed"). Passive waiting, unless
+# the user chose; it takes effect when autounet is imported before torch (always so for the
+# `autounet` command).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
@@ -20,7 +21,6 @@ _API = {
     # one function per command (autounet.api)
     "check": "autounet.api",
     "plan": "autounet.api",
-    "plan_from_fingerprint": "autounet.api",
     "fingerprint_dataset": "autounet.api",
     "preprocess": "autounet.api",
     "train": "autounet.api",

@@ -2,18 +2,22 @@
 keyword arguments (``autounet plan RAW --work W`` is ``autounet.plan(RAW, work=W)``).
 
 Each function turns ``(work, name)`` into a :class:`~autounet.workspace.Workspace` once, calls
-the stage that does the work and returns that stage's result; the command line (:mod:`autounet.cli`)
-is a thin layer over these functions and prints their results with the ``format_*`` helpers at
-the end of this module. Stages validate everything before they write anything, so a failure
-leaves the workspace as it was. Heavy modules are imported on first use.
+the stage that does the work and returns that stage's result. Stages validate everything before
+they write anything, so a failure leaves the workspace as it was. Heavy modules are imported on
+first use.
+
+The command line is built from these signatures and docstrings (:mod:`autounet.signature_cli`):
+a command function's summary is its line in ``autounet --help``, the text before ``Args:`` its
+description, an ``Args:`` entry its option's help (stated once, where the option first appears;
+``False:`` starts that of a flag turning a True default off). ``format_*`` print as the commands do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from autounet.errors import AutounetError, DatasetInvalid
 from autounet.utils import arguments
@@ -57,7 +61,6 @@ __all__ = [
     "make_synthetic",
     "package",
     "plan",
-    "plan_from_fingerprint",
     "postprocess",
     "predict",
     "preprocess",
@@ -70,9 +73,20 @@ __all__ = [
     "workspace",
 ]
 
+Recipe = Literal["nnunet", "brats", "nnunetv2", "resenc-m", "resenc-l", "resenc-xl"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Logger = Literal["tensorboard", "wandb", "mlflow"]
+Checkpoint = Literal["final", "best", "second_best", "latest"]
+Executor = Literal["local", "ray"]
+
 
 def workspace(name: str, *, work: str | Path | None = None) -> Workspace:
-    """The workspace ``W/NAME`` of a dataset: where every stage reads and writes its files."""
+    """The workspace ``W/NAME`` of a dataset: where every stage reads and writes its files.
+
+    Args:
+        name: dataset name in the workspace
+        work: workspace (default: $AUTOUNET_WORK, else ./autounet_work)
+    """
     return Workspace.at(work, name)
 
 
@@ -80,7 +94,14 @@ def workspace(name: str, *, work: str | Path | None = None) -> Workspace:
 
 
 def check(raw: str | Path, *, workers: int | None = None) -> CheckReport:
-    """`autounet check RAW`: validate a raw dataset (MSD or nnU-Net v2 layout); writes nothing."""
+    """Validate a raw dataset and print a report; writes nothing.
+
+    Validate a raw dataset (MSD or nnU-Net v2 layout). Exit code 2 lists every problem with its case.
+
+    Args:
+        raw: dataset folder holding dataset.json
+        workers: worker processes (default: CPU cores, at most 8)
+    """
     from autounet.data.check import check_dataset
 
     arguments.workers(workers)
@@ -101,89 +122,54 @@ def plan(
     work: str | Path | None = None,
     name: str | None = None,
     fingerprint: str | Path | None = None,
-    recipe: str | None = None,
-    patch_size: Sequence[int] | None = None,
     force: bool = False,
+    recipe: Recipe | None = None,
+    gpu_memory_target_gb: float | None = None,
+    patch_size: Sequence[int] | None = None,
+    plans_from: str | Path | None = None,
     workers: int | None = None,
     options: PlannerOptions | None = None,
-    plans_from: str | Path | None = None,
-    gpu_memory_target_gb: float | None = None,
 ) -> PlanResult:
-    """`autounet plan RAW`: check, fingerprint and plan a raw dataset into ``W/NAME/``
-    (``name`` defaults to RAW's folder name).
+    """Check + fingerprint + plans for all configurations.
 
-    The fingerprint is reused when it was made from the same files unless ``force``. With
-    ``fingerprint=F.json`` (and ``name``) instead of RAW, plan from that fingerprint alone.
-    ``recipe``: ``nnunet`` (default), ``brats``, or nnU-Net v2's ``nnunetv2`` / ``resenc-m`` /
-    ``resenc-l`` / ``resenc-xl`` (``gpu_memory_target_gb``: their memory target, v2's
-    ``-gpu_memory_target``); ``patch_size``: the brats recipe's 3D patch instead of 128³ (a CPU
-    convenience). ``plans_from``: a planned workspace ``W/NAME``, a model
-    package ``.zip`` or a plans.json whose networks, patch, spacing and normalisation the plans
-    keep (fine-tuning; :mod:`autounet.planning.transfer`).
+    Check and fingerprint RAW, then plan every configuration into W/NAME/. With --fingerprint, plan from a
+    fingerprint.json alone.
+
+    Args:
+        name: dataset name in the workspace (default: RAW's folder name)
+        fingerprint: plan from this fingerprint.json instead of a raw dataset
+        force: recompute the fingerprint even if it is up to date
+        recipe: planning recipe: nnunet (default: the nnU-Net paper's planner), brats (NVIDIA's BraTS recipe: one
+            3d_fullres configuration, WT/TC/ET regions, foreground channel, deeper encoder, nvidia training preset),
+            nnunetv2 (nnU-Net v2's planner) or resenc-m / resenc-l / resenc-xl (nnU-Net v2's residual-encoder presets)
+        gpu_memory_target_gb: --recipe nnunetv2 / resenc-*: GPU memory to plan patch and batch for (default: 8, 8,
+            24, 40 GB)
+        patch_size: --recipe brats only: the 3D patch (Z Y X) instead of 128^3 (a CPU convenience, e.g. 64 64 64)
+        plans_from: keep the networks, patch, spacing and normalisation of SOURCE's plans (a workspace W/NAME, a
+            model package .zip or a plans.json), e.g. to fine-tune its trained networks with --pretrained
+        options: planner settings beyond the recipe (Python only)
+
+    Returns:
+        The fingerprint's check report (None when an up-to-date fingerprint was reused), the plans and the
+        workspace.
     """
     arguments.workers(workers)
+    planning = dict(_pick(locals(), "recipe options gpu_memory_target_gb"), patch_size=_list(patch_size))
+    planning.update(_source("plans_from", plans_from))
     if fingerprint is not None:
         if raw is not None:
             raise AutounetError("give either RAW or --fingerprint, not both")
         if not name:
             raise AutounetError("--fingerprint needs --name NAME")
-        return plan_from_fingerprint(
-            fingerprint,
-            work=work,
-            name=name,
-            recipe=recipe,
-            patch_size=patch_size,
-            options=options,
-            plans_from=plans_from,
-            gpu_memory_target_gb=gpu_memory_target_gb,
-        )
+        from autounet.planning.run import plan_from_fingerprint
+
+        return plan_from_fingerprint(fingerprint, Workspace.at(work, name), **planning)
     if raw is None or str(raw) == "":
         raise AutounetError("give a raw dataset folder RAW, or --fingerprint F.json --name NAME")
     from autounet.planning.run import plan_dataset
 
     ws = Workspace.at(work, name or Path(raw).resolve().name)
-    source = _model_source(plans_from) if plans_from is not None else None
-    return plan_dataset(
-        raw,
-        ws,
-        workers=workers,
-        force=force,
-        options=options,
-        recipe=recipe,
-        patch_size=_list(patch_size),
-        plans_from=source,
-        plans_from_label=None if plans_from is None else str(plans_from),
-        gpu_memory_target_gb=gpu_memory_target_gb,
-    )
-
-
-def plan_from_fingerprint(
-    fingerprint: str | Path,
-    *,
-    work: str | Path | None = None,
-    name: str,
-    recipe: str | None = None,
-    patch_size: Sequence[int] | None = None,
-    options: PlannerOptions | None = None,
-    plans_from: str | Path | None = None,
-    gpu_memory_target_gb: float | None = None,
-) -> PlanResult:
-    """`autounet plan --fingerprint F --name NAME`: plan from a fingerprint.json alone (no images
-    needed); writes ``W/NAME/fingerprint.json`` and ``W/NAME/plans.json``. ``plans_from`` as :func:`plan`."""
-    from autounet.planning.run import plan_from_fingerprint as plan_fingerprint
-
-    ws = Workspace.at(work, name)
-    source = _model_source(plans_from) if plans_from is not None else None
-    return plan_fingerprint(
-        fingerprint,
-        ws,
-        options=options,
-        recipe=recipe,
-        patch_size=_list(patch_size),
-        plans_from=source,
-        plans_from_label=None if plans_from is None else str(plans_from),
-        gpu_memory_target_gb=gpu_memory_target_gb,
-    )
+    return plan_dataset(raw, ws, workers=workers, force=force, **planning)
 
 
 # --- autounet preprocess / train -----------------------------------------------------------------
@@ -192,15 +178,26 @@ def plan_from_fingerprint(
 def preprocess(
     name: str,
     *,
-    work: str | Path | None = None,
     configurations: Sequence[str] | None = None,
+    work: str | Path | None = None,
     float16: bool = False,
-    label_interpolation: str = "nearest",
+    label_interpolation: Literal["nearest", "linear"] = "nearest",
     force: bool = False,
     workers: int | None = None,
 ) -> PreprocessSummary:
-    """`autounet preprocess NAME`: crop, resample and normalise every case of ``W/NAME`` for the
-    planned configurations (default all), resumably; ``float16`` halves the stored images."""
+    """Write preprocessed data for the configurations.
+
+    Crop, resample and normalise every case of W/NAME for the planned configurations, into
+    W/NAME/preprocessed/CONFIG/. Resumable: complete cases are skipped.
+
+    Args:
+        name: dataset name in the workspace
+        configurations: configurations to preprocess (default: all planned)
+        float16: store images as float16 (half the disk and I/O)
+        label_interpolation: label resampling: nearest neighbour (the paper) or linear interpolation of the one-hot
+            maps + argmax
+        force: redo cases that are already complete
+    """
     from autounet.preprocessing.case import PreprocessOptions
     from autounet.preprocessing.run import preprocess_dataset
 
@@ -229,6 +226,8 @@ def train(
     seed: int = 0,
     max_minutes: float | None = None,
     resume: bool = False,
+    pretrained: str | Path | None = None,
+    loggers: Sequence[Logger] | None = None,
     loader_threads: int | None = None,
     validate: bool = True,
     validation_tta: bool = True,
@@ -240,57 +239,62 @@ def train(
     features: Sequence[int] | None = None,
     deeper: bool = False,
     width_multiplier: float | None = None,
+    precision: Precision = "auto",
     foreground_channel: bool | None = None,
-    precision: str = "auto",
-    pretrained: str | Path | None = None,
-    loggers: Sequence[str] | None = None,
 ) -> FoldResult:
-    """`autounet train NAME -c CONFIG -f FOLD`: train one fold (``"all"``: every case), then
-    predict its validation cases in full and score them (unless ``validate`` is False).
+    """Train one fold of a configuration.
 
-    ``preset``/``augmentation``: training and augmentation presets (default the plan's); None
-    keeps the preset's (or, with ``resume``, the run's) value. The ablation switches
-    (``attention`` ... ``foreground_channel``) are those of seed 004 (see
-    :class:`autounet.training.options.TrainOptions`). ``pretrained``: start from the weights of a
-    checkpoint, fold, configuration folder, workspace ``W/NAME`` or model package ``.zip`` (every
-    tensor whose name and shape match; :mod:`autounet.training.pretrained`), unless resuming.
-    ``loggers``: experiment trackers (``tensorboard``, ``wandb``, ``mlflow``; local stores under
-    ``W/NAME/trackers/`` unless configured otherwise; :mod:`autounet.training.trackers`).
+    Train one cross-validation fold (or -f all) of a configuration of W/NAME. Checkpoints, log.jsonl and
+    progress.png go to W/NAME/results/CONFIG/fold_K/ after every epoch. Multi-process: torchrun
+    --nproc_per_node=N -m autounet train ...
+
+    Args:
+        configuration: 2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres
+        fold: 0..4, or 'all' to train on every case
+        preset: training preset: paper, nvidia, poly, or a JSON file (default: the plan's: paper, nvidia for
+            --recipe brats)
+        augmentation: augmentation preset (default: the plan's, else the training preset's): paper, extended,
+            nvidia, or a JSON file
+        epochs: maximum epochs (extends a finished run with --resume)
+        iterations_per_epoch: training iterations per epoch (default 250)
+        validation_iterations: validation batches per epoch (default 50)
+        batch_size: global batch size (default: the plan's)
+        lr: initial learning rate (default: the preset's)
+        device: cpu, cuda, cuda:N or mps (default: cuda when present)
+        seed: seed of the network initialisation and of every batch (default 0)
+        max_minutes: end training cleanly, with a final checkpoint, when this much time has passed
+        resume: continue from checkpoint_latest.pt
+        pretrained: start from the weights of SOURCE (a checkpoint, fold folder, W/NAME/results/CONFIG, workspace
+            W/NAME or model package .zip) whose name and shape match; the output heads are re-initialised when the
+            labels differ. Only for a fold that starts from scratch (--resume continues the fold's own checkpoint)
+        loggers: also log every epoch to an experiment tracker: tensorboard, wandb or mlflow (repeatable; pip
+            install 'autounet[NAME]'). Local by default: W/NAME/trackers/ (W&B offline; MLFLOW_TRACKING_URI and
+            WANDB_MODE choose otherwise). A missing or failing tracker is a warning, never a stop
+        loader_threads: background loader threads (default: 1 on the CPU, more beside a GPU)
+        validate: False: skip the end-of-training prediction of the validation cases
+        validation_tta: False: no mirroring in the end-of-training prediction (faster on CPU)
+        attention: attention gates on the decoder's skip connections
+        residual: residual conv blocks in encoder and decoder
+        drop_block: DropBlock with probability P (block size 5)
+        focal: Focal loss (gamma 2) instead of binary cross-entropy (CE for softmax)
+        deep_supervision_heads: extra output heads below full resolution (0: off)
+        features: features per encoder stage (more: deeper)
+        deeper: seed 004's encoder: 64, 96, 128, 192, 256, 384, 512
+        width_multiplier: every stage's features times X
+        precision: training precision: auto (default: bf16 on GPUs from Ampere on, fp16 with a gradient scaler
+            before; bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else fp32), fp32, bf16 or fp16 (CUDA only)
+        foreground_channel: False: drop the one-hot foreground input channel of --recipe brats plans (inference
+            drops it too)
+
+    None keeps the preset's (or, with ``resume``, the run's) value; the ablation switches (``attention``
+    ... ``foreground_channel``, :class:`autounet.training.options.TrainOptions`) are stored in the checkpoint.
     """
     from autounet.pipeline.fold import train_and_validate
     from autounet.training.options import TrainOptions
 
-    options = TrainOptions(
-        configuration=configuration,
-        fold=fold,
-        preset=preset,
-        augmentation=augmentation,
-        epochs=epochs,
-        iterations_per_epoch=iterations_per_epoch,
-        validation_iterations=validation_iterations,
-        batch_size=batch_size,
-        lr=lr,
-        device=device,
-        seed=seed,
-        max_minutes=max_minutes,
-        resume=resume,
-        loader_threads=loader_threads,
-        attention=attention,
-        residual=residual,
-        drop_block=drop_block,
-        focal=focal,
-        deep_supervision_heads=deep_supervision_heads,
-        features=_list(features),
-        deeper=deeper,
-        width_multiplier=width_multiplier,
-        foreground_channel=foreground_channel,
-        precision=precision,
-        pretrained=None if pretrained is None else str(_model_source(pretrained)),
-        pretrained_label=None if pretrained is None else str(pretrained),
-        loggers=_list(loggers),
-    ).validate()
-    ws = Workspace.at(work, name)
-    return train_and_validate(ws, options, validate=validate, validation_tta=validation_tta)
+    given = dict(locals(), features=_list(features), loggers=_list(loggers), **_source("pretrained", pretrained))
+    options = TrainOptions(**_pick(given, " ".join(f.name for f in fields(TrainOptions)))).validate()
+    return train_and_validate(Workspace.at(work, name), options, validate=validate, validation_tta=validation_tta)
 
 
 def validate(
@@ -331,43 +335,62 @@ def predict(
     *,
     model: str | Path,
     folds: Sequence[int | str] | None = None,
-    checkpoints: Sequence[str] | None = None,
-    device: str | None = None,
+    checkpoints: Sequence[Checkpoint] | None = None,
+    postprocess: bool = True,
     tta: bool = True,
     step: float = 0.5,
-    postprocess: bool = True,
     save_probabilities: bool = False,
     png: bool = False,
+    memory_limit: float | None = None,
+    name_by: Literal["series", "patientid"] = "series",
+    dicom_seg: bool = False,
     overwrite: bool = False,
     skip_complete: bool = False,
-    engine: str = "auto",
-    precision: str = "auto",
-    name_by: str = "series",
-    dicom_seg: bool = False,
-    executor: str = "local",
+    device: str | None = None,
+    engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto",
+    precision: Precision = "auto",
+    executor: Executor = "local",
     address: str | None = None,
     part: Sequence[int] | None = None,
-    memory_limit: float | None = None,
 ) -> PredictionRun:
-    """`autounet predict -i IN -o OUT -m MODEL`: segment images (folders and/or files) with a
-    trained model (``W/NAME/results/CONFIG``, one ``fold_K`` or the selected model ``W/NAME``).
+    """Segment a folder of images (or files).
 
-    An output folder that already holds files this prediction would write (``CASE.nii.gz``,
-    ``CASE.npz``, ``CASE.png``, ``CASE.dcm``) stops it before anything is predicted, unless ``overwrite``
-    (replace them; ``--overwrite``) or ``skip_complete`` (skip the cases whose outputs are all
-    there; ``--continue``). ``engine`` / ``precision``: what runs the networks (``auto``: OpenVINO
-    on a CPU where installed, PyTorch on a GPU; bf16 where the hardware runs it natively; ``torch``
-    + ``fp32`` reproduces PyTorch's full-precision results). Folders of DICOM series give one case
-    per series, named by SeriesInstanceUID or (``name_by="patientid"``) PatientID; ``dicom_seg``
-    also writes ``CASE.dcm``, a DICOM SEG of each series (``--dicom-seg``; needs highdicom). For
-    repeated use in Python keep a :class:`autounet.Predictor` instead (it loads the model once).
+    Segment raw images with a trained model: preprocessing as in training, sliding window (step 1/2 patch,
+    Gaussian weights), mirroring test-time augmentation, the folds' average, reverted to the input's grid and
+    written with its exact geometry. Inputs in MSD naming (one file per case) or nnU-Net v2 naming
+    (CASE_0000.nii.gz, one file per channel), or folders (trees) of DICOM series: one case per series.
 
-    ``part=(I, N)``: only the I-th of N interleaved shares of the sorted cases (N jobs with
-    I = 0 .. N-1, on any scheduler, predict every case once). ``executor="ray"``: shard the cases
-    over the workers of a Ray cluster (``address``: ``auto`` or ``HOST:PORT``; None: a local
-    instance), each loading the model once; the same output files as a local run.
-    ``memory_limit`` (GB, ``--memory-limit``; default what the machine has free): a case whose
-    estimated peak exceeds it stops the command before anything is written (README, "Memory").
+    Args:
+        inputs: folder(s) and/or image file(s); DICOM folders
+        output: output folder
+        model: W/NAME (the selected model), W/NAME/results/CONFIG (all its folds), one fold_K folder, or a model
+            package FILE.zip (`autounet package`)
+        folds: folds to ensemble (default: every trained fold)
+        checkpoints: checkpoint of each fold (default: final, or the training preset's choice)
+        postprocess: False: with -m W/NAME: do not apply the selected post-processing
+        tta: False: no mirroring test-time augmentation (2**axes times faster)
+        step: tile step as a fraction of the patch (default 0.5)
+        save_probabilities: also write CASE.npz with the class probabilities
+        png: also write CASE.png: slices with the segmentation overlaid
+        memory_limit: host memory a case may take (default: what the machine has free); a case estimated above it
+            is refused before anything is written, and cases run one at a time when overlapping ones would not fit
+        name_by: name the cases of DICOM series by SeriesInstanceUID (default) or PatientID (several series of a
+            patient: PATIENTID_1, _2, ... in SeriesNumber order)
+        dicom_seg: DICOM inputs: also write CASE.dcm, a DICOM SEG that references the series (pip install
+            autounet[dicom])
+        overwrite: replace files already in OUT that this prediction writes (default: refuse, naming them)
+        skip_complete: skip the cases whose outputs are all in OUT already (an interrupted run); redo the others
+        engine: what runs the networks (default auto: OpenVINO on a CPU where installed, else PyTorch); a missing
+            or failing engine falls back to PyTorch with a note
+        precision: auto (default): bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs),
+            else fp32 (fp16 on older GPUs); fp32 gives PyTorch's full-precision results
+        executor: local (default): this process; ray: the cases, sharded over workers that each load the model
+            once, as tasks of a Ray cluster
+        address: the Ray cluster to join: auto or HOST:PORT (default: a local Ray instance)
+        part: predict only the I-th (0..N-1) of N interleaved shares of the sorted cases (N jobs of any scheduler)
+
+    The same output files come from a local run, a Ray run and N ``part`` runs. For repeated use in Python
+    keep a :class:`autounet.Predictor` instead (it loads the model once).
     """
     from autounet.inference.dicom_seg import require_highdicom
     from autounet.inference.inputs import NAME_BY
@@ -380,31 +403,15 @@ def predict(
     if memory_limit is not None and not 0 < memory_limit < float("inf"):  # inf would overflow the byte count
         raise AutounetError(f"--memory-limit must be a positive number of GB, got {memory_limit:g}")
     arguments.step(step)
-    _folds(folds)
+    arguments.folds(folds)
     _checkpoints(checkpoints)
-    _executor(executor, address)
-    share = _part(part)
+    arguments.executor(executor, address)
+    share = arguments.part(part)
     if share is not None and executor == "ray":
         raise AutounetError("give --part (run the shares yourself) or --executor ray (Ray shares the cases), not both")
-    predictor_options = dict(
-        folds=folds,
-        checkpoints=checkpoints,
-        device=device,
-        tta=tta,
-        step=step,
-        postprocess=postprocess,
-        engine=engine,
-        precision=precision,
-    )
-    predict_options = dict(
-        save_probabilities=save_probabilities,
-        png=png,
-        overwrite=overwrite,
-        skip_complete=skip_complete,
-        name_by=name_by,
-        dicom_seg=dicom_seg,
-        memory_limit=memory_limit,
-    )
+    given = locals()
+    predictor_options = _pick(given, "folds checkpoints device tta step postprocess engine precision")
+    predict_options = _pick(given, "save_probabilities png overwrite skip_complete name_by dicom_seg memory_limit")
     if executor == "ray":
         from autounet.cluster.ray_predict import predict_on_ray
 
@@ -422,20 +429,33 @@ def export(
     model: str | Path,
     output: str | Path,
     *,
-    formats: Sequence[str] = ("onnx", "openvino"),
+    formats: Sequence[Literal["onnx", "openvino", "all"]] = ("all",),
     folds: Sequence[int | str] | None = None,
     checkpoints: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """`autounet export MODEL -o OUT`: write the model's networks (one file per fold and
-    checkpoint, ONNX and/or OpenVINO) and ``model.json``, everything needed to reproduce
-    `autounet predict` without autounet (docs/model_json.md); returns the ``model.json`` path.
-    A file of ``output`` that the export would replace is refused unless ``overwrite``."""
+    """Write a model's networks as ONNX / OpenVINO files with a model.json to run them anywhere.
+
+    Export MODEL (W/NAME: the selected model; W/NAME/results/CONFIG; one fold_K) to OUT: one network file per
+    fold and checkpoint (dynamic batch axis) and model.json, which holds everything needed to reproduce
+    `autounet predict` without autounet (docs/model_json.md; examples/onnx_predict.py).
+
+    Args:
+        model: W/NAME, W/NAME/results/CONFIG or one fold_K folder
+        formats: network file format(s) (default all)
+        folds: folds (default: every trained fold, or the selection's)
+        checkpoints: final, best, second_best or latest (default: what predict uses)
+        overwrite: replace files of OUT the export writes (default: refuse, naming them)
+
+    Returns:
+        The path of model.json.
+    """
     from autounet.inference.export import export_model
 
-    _folds(folds)
+    arguments.folds(folds)
     _checkpoints(checkpoints)
-    return export_model(model, output, tuple(formats), folds=folds, checkpoints=checkpoints, overwrite=overwrite)
+    chosen = ("onnx", "openvino") if "all" in formats else tuple(formats)
+    return export_model(model, output, chosen, folds=folds, checkpoints=checkpoints, overwrite=overwrite)
 
 
 def evaluate(
@@ -446,47 +466,49 @@ def evaluate(
     regions: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
     brats: bool = False,
     tolerance_mm: float = 1.0,
+    ignore_label: int | None = None,
     json_path: str | Path | None = None,
     workers: int | None = None,
-    ignore_label: int | None = None,
 ) -> EvaluationResult:
-    """`autounet evaluate PRED GT`: Dice, IoU, HD95 and surface Dice of label maps (two folders
-    or two files) per case and class, and their means.
+    """Per-case and mean Dice, IoU, HD95 and surface Dice -> JSON + table.
 
-    ``regions``: ``{"WT": [1, 2, 3]}`` or ``["WT=1,2,3"]``; ``brats``: both masks empty score 1
-    (default: NaN, left out of means). ``json_path``: also write the result there (the command
-    writes :func:`evaluation_json_path`). ``ignore_label``: reference voxels of this value count
-    in no metric (default: the ``ignore`` label of a ``dataset.json`` beside GT, if any).
+    Compare the label maps in PRED with the same-named reference label maps in GT (or two files): Dice, IoU,
+    HD95 (mm) and surface Dice per case and class, their means, and the foreground mean. Writes JSON and prints
+    a table.
+
+    Args:
+        pred: folder of predicted label maps (or one file)
+        gt: folder of reference label maps (or one file)
+        labels: classes to evaluate (default: every non-zero label found)
+        regions: regions, each a union of labels, e.g. WT=1,2,3 TC=2,3 ET=3
+        brats: BraTS convention: both masks empty scores 1 (HD95 0), one empty gives HD95 = the image diagonal
+            (default: nnU-Net's, NaN and left out of means)
+        tolerance_mm: surface Dice tolerance (default 1 mm)
+        ignore_label: reference value of unannotated voxels, left out of every metric (default: the 'ignore' label
+            of a dataset.json beside GT, if any)
+        json_path: JSON output (default: PRED/evaluation.json); an existing file is replaced only if it is an
+            evaluation
+
+    ``regions`` may also be a mapping (``{"WT": [1, 2, 3]}``). Python writes the JSON only when
+    ``json_path`` is given (the command writes :func:`evaluation_json_path`).
     """
-    from autounet.evaluation.evaluate import (
-        check_evaluation_target,
-        evaluate_folders,
-        ignore_label_near,
-        parse_regions,
-        save_evaluation,
-    )
+    from autounet.evaluation import evaluate as scores
 
     arguments.workers(workers)
     arguments.real("--tolerance", tolerance_mm, above=0)
-    if labels is not None:
-        labels = [arguments.whole("--labels", v, 0) for v in labels]
+    labels = None if labels is None else [arguments.whole("--labels", v, 0) for v in labels]
     if json_path is not None:
-        check_evaluation_target(json_path)  # refused before anything is computed
+        scores.check_evaluation_target(json_path)  # refused before anything is computed
     if regions is not None and not isinstance(regions, Mapping):
-        regions = parse_regions(list(regions)) if regions else None
-    ignore_label = ignore_label_near(gt) if ignore_label is None else arguments.whole("--ignore-label", ignore_label, 1)
-    result = evaluate_folders(
-        pred,
-        gt,
-        labels=_list(labels),
-        regions=regions,
-        tolerance_mm=tolerance_mm,
-        empty="one" if brats else "nan",
-        workers=workers,
-        ignore_label=ignore_label,
+        regions = scores.parse_regions(list(regions)) if regions else None
+    near = ignore_label is None
+    ignore_label = scores.ignore_label_near(gt) if near else arguments.whole("--ignore-label", ignore_label, 1)
+    empty = "one" if brats else "nan"
+    result = scores.evaluate_folders(
+        pred, gt, **_pick(locals(), "labels regions tolerance_mm empty workers ignore_label")
     )
     if json_path is not None:
-        save_evaluation(result, json_path)
+        scores.save_evaluation(result, json_path)
     return result
 
 
@@ -498,8 +520,21 @@ def show(
     channel: int = 0,
     slices: int = 3,
 ) -> Path:
-    """`autounet show IMAGE --seg S`: write a PNG of axial, coronal and sagittal slices with the
-    segmentation overlaid; returns its path (default ``./<image name>.png``)."""
+    """Write a PNG of an image with its segmentation overlaid.
+
+    Write a PNG with axial, coronal and sagittal slices through the segmentation's foreground (the image centre
+    without one), the image in grey and each label in its own colour.
+
+    Args:
+        images: image file, or one file per channel
+        seg: segmentation (label map) on the image's grid
+        out: output file or folder (default: ./<image name>.png); an existing file is replaced only if it is a PNG
+        channel: channel to show (default 0)
+        slices: slices per view (default 3)
+
+    Returns:
+        The PNG's path.
+    """
     from autounet.visualization import show_files
 
     arguments.whole("--channel", channel, 0)
@@ -517,9 +552,17 @@ def select(
     configurations: Sequence[str] | None = None,
     workers: int | None = None,
 ) -> Selection:
-    """`autounet select NAME`: rank the trained configurations and pair ensembles by
-    cross-validation Dice, choose the best and decide its post-processing; writes and returns
-    ``W/NAME/selection.json``, then rewrites ``report.md`` and ``report.html``."""
+    """Pick the best configuration / pair ensemble from cross-validation, decide post-processing.
+
+    Rank every trained configuration and every pair ensemble (averaged validation probabilities) by the mean
+    foreground Dice of cross-validation, pick the best, and decide post-processing on its cross-validation
+    predictions. Writes W/NAME/selection.json and prints the ranking.
+
+    Args:
+        configurations: configurations to consider (default: every trained one)
+
+    Rewrites ``report.md`` and ``report.html`` after the selection.
+    """
     from autounet.selection.select import select as select_model
 
     arguments.workers(workers)
@@ -534,13 +577,24 @@ def postprocess(
     output_dir: str | Path,
     *,
     workspace: str | Path,
-    workers: int | None = None,
     overwrite: bool = False,
+    workers: int | None = None,
 ) -> list[Path]:
-    """`autounet postprocess IN OUT --from W/NAME`: apply the post-processing `select` chose for
-    the workspace folder ``W/NAME`` to every segmentation in ``input_dir`` (which may equal
-    ``output_dir``: in place); returns the files written. A file of a case already in another
-    ``output_dir`` is refused unless ``overwrite`` (``--overwrite``)."""
+    """Apply the selected post-processing to a folder of segmentations.
+
+    Apply the post-processing chosen by `autounet select` for W/NAME to every segmentation in IN, writing OUT
+    (IN may equal OUT). The BraTS ET rule needs CASE.npz probabilities beside each file (`autounet predict
+    --save-probabilities`).
+
+    Args:
+        input_dir: folder of segmentations
+        output_dir: output folder
+        workspace: the dataset's workspace folder
+        overwrite: replace the cases' files already in OUT (default: refuse, naming them; OUT = IN works in place)
+
+    Returns:
+        The files written.
+    """
     from autounet.postprocessing.apply import apply_to_folder, segmentation_files
     from autounet.selection_document import postprocessing_of
 
@@ -552,12 +606,21 @@ def postprocess(
 def report(
     name: str, *, work: str | Path | None = None, markdown: bool = True, html: bool = True, cases: int | None = None
 ) -> Path:
-    """`autounet report W/NAME`: write ``W/NAME/report.md`` (plans, training curves,
-    cross-validation, selection) and ``W/NAME/report.html`` (the same, with interactive curves,
-    every cross-validation case and a case viewer in one self-contained page) from the workspace's
-    files, without retraining. ``cases``: the worst cases embedded in the page's viewer (default
-    20; a sample of half as many more is added). Returns report.md's path (report.html's when
-    ``markdown`` is False)."""
+    """Write report.md and report.html of a workspace again from its files (no training).
+
+    Write W/NAME/report.md and W/NAME/report.html from the workspace's files, without retraining. report.html is
+    one self-contained page (opens from disk, nothing fetched): the summary, every fold's training curves, every
+    cross-validation case of the selected model with Dice, HD95 and NSD per class, and a slice viewer with ground
+    truth, prediction and errors for the worst cases and a sample.
+
+    Args:
+        markdown: False: write only report.html (leave report.md as it is)
+        html: False: leave report.html as it is
+        cases: embed the N worst cases in report.html's viewer, plus a sample of N/2 more (default 20)
+
+    Returns:
+        report.md's path (report.html's when ``markdown`` is False).
+    """
     from autounet.reporting import write_html_report, write_report
     from autounet.reporting.html_cases import DEFAULT_WORST
 
@@ -579,40 +642,52 @@ def package(
     output: str | Path,
     *,
     configurations: Sequence[str] | None = None,
-    folds: Sequence[int | str] | None = None,
+    folds: Sequence[int] | None = None,
     description: str = "",
     license: str = "",
     overwrite: bool = False,
     with_report: bool = False,
 ) -> CreatedPackage:
-    """`autounet package W/NAME -o FILE.zip`: write one file holding everything `predict` needs
-    (the selected model's inference checkpoints without training state, plans, selection with its
-    post-processing, dataset.json without cases, a fingerprint summary, and a manifest with versions,
-    ``description``, ``license`` and every file's SHA-256; the report and its pictures only with
-    ``with_report``). ``configurations`` / ``folds``: package those instead of
-    the selection's winner (then without post-processing unless they are the winner's
-    configurations). ``predict -m FILE.zip`` and :class:`autounet.Predictor` use the file directly."""
+    """Write one .zip holding everything `predict` needs (checkpoints, plans, selection, manifest).
+
+    Write the model of W/NAME (default: the one `autounet select` chose, with its folds and post-processing) into
+    one zip: its inference checkpoints without training state, plans.json, selection.json, dataset.json (labels,
+    channels; no case list), fingerprint.json (a dataset summary, no per-case data) and manifest.json (versions,
+    description, license, every file's SHA-256); report.md and its pictures only with --with-report. `autounet
+    predict -m FILE.zip` uses it directly, with no workspace.
+
+    Args:
+        model: the dataset's workspace folder
+        output: the package file to write
+        configurations: package these configurations as the model (default: the selection's); without
+            post-processing unless they are the selected ones
+        folds: folds to package (default: the selection's)
+        description: free text stored in the manifest (what the model is for)
+        license: the model's license, stored in the manifest (e.g. CC-BY-4.0)
+        overwrite: replace FILE.zip if it exists (default: refuse)
+        with_report: also package report.md, its pictures and the training curves (they show an example training
+            image with its labels and per-case results; default: left out)
+    """
     from autounet.packaging.create import create_package
 
     chosen_folds = None
     if folds is not None:
         chosen_folds = [arguments.whole("--folds", int(f) if str(f).isdigit() else f, 0) for f in folds]
-    return create_package(
-        model,
-        output,
-        configurations=_list(configurations),
-        folds=chosen_folds,
-        description=description,
-        license=license,
-        overwrite=overwrite,
-        with_report=with_report,
-    )
+    chosen = _pick(locals(), "description license overwrite with_report")
+    return create_package(model, output, configurations=_list(configurations), folds=chosen_folds, **chosen)
 
 
 def info(model: str | Path) -> ModelInfo:
-    """`autounet info FILE.zip|W/NAME`: what a model is (labels, channels, configurations, folds,
-    post-processing, training data, cross-validation Dice; a package's versions, description and
-    license). A package is verified and unpacked into the cache first, as `predict` does."""
+    """Describe a model package or workspace: labels, channels, model, training data, CV Dice, versions.
+
+    Print what a model is: labels and channels, the configurations, folds and post-processing `predict` runs, the
+    training data (cases, median spacing and shape), the cross-validation Dice and, for a package, the versions
+    that made it, its description and license. A package is verified and unpacked into the cache first, as
+    `predict -m FILE.zip` does.
+
+    Args:
+        model: a model package or a workspace folder
+    """
     from autounet.packaging.info import model_info
 
     return model_info(model)
@@ -632,62 +707,53 @@ def run(
     iterations_per_epoch: int | None = None,
     validation_iterations: int | None = None,
     max_minutes: float | None = None,
-    recipe: str | None = None,
+    recipe: Recipe | None = None,
+    gpu_memory_target_gb: float | None = None,
     patch_size: Sequence[int] | None = None,
     width_multiplier: float | None = None,
+    precision: Precision = "auto",
     validation_tta: bool = True,
-    gpu_memory_target_gb: float | None = None,
     device: str | None = None,
-    workers: int | None = None,
     seed: int = 0,
-    precision: str = "auto",
     plans_from: str | Path | None = None,
     pretrained: str | Path | None = None,
-    executor: str = "local",
+    loggers: Sequence[Logger] | None = None,
+    workers: int | None = None,
+    executor: Executor = "local",
     address: str | None = None,
     gpus_per_fold: int | None = None,
     cpus_per_fold: int | None = None,
     max_retries: int | None = None,
-    loggers: Sequence[str] | None = None,
 ) -> RunResult:
-    """`autounet run RAW`: check, plan, preprocess, train every configuration (default every
-    planned one) on every fold, select and report; resumable at every step. ``max_minutes`` is
-    per fold; ``recipe``, ``patch_size``, ``gpu_memory_target_gb`` and ``plans_from`` as :func:`plan`; ``pretrained`` as
-    :func:`train` (each fold that starts from scratch); ``loggers`` as :func:`train`, for every fold.
+    """The whole pipeline: check, plan, preprocess, train every configuration and fold, select (resumable).
 
-    ``executor="ray"`` trains every configuration x fold as a task of a Ray cluster (``address``:
-    ``auto`` or ``HOST:PORT``; None: a local instance sized to this machine) with
-    ``cpus_per_fold`` CPUs (None: 1) and ``gpus_per_fold`` GPUs each (None: 1 where the cluster
-    has GPUs; more than 1 trains under torchrun), resuming a fold whose worker is lost up to
-    ``max_retries`` times (None: 3); the workspace must be on a file system every node sees."""
+    check -> plan -> preprocess -> train every planned configuration on every fold (a cascade's first stage
+    first) -> select -> report. Every step is skipped when complete and resumed when partial: re-run the same
+    command after a crash to finish the job.
+
+    Args:
+        configurations: configurations to train (default: every planned one)
+        folds: folds (default 0 1 2 3 4)
+        epochs: maximum epochs per fold (default: the training preset's)
+        max_minutes: time limit per fold
+        width_multiplier: every network stage's features times X (as `autounet train`)
+        validation_tta: False: no mirroring when the folds' validation cases are predicted
+        executor: local (default): this process; ray: the folds as tasks of a Ray cluster
+        gpus_per_fold: GPUs per fold (default: 1 where the cluster has GPUs, else 0); more than 1 trains it under
+            torchrun
+        cpus_per_fold: CPUs (and PyTorch threads) per fold (default 1)
+        max_retries: times a fold whose worker or node is lost is resumed (default 3)
+
+    With ``executor="ray"`` the workspace must be on a file system every node sees.
+    """
     from autounet.pipeline.run import RunOptions, run_pipeline
 
-    _executor(executor, address)
+    arguments.executor(executor, address)
     if executor == "local" and (gpus_per_fold, cpus_per_fold, max_retries) != (None, None, None):
         raise AutounetError("--gpus-per-fold, --cpus-per-fold and --max-retries need --executor ray")
-
-    options = RunOptions(
-        configurations=_list(configurations),
-        folds=list(folds),
-        epochs=epochs,
-        iterations_per_epoch=iterations_per_epoch,
-        validation_iterations=validation_iterations,
-        max_minutes=max_minutes,
-        recipe=recipe,
-        patch_size=_list(patch_size),
-        gpu_memory_target_gb=gpu_memory_target_gb,
-        width_multiplier=width_multiplier,
-        validation_tta=validation_tta,
-        device=device,
-        workers=workers,
-        seed=seed,
-        precision=precision,
-        plans_from=None if plans_from is None else str(_model_source(plans_from)),
-        plans_from_label=None if plans_from is None else str(plans_from),
-        pretrained=None if pretrained is None else str(_model_source(pretrained)),
-        pretrained_label=None if pretrained is None else str(pretrained),
-        loggers=_list(loggers),
-    ).validate()
+    given = dict(locals(), folds=list(folds), configurations=_list(configurations), patch_size=_list(patch_size))
+    given.update(loggers=_list(loggers), **_source("pretrained", pretrained), **_source("plans_from", plans_from))
+    options = RunOptions(**{f.name: given[f.name] for f in fields(RunOptions) if f.name in given}).validate()
     ws = Workspace.at(work, name or Path(raw).resolve().name)
     if executor == "ray":
         from autounet.cluster.ray_run import ClusterOptions, run_on_ray
@@ -704,12 +770,21 @@ def demo(
     iterations_per_epoch: int | None = None,
     device: str | None = None,
 ) -> DemoResult:
-    """`autounet demo --dir DIR`: make a small synthetic dataset in ``folder``, run the whole
-    pipeline on it with a tiny budget, predict its held-out cases and score them (None keeps the
-    demo's budget)."""
+    """Make a small synthetic dataset and run the whole pipeline on it on the CPU.
+
+    Write a small synthetic dataset, run `autounet run` on it with a tiny budget, predict its held-out test cases
+    with the selected model and print their Dice. Resumable; a few minutes on 2 cores.
+
+    Args:
+        folder: demo folder (default ./autounet_demo)
+        epochs: epochs per fold
+        iterations_per_epoch: training iterations per epoch
+
+    None keeps the demo's budget.
+    """
     from autounet.pipeline.demo import DemoSettings, run_demo
 
-    _folder_or_new("--dir", folder)
+    arguments.folder_or_new("--dir", folder)
     settings = DemoSettings(device=device)
     if arguments.whole("--epochs", epochs, 1) is not None:
         settings.epochs = epochs
@@ -726,33 +801,40 @@ def make_synthetic(
     shape: Sequence[int] = (32, 40, 36),
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     spacing_jitter: float = 0.0,
-    modality: str = "MRI",
+    modality: Literal["MRI", "CT", "mri", "ct"] = "MRI",
     channels: int = 1,
     classes: int = 3,
     seed: int = 0,
-    layout: str = "msd",
+    layout: Literal["msd", "nnunetv2"] = "msd",
 ) -> Path:
-    """`autounet make-synthetic OUT`: write a small synthetic segmentation dataset (MSD or
-    nnU-Net v2 layout; ``classes`` includes the background); returns its folder."""
+    """Write a synthetic MSD-layout dataset.
+
+    Write a small synthetic segmentation dataset (for tests and the demo).
+
+    Args:
+        out: output folder
+        cases: training cases (default 12)
+        test_cases: extra held-out cases in imagesTs/ and labelsTs/ (default 0)
+        shape: case shape in voxels, varied +-10% per case (default 32 40 36)
+        spacing: voxel spacing in mm (default 1 1 1)
+        spacing_jitter: vary each case's spacing by up to +-F (a fraction, default 0)
+        modality: MRI (0 outside the body, arbitrary scale) or CT (HU-like)
+        channels: image channels (default 1; >1 writes 4D files)
+        classes: classes including background (default 3)
+        seed: seed of the random images and labels (default 0)
+        layout: folder layout (default msd)
+
+    Returns:
+        The dataset's folder.
+    """
     from autounet.data.synthetic import SyntheticSpec, make_synthetic_dataset
 
     for mm in spacing:  # the rest is checked by SyntheticSpec.validate
         arguments.real("--spacing", mm, above=0)
     arguments.whole("--seed", seed, 0)
-    _folder_or_new("OUT", out)
-    spec = SyntheticSpec(
-        cases=cases,
-        test_cases=test_cases,
-        shape=tuple(shape),
-        spacing=tuple(spacing),
-        spacing_jitter=spacing_jitter,
-        modality=modality,
-        channels=channels,
-        classes=classes,
-        seed=seed,
-        layout=layout,
-    )
-    return make_synthetic_dataset(out, spec)
+    arguments.folder_or_new("OUT", out)
+    spec = _pick(locals(), "cases test_cases spacing_jitter modality channels classes seed layout")
+    return make_synthetic_dataset(out, SyntheticSpec(**spec, shape=tuple(shape), spacing=tuple(spacing)))
 
 
 # --- what the commands print ---------------------------------------------------------------------
@@ -810,6 +892,14 @@ def format_timings(timings: Sequence[CaseTiming]) -> str:
     return text.getvalue().rstrip("\n")
 
 
+def _source(option: str, source: str | Path | None) -> dict[str, str | None]:
+    """``--pretrained`` / ``--plans-from`` as the stages take them: where the source lies (a package opened)
+    and how logs and plans name it."""
+    if source is None:
+        return {option: None, f"{option}_label": None}
+    return {option: str(_model_source(source)), f"{option}_label": str(source)}
+
+
 def _model_source(source: str | Path) -> Path:
     """Where a trained or planned source lies (``--plans-from``, ``--pretrained``): a model package
     ``.zip`` is opened (extracted) to its workspace folder ``W/NAME``; anything else is itself."""
@@ -818,18 +908,6 @@ def _model_source(source: str | Path) -> Path:
 
         return open_package(source)
     return Path(source)
-
-
-def _folder_or_new(option: str, path: str | Path) -> None:
-    if Path(path).exists() and not Path(path).is_dir():
-        raise AutounetError(f"{path}: a file, where a folder should be ({option} names a folder)")
-
-
-def _folds(folds: Sequence[int | str] | None) -> None:
-    """``-f/--folds`` of predict: fold numbers (or 'all'); whether they are trained is checked when loading."""
-    for f in folds or []:
-        if str(f) != "all" and not (isinstance(f, int) and not isinstance(f, bool) and f >= 0) and not str(f).isdigit():
-            raise AutounetError(f"-f/--folds: {f!r} is not a fold number (0, 1, ...) or 'all'")
 
 
 def _checkpoints(checkpoints: Sequence[str] | None) -> None:
@@ -841,26 +919,9 @@ def _checkpoints(checkpoints: Sequence[str] | None) -> None:
             raise AutounetError(f"--checkpoint {kind!r}: expected one of {', '.join(CHECKPOINT_KINDS)}")
 
 
-EXECUTORS = ("local", "ray")
-
-
-def _executor(executor: str, address: str | None) -> None:
-    """``--executor local|ray`` (``--address`` only with ray)."""
-    if executor not in EXECUTORS:
-        raise AutounetError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    if executor == "local" and address is not None:
-        raise AutounetError("--address needs --executor ray")
-
-
-def _part(part: Sequence[int] | None) -> tuple[int, int] | None:
-    """``--part I N``: 0 <= I < N."""
-    if part is None:
-        return None
-    if len(part) != 2:
-        raise AutounetError(f"--part takes two numbers I N (the I-th of N shares), got {list(part)}")
-    count = arguments.whole("--part N", part[1], 1)
-    index = arguments.whole("--part I", part[0], 0, count - 1)
-    return index, count
+def _pick(values: Mapping[str, object], names: str) -> dict[str, object]:
+    """The entries ``names`` (separated by spaces) of ``values``: the arguments a stage takes as they are."""
+    return {name: values[name] for name in names.split()}
 
 
 def _list(values: Sequence | None) -> list | None:

@@ -77,9 +77,9 @@ def half_precision(device: torch.device) -> torch.dtype | None:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU features that compute bf16 natively
 # `train --precision auto` on a CPU with native bf16: bf16 autocast when True. Decided by measurement
-# (README, "CPU speed"): on hippocampus 3d_fullres (AVX512-BF16 CPU, same seed, 120 steps) a bf16
-# epoch took 112 s against 200 s in fp32 (1.8x) and the full validation Dice was 0.7638 against
-# 0.7628; the rule was "faster, and within 0.01 of fp32".
+# (docs/explanation/measurements.md, "CPU speed"): on hippocampus 3d_fullres (AVX512-BF16 CPU,
+# same seed, 120 steps) a bf16 epoch took 112 s against 200 s in fp32 (1.8x) and the full
+# validation Dice was 0.7638 against 0.7628; the rule was "faster, and within 0.01 of fp32".
 CPU_BF16_TRAINING_BY_DEFAULT = True
 
 

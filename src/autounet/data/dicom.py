@@ -1,7 +1,10 @@
 """DICOM series as images: find the series in a folder tree, check their geometry, read them.
 
-A series (one SeriesInstanceUID) is one case and one image channel. SimpleITK's GDCM series
-reader finds the series of each folder and reads them; it places the volume from the first
+A series (one SeriesInstanceUID) is one case and one image channel. Each file's header is read
+once, with pydicom when it is installed (the header alone: the pixel data are skipped, their
+length checked against the file), else with SimpleITK's GDCM series scan and reader (which read
+whole files); each series' pixels are then decoded once, by SimpleITK's GDCM series reader
+(:func:`read_dicom_series`). That reader places the volume from the first
 slice's position, the orientation of the slices and the mean gap between them, so a series
 whose slices are not one regular stack would be read into the wrong place without a word (ITK
 only prints a warning). Every file's header is therefore read first (ImagePositionPatient,
@@ -45,6 +48,11 @@ _SERIES_UID = "0020|000e"
 _PATIENT_ID = "0010|0020"
 _SERIES_NUMBER = "0020|0011"
 _MODALITY = "0008|0060"
+_PIXEL_SPACING = "0028|0030"
+_IMAGER_PIXEL_SPACING = "0018|1164"
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_DEFER_BYTES = 1024  # values longer than this are skipped by pydicom, not read
 _POSITION = "0020|0032"
 _ORIENTATION = "0020|0037"
 _FRAMES = "0028|0008"
@@ -111,6 +119,21 @@ class DicomSeries:
     # every slice's pixel values map to integers the same way (one slope and intercept, both
     # whole numbers): the series is read in the type GDCM gives it, not float32
     integer_rescale: bool = False
+    # the headers of the first and last slice and the gap between slices (mm), as found: the
+    # geometry read with the pixels is checked against them, and the memory estimate reads the
+    # grid from them, without opening a file again
+    first: DicomSlice | None = None
+    last: DicomSlice | None = None
+    slice_gap: float = 0.0
+
+    @property
+    def grid(self) -> tuple[list[int], list[float]]:
+        """``(shape z, y, x)`` and ``spacing`` (mm) of the series, from its headers."""
+        if self.first is None:
+            raise ValueError("a series made without its headers")
+        columns, rows = self.first.size
+        x, y = self.first.pixel_spacing
+        return [len(self.files), rows, columns], [self.slice_gap, y, x]
 
     def describe(self) -> str:
         where = ", ".join(str(f) for f in self.folders)
@@ -146,17 +169,22 @@ def non_image_object(path: Path) -> str | None:
     or None when it is (or may be) an image, or is not DICOM. With pydicom: its SOP class,
     modality, and (for classes not listed) the absence of both pixel data and Rows; without
     pydicom: the SOP class in its file meta header."""
-    try:
-        import pydicom  # optional: installed with the dicom extra
-    except ImportError:
+    pydicom = _pydicom()
+    if pydicom is None:
         return _non_image_from_bytes(path)
     try:
-        with warnings.catch_warnings():  # pydicom warns about odd values; the caller reports what matters
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, defer_size=256)
-        sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "")).strip()
-        modality = str(ds.get("Modality", "") or "").strip().upper()
-        pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        ds = _dataset(path, pydicom)
+    except AutounetError:  # not known to be a non-image
+        return None
+    return _non_image_kind(ds)
+
+
+def _non_image_kind(ds) -> str | None:
+    """:func:`non_image_object` of a data set read with pydicom."""
+    try:
+        sop_class = _text(ds, "0008|0016") or str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "").strip()
+        modality = _text(ds, _MODALITY).upper()
+        pixels = any(_element(ds, t) is not None for t in _PIXEL_TAGS)
         rows = "Rows" in ds
     except MemoryError:
         raise
@@ -213,34 +241,56 @@ def _numbers(text: str, count: int, what: str, path: Path) -> tuple[float, ...]:
 
 
 def read_slice_header(path: Path) -> DicomSlice:
-    """One file's header (no pixel data), checked to describe one grey-value slice placed in space."""
+    """One file's header (no pixel data), checked to describe one grey-value slice placed in
+    space: read with pydicom when it is installed (the header only), else with SimpleITK (GDCM,
+    which reads the whole file)."""
+    pydicom = _pydicom()
+    if pydicom is None:
+        return _slice_header_sitk(path)
+    return _slice_of_dataset(path, _dataset(path, pydicom))
+
+
+def _slice_header_sitk(path: Path) -> DicomSlice:
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise AutounetError(
-            f"{path}: cannot read this DICOM file as an image ({_itk_reason(exc)}): damaged, cut short, or not an image"
-        ) from None
+        raise _unreadable(path, _itk_reason(exc)) from None
 
     def tag(key: str) -> str:
         return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
 
+    size = reader.GetSize()
+    frames = size[2] if len(size) > 2 else 1
+    spacing = reader.GetSpacing()
+    return _checked_slice(path, tag, (size[0], size[1], frames), spacing[:2], reader.GetNumberOfComponents())
+
+
+def _unreadable(path: Path, reason: str) -> AutounetError:
+    return AutounetError(
+        f"{path}: cannot read this DICOM file as an image ({reason}): damaged, cut short, or not an image"
+    )
+
+
+def _checked_slice(
+    path: Path, tag, size: tuple[int, int, int], spacing: Sequence[float], components: int
+) -> DicomSlice:
+    """The checks of :func:`read_slice_header` on what a header says: ``tag(key)`` gives the text
+    of a tag (``"0020|0032"``), ``size`` (columns, rows, frames), ``spacing`` (x, y)."""
     modality = tag(_MODALITY)
     if modality == "SEG":
         raise AutounetError(f"{path}: a DICOM SEG (a segmentation, not an image): keep segmentations out of the inputs")
     frames = tag(_FRAMES)
-    size = reader.GetSize()
-    if (frames and frames.isdigit() and int(frames) > 1) or (len(size) > 2 and size[2] > 1):
+    if (frames and frames.isdigit() and int(frames) > 1) or size[2] > 1:
         raise AutounetError(
             f"{path}: a multi-frame (enhanced) DICOM file ({frames or size[2]} frames): not supported; "
             "convert the series to NIfTI (e.g. with dcm2niix) and predict that"
         )
-    if reader.GetNumberOfComponents() != 1:
+    if components != 1:
         raise AutounetError(
-            f"{path}: a colour DICOM image ({reader.GetNumberOfComponents()} samples per pixel); only grey-value "
-            "series are read"
+            f"{path}: a colour DICOM image ({components} samples per pixel); only grey-value series are read"
         )
     if not tag(_POSITION) or not tag(_ORIENTATION):
         raise AutounetError(
@@ -258,7 +308,6 @@ def read_slice_header(path: Path) -> DicomSlice:
         raise AutounetError(
             f"{path}: invalid ImageOrientationPatient (0020,0037) {tag(_ORIENTATION)!r}: not two orthogonal unit vectors"
         )
-    spacing = reader.GetSpacing()
     if not all(np.isfinite(spacing[:2])) or min(spacing[:2]) <= 0:
         raise AutounetError(f"{path}: invalid pixel spacing {tuple(spacing[:2])}")
     number = tag(_SERIES_NUMBER)
@@ -277,18 +326,134 @@ def read_slice_header(path: Path) -> DicomSlice:
     )
 
 
+# --- headers with pydicom (optional): the header alone, the pixel data skipped -------------------
+
+
+def _pydicom():
+    """The pydicom module, or None when it is not installed (it comes with the dicom extra)."""
+    try:
+        import pydicom
+    except ImportError:
+        return None
+    return pydicom
+
+
+def _dataset(path: Path, pydicom):
+    """``path``'s data set with its pixel data (and any other long value) left unread: pydicom
+    notes where they lie and skips them."""
+    try:
+        with warnings.catch_warnings():  # pydicom warns about odd values; what matters is checked after
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+    except MemoryError:
+        raise
+    except OSError as exc:
+        raise AutounetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except Exception as exc:  # pydicom raises many kinds on damaged files
+        raise _unreadable(
+            path, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        ) from None
+
+
+def _element(ds, tag: int):
+    """The element ``tag`` as read, without loading a skipped (deferred) value; None if absent."""
+    try:
+        return ds.get_item(tag, keep_deferred=True)
+    except TypeError:  # pydicom 2: get_item never loads a deferred value
+        return ds.get_item(tag)
+
+
+def _text(ds, key: str) -> str:
+    """The text of a string tag (``"0020|0032"``) as stored, like GDCM's metadata."""
+    element = _element(ds, int(key.replace("|", ""), 16))
+    if element is None or element.value is None:
+        return ""
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace").strip(" \0")  # as SimpleITK gives GDCM's text
+    if isinstance(value, Sequence) and not isinstance(value, str):  # pydicom's MultiValue
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _number(ds, keyword: str, default: int | None = None) -> int | None:
+    try:
+        value = ds.get(keyword, default)
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _slice_of_dataset(path: Path, ds) -> DicomSlice:
+    """:func:`read_slice_header` from a pydicom data set: its pixel data must be there, whole."""
+    columns, rows = _number(ds, "Columns"), _number(ds, "Rows")
+    pixels = next((e for e in map(lambda t: _element(ds, t), _PIXEL_TAGS) if e is not None), None)
+    if columns is None or rows is None or pixels is None:
+        raise _unreadable(path, "no pixel data" if pixels is None else "no Rows or Columns")
+    frames = _text(ds, _FRAMES)
+    components = _number(ds, "SamplesPerPixel", 1) or 1
+    if pixels.length != _UNDEFINED_LENGTH:  # native (not encapsulated) pixel data: its length is known
+        bits = _number(ds, "BitsAllocated", 0) or 0
+        count = int(frames) if frames.isdigit() and int(frames) > 0 else 1
+        needed = rows * columns * components * count * bits // 8
+        end = (pixels.value_tell or 0) + pixels.length
+        if end > path.stat().st_size or pixels.length < needed:
+            raise _unreadable(
+                path,
+                f"its pixel data hold {min(pixels.length, path.stat().st_size - (pixels.value_tell or 0))} bytes"
+                f" of {max(needed, pixels.length)}",
+            )
+    spacing_text = _text(ds, _PIXEL_SPACING) or _text(ds, _IMAGER_PIXEL_SPACING)
+    spacing = (1.0, 1.0)
+    if spacing_text:
+        row_gap, column_gap = _numbers(spacing_text, 2, "PixelSpacing (0028,0030)", path)
+        spacing = (column_gap, row_gap)  # (x, y)
+    return _checked_slice(path, lambda key: _text(ds, key), (columns, rows, 1), spacing, components)
+
+
 def find_dicom_series(roots: Sequence[Path], skipped: list[tuple[Path, str]] | None = None) -> list[DicomSeries]:
     """Every DICOM series under the folders ``roots`` (subfolders included), checked to be one
     regular stack of slices (see the module's docstring), in SeriesInstanceUID order.
 
     A series whose files lie in several folders is one series. A non-image object
     (:func:`non_image_object`) is skipped and added to ``skipped`` as (path, kind). Any other
-    file that looks like DICOM (a DICOM ending or the ``DICM`` mark) but belongs to no series GDCM
-    can read is an error naming it.
+    file that looks like DICOM (a DICOM ending or the ``DICM`` mark) but is no readable slice is
+    an error naming it. With pydicom, the files that look like DICOM are the ones read; without
+    it, GDCM's scan finds the series.
     """
     skipped = [] if skipped is None else skipped
     by_uid: dict[str, dict[Path, DicomSlice]] = {}
     folders_of: dict[str, list[Path]] = {}
+    pydicom = _pydicom()
+    if pydicom is None:
+        _scan_with_gdcm(roots, skipped, by_uid, folders_of)
+    else:
+        _scan_with_pydicom(pydicom, roots, skipped, by_uid, folders_of)
+    return [_checked_series(uid, list(by_uid[uid].values()), folders_of[uid]) for uid in sorted(by_uid)]
+
+
+def _scan_with_pydicom(pydicom, roots, skipped, by_uid, folders_of) -> None:
+    """:func:`find_dicom_series`'s scan with pydicom: each file that looks like DICOM read once,
+    its header alone (the pixel data skipped, their length checked)."""
+    for root in roots:
+        for folder in _folders_with_files(root):
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith(".") or not path.is_file() or not looks_like_dicom(path):
+                    continue
+                ds = _dataset(path, pydicom)
+                kind = _non_image_kind(ds)
+                if kind is not None:
+                    skipped.append((path, kind))
+                    continue
+                header = _slice_of_dataset(path, ds)
+                by_uid.setdefault(header.series_uid, {})[path.resolve()] = header
+                if folder not in folders_of.setdefault(header.series_uid, []):
+                    folders_of[header.series_uid].append(folder)
+
+
+def _scan_with_gdcm(roots, skipped, by_uid, folders_of) -> None:
+    """:func:`find_dicom_series`'s scan without pydicom: GDCM's series scan of each folder, then
+    each file's header read by SimpleITK (which reads the whole file)."""
     for root in roots:
         for folder in _folders_with_files(root):
             claimed: set[Path] = set()  # resolved paths
@@ -326,7 +491,6 @@ def find_dicom_series(roots: Sequence[Path], skipped: list[tuple[Path, str]] | N
                     raise AutounetError(
                         f"{stray}: a DICOM file that belongs to no readable series (damaged or cut short?)"
                     )
-    return [_checked_series(uid, list(by_uid[uid].values()), folders_of[uid]) for uid in sorted(by_uid)]
 
 
 def _checked_series(uid: str, slices: list[DicomSlice], folders: list[Path]) -> DicomSeries:
@@ -400,6 +564,9 @@ def _checked_series(uid: str, slices: list[DicomSlice], folders: list[Path]) -> 
         patient_id=first.patient_id,
         series_number=first.series_number,
         integer_rescale=len({s.rescale for s in slices}) == 1 and all(float(v).is_integer() for v in first.rescale),
+        first=slices[0],
+        last=slices[-1],
+        slice_gap=median,
     )
 
 
@@ -463,7 +630,9 @@ def nonfinite_count(array: np.ndarray, slab: int = 1 << 22) -> int:
 def _check_read_geometry(series: DicomSeries, geometry: Geometry) -> None:
     """The first slice's position is the origin, the normal the third axis, the gap the spacing
     (what the headers say): a disagreement would put the segmentation in the wrong place."""
-    first, last = read_slice_header(series.files[0]), read_slice_header(series.files[-1])
+    first, last = series.first, series.last
+    if first is None or last is None:
+        first, last = read_slice_header(series.files[0]), read_slice_header(series.files[-1])
     direction = np.asarray(geometry.direction_xyz).reshape(3, 3)
     expected_axis = (np.asarray(last.position) - np.asarray(first.position)) / (len(series.files) - 1)
     problems = []

@@ -5,6 +5,7 @@ See :mod:`autounet.data` for the axis convention.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,8 +13,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from autounet.data.geometry import SPACING_2D_IMAGES, Geometry, geometry_differences
-from autounet.data.image_verify import ImageReadError, check_name, verify_image_file, verify_image_header
-from autounet.data.nifti_scan import is_nifti_name
+from autounet.data.image_verify import (
+    ImageReadError,
+    check_name,
+    read_nifti_verified,
+    verify_image_file,
+    verify_image_header,
+)
+from autounet.data.nifti_scan import is_nifti_name, itk_scaling, nonfinite_count, read_header, stored_dtype
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -50,8 +57,9 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
 
     3D files give C = 1; 4D files (MSD multi-modal) put the 4th axis first; vector-pixel files put
     their components first; 2D files become a single slice (Z = 1). The file's name and bytes are
-    verified first (:func:`~autounet.data.image_verify.verify_image_file`): a truncated or corrupt
-    file, a NIfTI spacing of 0 or a name that is not UTF-8 raise :class:`ImageReadError`.
+    verified (:func:`~autounet.data.image_verify.verify_image_file`; a NIfTI file in the one pass
+    that reads it, one decompression of a ``.nii.gz``): a truncated or corrupt file, a NIfTI
+    spacing of 0 or a name that is not UTF-8 raise :class:`ImageReadError`.
     """
     arr, geometry, _ = _read_volume(path, count_nonfinite=False)
     return arr, geometry
@@ -64,7 +72,12 @@ def _read_volume(
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found", kind="missing_file")
-    if verified:  # checked (non-finite voxels refused) by the caller: a NIfTI file has none
+    if is_nifti_name(path):
+        once = _read_nifti_once(path)
+        if once is not None:
+            arr, geometry, nonfinite = once
+            return arr, geometry, (nonfinite if count_nonfinite else None)
+    if verified and not is_nifti_name(path):  # checked (non-finite voxels refused) by the caller
         verify_image_header(path)
         nonfinite = None
     else:
@@ -75,20 +88,98 @@ def _read_volume(
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
         raise ImageReadError(f"{path}: cannot read image ({first})") from None
     geometry = _geometry_of(img, path)
-    arr = sitk.GetArrayFromImage(img)
-    if img.GetNumberOfComponentsPerPixel() > 1:
+    arr = _channels_first(sitk.GetArrayFromImage(img), img.GetNumberOfComponentsPerPixel(), img.GetDimension(), path)
+    if nonfinite is not None and len(nonfinite) != arr.shape[0]:
+        nonfinite = None
+    return arr, geometry, nonfinite
+
+
+def _channels_first(arr: np.ndarray, components: int, dim: int, path: Path) -> np.ndarray:
+    """SimpleITK's array of an image as ``(C, Z, Y, X)``."""
+    if components > 1:
         arr = np.moveaxis(arr, -1, 0)
-    elif img.GetDimension() in (2, 3):
+    elif dim in (2, 3):
         arr = arr[None]
     if arr.ndim == 3:  # 2D image: (C, Y, X) -> (C, 1, Y, X)
         arr = arr[:, None]
     if arr.ndim != 4:
         raise ImageReadError(f"{path}: unexpected array shape {arr.shape}")
-    if verified and count_nonfinite and is_nifti_name(path):
-        nonfinite = [0] * arr.shape[0]
-    if nonfinite is not None and len(nonfinite) != arr.shape[0]:
-        nonfinite = None
+    return arr
+
+
+def _read_nifti_once(path: Path) -> tuple[np.ndarray, Geometry, list[int]] | None:
+    """A NIfTI file read and verified in one pass over its bytes (one decompression of a
+    ``.nii.gz``, :func:`~autounet.data.image_verify.read_nifti_verified`), with the geometry from
+    SimpleITK's reading of its header alone: the array SimpleITK would give (non-finite voxels
+    made 0 and intensity scaling applied as ITK 5 does, see
+    :func:`~autounet.data.nifti_scan.itk_scaling`) and the non-finite voxels per channel. None when
+    SimpleITK would read the file into another type or layout (vector pixels, complex or RGB
+    data): the caller verifies and reads it in two passes."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()  # the header only: the first bytes of the stream
+    except RuntimeError:
+        return None  # the full read names what is wrong
+    header = read_header(path)
+    stored = None if header is None else stored_dtype(header)
+    if header is None or stored is None:
+        return None
+    scaling = itk_scaling(header)
+    if scaling is None:
+        out = stored.newbyteorder("=")
+    else:
+        out = np.dtype(np.float64 if stored.kind == "f" and stored.itemsize == 8 else np.float32)
+    size = reader.GetSize()
+    if (
+        reader.GetNumberOfComponents() != 1
+        or reader.GetPixelID() != _SITK_TYPES.get(out.str[1:])
+        or math.prod(size) != math.prod(header.dims)
+    ):
+        return None
+    voxels = read_nifti_verified(path)
+    if voxels is None or repr(voxels.header) != repr(header) or voxels.data is None:  # repr: NaN fields
+        raise ImageReadError(f"{path}: the file changed while it was read")
+    geometry = _geometry_of(reader, path)
+    arr = _channels_first(voxels.data.reshape(size[::-1]), 1, reader.GetDimension(), path)
+    nonfinite = [nonfinite_count(c) for c in arr]
+    if any(nonfinite):  # as ITK 5 reads them
+        for c in arr:
+            _zero_nonfinite(c)
+    if scaling is not None:
+        arr = _scaled(arr, *scaling, out)
     return arr, geometry, nonfinite
+
+
+_SITK_TYPES = {  # numpy type (without byte order) -> SimpleITK pixel type of a scalar image
+    "u1": sitk.sitkUInt8,
+    "i1": sitk.sitkInt8,
+    "u2": sitk.sitkUInt16,
+    "i2": sitk.sitkInt16,
+    "u4": sitk.sitkUInt32,
+    "i4": sitk.sitkInt32,
+    "u8": sitk.sitkUInt64,
+    "i8": sitk.sitkInt64,
+    "f4": sitk.sitkFloat32,
+    "f8": sitk.sitkFloat64,
+}
+_SLAB = 1 << 22  # values processed at a time (bounded temporaries)
+
+
+def _zero_nonfinite(arr: np.ndarray) -> None:
+    flat = arr.reshape(-1)
+    for i in range(0, flat.size, _SLAB):
+        part = flat[i : i + _SLAB]
+        part[~np.isfinite(part)] = 0
+
+
+def _scaled(arr: np.ndarray, slope: float, intercept: float, out: np.dtype) -> np.ndarray:
+    """``arr * slope + intercept`` in double precision, stored as ``out`` (as ITK computes it)."""
+    result = np.empty(arr.shape, out)
+    src, dst = arr.reshape(-1), result.reshape(-1)
+    for i in range(0, src.size, _SLAB):
+        dst[i : i + _SLAB] = src[i : i + _SLAB].astype(np.float64) * slope + intercept
+    return result
 
 
 def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
@@ -105,11 +196,11 @@ def read_image_scanned(paths: Sequence[str | Path], verified: bool = False) -> t
     """:func:`read_image`, plus the NaN/infinite voxels per channel found in the files' bytes.
 
     SimpleITK's NIfTI reader turns non-finite voxels into 0 (see :mod:`~autounet.data.nifti_scan`),
-    so for float NIfTI files they are counted on disk, in the pass that verifies the file (no
-    extra read); for other files in the array. ``verified``: the caller has run
-    :func:`~autounet.data.image_verify.verify_image_file` with ``count_nonfinite`` on every file and
-    refused any non-finite voxel, so the files are not decompressed a second time to verify them
-    (a NIfTI file's count is then 0).
+    so for float NIfTI files they are counted in the pass that verifies and reads the file, before
+    they are made 0 as SimpleITK makes them; for other files in the array. ``verified``: the
+    caller has run :func:`~autounet.data.image_verify.verify_image_file` with ``count_nonfinite``
+    on every file that is not NIfTI and refused any non-finite voxel, so those files are not
+    decompressed a second time to verify them (NIfTI files are always verified by their read).
     """
     return _read_image(paths, count_nonfinite=True, verified=verified)
 

@@ -51,6 +51,8 @@ _DATATYPE_BYTES = {
     2048: 32,  # complex256
     2304: 4,  # RGBA32
 }
+# numpy types of the NIfTI datatype codes SimpleITK reads as one scalar per voxel
+_STORED_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
 _SINGLE_FILE_MAGIC = (b"n+1\0", b"n+2\0")  # voxels in the same file as the header
 _CHUNK_BYTES = 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -81,6 +83,8 @@ class NiftiHeader:
     pixdim: tuple[float, ...]  # pixdim[1 .. dim[0]]
     offset: int  # where the voxels start (at least the header's size)
     single_file: bool  # magic n+1 / n+2: the voxels follow the header in this file
+    scl_slope: float = 0.0  # intensity scaling as stored (0: none)
+    scl_inter: float = 0.0
 
     @property
     def voxel_bytes(self) -> int | None:
@@ -147,13 +151,14 @@ def parse_header(raw: bytes) -> NiftiHeader | None:
             ndim, *dims = struct.unpack(order + "8h", raw[40:56])
             datatype, bitpix = struct.unpack(order + "2h", raw[70:74])
             pixdim = struct.unpack(order + "8f", raw[76:108])
-            offset = struct.unpack(order + "f", raw[108:112])[0]
+            offset, slope, inter = struct.unpack(order + "3f", raw[108:120])
             magic = raw[344:348]
         elif size == 540 and len(raw) >= 540:
             datatype, bitpix = struct.unpack(order + "2h", raw[12:16])
             ndim, *dims = struct.unpack(order + "8q", raw[16:80])
             pixdim = struct.unpack(order + "8d", raw[104:168])
             offset = struct.unpack(order + "q", raw[168:176])[0]
+            slope, inter = struct.unpack(order + "2d", raw[176:192])
             magic = raw[4:8]
         else:
             continue
@@ -169,6 +174,8 @@ def parse_header(raw: bytes) -> NiftiHeader | None:
             pixdim=tuple(float(p) for p in pixdim[1 : ndim + 1]),
             offset=max(offset, size),
             single_file=magic in _SINGLE_FILE_MAGIC,
+            scl_slope=float(slope),
+            scl_inter=float(inter),
         )
     return None
 
@@ -210,6 +217,111 @@ class NiftiScan:
     nonfinite: list[int] | None  # NaN/Inf voxels per 3D volume; None when not counted or not float data
 
 
+@dataclass(frozen=True)
+class NiftiVoxels:
+    header: NiftiHeader
+    data: np.ndarray | None  # every voxel, flat, stored type in native byte order; None: the file is short
+    available: int  # bytes present from the voxel offset to the end of the (decompressed) file
+
+
+def stored_dtype(header: NiftiHeader) -> np.dtype | None:
+    """The numpy type of the voxels as stored (byte order included), or None for types read
+    only through SimpleITK (complex, RGB, float128)."""
+    code = _STORED_TYPES.get(header.datatype)
+    return None if code is None else np.dtype(code).newbyteorder(header.order)
+
+
+def itk_scaling(header: NiftiHeader) -> tuple[float, float] | None:
+    """``(slope, intercept)`` as ITK's NIfTI reader applies them, or None when it applies none:
+    a non-finite value counts as 0, a slope of 0 as 1, and (1, 0) is no scaling. ITK then reads
+    the image as float32 (float64 for float64 data), ``stored * slope + intercept`` computed in
+    double precision, non-finite stored values made 0 first."""
+    slope = header.scl_slope if math.isfinite(header.scl_slope) else 0.0
+    inter = header.scl_inter if math.isfinite(header.scl_inter) else 0.0
+    if slope == 0.0:
+        slope = 1.0
+    eps = np.finfo(np.float64).eps
+    if abs(slope - 1.0) <= eps and abs(inter) <= eps:
+        return None
+    return slope, inter
+
+
+def read_voxels(path: str | Path) -> NiftiVoxels | None:
+    """Header and voxels of a single-file NIfTI in one pass: a ``.nii.gz`` is decompressed once,
+    to the end of its stream (CRC and length checked), straight into the array (no second copy
+    of the image in memory).
+
+    Returns None when the file is not a single-file NIfTI with a stored type numpy has (the
+    caller reads it another way). Raises :class:`NiftiDataError` when the gzip stream is
+    truncated or corrupt or the header declares impossible data (:func:`size_problem`); a file
+    that is intact but shorter than its header declares gives ``data`` None.
+    """
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
+        size = os.fstat(raw.fileno()).st_size
+        if not compressed:
+            return _read_voxels(raw, size, False)
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+                return _read_voxels(fh, size, True)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise _damaged(raw, exc) from None
+
+
+def _read_voxels(fh, file_bytes: int, compressed: bool) -> NiftiVoxels | None:
+    head = fh.read(540)
+    header = parse_header(head)
+    dtype = None if header is None else stored_dtype(header)
+    if header is None or not header.single_file or dtype is None or header.data_bytes is None:
+        return None
+    problem = size_problem(header, file_bytes, compressed)
+    if problem:
+        raise NiftiDataError(problem, truncated=False)
+    data = np.empty(math.prod(header.dims), dtype)
+    buffer = memoryview(data.view(np.uint8))
+    wanted = data.nbytes
+    if header.offset > len(head):
+        skip = header.offset - len(head)  # header extensions
+        if _drain(fh, skip) < skip:
+            return NiftiVoxels(header, None, 0)
+        rest = b""
+    else:
+        rest = head[header.offset :]
+    seen = len(rest)  # bytes after the voxel offset
+    filled = min(seen, wanted)
+    buffer[:filled] = rest[:filled]
+    while filled < wanted:
+        n = fh.readinto(buffer[filled : filled + (_CHUNK_BYTES if compressed else wanted)])
+        if not n:
+            return NiftiVoxels(header, None, filled)
+        filled += n
+        seen += n
+    # a gzip stream is read to its end, which checks its CRC and length
+    available = seen + _drain(fh) if compressed else file_bytes - header.offset
+    if not dtype.isnative:
+        data = data.byteswap(inplace=True).view(dtype.newbyteorder("="))
+    return NiftiVoxels(header, data, available)
+
+
+def nonfinite_count(array: np.ndarray, slab: int = 1 << 22) -> int:
+    """NaN and infinite values of ``array``, counted a slab at a time (no full-size mask)."""
+    if array.dtype.kind != "f":
+        return 0
+    flat = array.reshape(-1)
+    return sum(int(np.count_nonzero(~np.isfinite(flat[i : i + slab]))) for i in range(0, flat.size, slab))
+
+
+def _damaged(raw, exc: BaseException) -> NiftiDataError:
+    """The error for a gzip stream that failed (``raw``: the file): a stream that ends early after
+    a readable header is a truncated image; one that does not even give a header is not an image."""
+    raw.seek(0)
+    truncated = isinstance(exc, EOFError) and _starts_with_header(raw.read(64 * 1024))
+    if isinstance(exc, EOFError) and not truncated:
+        return NiftiDataError("not an image: its compressed data end before a NIfTI header", False)
+    return NiftiDataError(gzip_error(exc), truncated)
+
+
 def scan_nifti(path: str | Path, count_nonfinite: bool = False) -> NiftiScan | None:
     """Read ``path``'s header and stream its data once (see the module docstring).
 
@@ -227,13 +339,7 @@ def scan_nifti(path: str | Path, count_nonfinite: bool = False) -> NiftiScan | N
             with gzip.GzipFile(fileobj=raw, mode="rb") as fh:
                 return _scan(fh, fh.read(540), size, True, count_nonfinite)
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raw.seek(0)
-            # a stream that ends early after a readable header is a truncated image; one that
-            # does not even give a header is not an image
-            truncated = isinstance(exc, EOFError) and _starts_with_header(raw.read(64 * 1024))
-            if isinstance(exc, EOFError) and not truncated:
-                raise NiftiDataError("not an image: its compressed data end before a NIfTI header", False) from None
-            raise NiftiDataError(gzip_error(exc), truncated) from None
+            raise _damaged(raw, exc) from None
 
 
 def _starts_with_header(compressed: bytes) -> bool:

@@ -8,8 +8,11 @@ callable (a :class:`torch.nn.Module`, so it also goes wherever a network went: `
 * ``torch``: the network itself, eager, in fp32 or under autocast (bf16 on the CPU, bf16/fp16 on
   CUDA);
 * ``onnxruntime``: the network exported to ONNX (dynamic batch axis), fp32, CPU;
-* ``openvino``: the same ONNX file converted to OpenVINO IR, fp32 or bf16 (OpenVINO's inference
-  precision hint; the CPU must run bf16 natively: AVX512-BF16 or AMX).
+* ``openvino``: the network without its head (:class:`~autounet.networks.unet.NetworkBody`)
+  exported to ONNX and converted to OpenVINO IR, fp32 or bf16 (OpenVINO's inference precision
+  hint; the CPU must run bf16 natively: AVX512-BF16 or AMX); the 1x1 head runs in PyTorch fp32
+  on the features it returns (:func:`split_head`), so that in bf16 the logits are not rounded
+  before the softmax and the argmax, as PyTorch's autocast path keeps its head in fp32 too.
 
 ``auto`` picks OpenVINO on a CPU when it is installed and PyTorch otherwise (always on CUDA);
 precision ``auto`` picks bf16 where the hardware runs it natively, else fp32 (see
@@ -64,6 +67,7 @@ from autounet.inference.engine_cache import (
     remove_entry,
     write_record,
 )
+from autounet.networks.unet import NetworkBody, UNet
 from autounet.runtime import cpu_flags, half_precision, native_bf16
 from autounet.utils.atomic import atomic_write, make_folder
 from autounet.utils.temporary import temporary_prefix
@@ -306,9 +310,12 @@ class _ConvertedEngine(Engine):
     the remaining tiles (the predictor redoes the case: one engine per case). A ``MemoryError``
     is never handed over: it is not the engine's fault and passes through as it is."""
 
-    def __init__(self, name: str, precision: str, network: torch.nn.Module | None):
+    def __init__(self, name: str, precision: str, network: torch.nn.Module | None, head: torch.nn.Module | None = None):
         super().__init__(name, precision)
         self.standby = network  # PyTorch's network, should the engine fail at run time
+        # When the converted file is the network without its head (NetworkBody): the head, run
+        # here in float32 on the features the engine returns.
+        self.head = head
         self._fallback: TorchEngine | None = None
         self.failure: str | None = None
         self.redo_case = False
@@ -328,7 +335,10 @@ class _ConvertedEngine(Engine):
             return self._fallback(x)
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         try:
-            out = self._run(array)
+            out = torch.from_numpy(self._run(array))
+            if self.head is not None:
+                with torch.autocast("cpu", enabled=False):
+                    out = self.head(out.float())
         except MemoryError:
             raise
         except Exception as exc:
@@ -340,7 +350,7 @@ class _ConvertedEngine(Engine):
                 raise EngineRunFailure(self.failure) from exc
             print(f"note: {self.failure}; PyTorch fp32 predicts from here on", file=sys.stderr)
             return self._fallback(x)
-        return torch.from_numpy(out).to(x.device)
+        return out.to(x.device)
 
 
 class OnnxRuntimeEngine(_ConvertedEngine):
@@ -367,8 +377,9 @@ class OpenVinoEngine(_ConvertedEngine):
         threads: int | None = None,
         network: torch.nn.Module | None = None,
         mmap: bool = True,
+        head: torch.nn.Module | None = None,
     ):
-        super().__init__("openvino", precision, network)
+        super().__init__("openvino", precision, network, head)
         ov = _import("openvino")
         core = ov.Core()
         if not mmap:  # the file is temporary: read the weights, do not map them
@@ -386,7 +397,10 @@ class OpenVinoEngine(_ConvertedEngine):
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         self.request.infer({0: x})
-        return np.array(self.request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        data = self.request.get_output_tensor(0).data
+        if self.head is not None:  # features, read once by the head before the next request
+            return data
+        return np.array(data, dtype=np.float32, copy=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,8 +443,8 @@ def _key_of(inputs: dict[str, str]) -> str:
 
 def conversion_key(network: torch.nn.Module, engine: str, example_shape: Sequence[int]) -> str:
     """The cache key of ``network`` converted for ``engine`` with tiles of ``example_shape``
-    (a digest of :func:`conversion_inputs`)."""
-    return _key_of(conversion_inputs(network_digest(network), engine, example_shape))
+    (a digest of :func:`conversion_inputs`; for OpenVINO, of what it converts: :func:`split_head`)."""
+    return _key_of(conversion_inputs(network_digest(converted_network(network, engine)), engine, example_shape))
 
 
 def _tile_shape(example_shape: Sequence[int]) -> tuple[int, ...]:
@@ -697,12 +711,14 @@ def compile_network(
     _import(name)
     network = network.eval()
     standby = network
+    converted = converted_network(network, name)
+    head = split_head(network)[1] if converted is not network else None
 
     def load(path: Path, temporary: bool) -> _ConvertedEngine:
         if name == "onnxruntime":
             loaded: _ConvertedEngine = OnnxRuntimeEngine(path, threads, standby)
         else:
-            loaded = OpenVinoEngine(path, prec, threads, standby, mmap=not temporary)
+            loaded = OpenVinoEngine(path, prec, threads, standby, mmap=not temporary, head=head)
         if temporary:
             loaded.file = None  # a temporary file, gone with the folder (the engine holds the model)
         return loaded
@@ -710,12 +726,28 @@ def compile_network(
     try:
         with tempfile.TemporaryDirectory(prefix="autounet-engine-") as scratch:
             folder = Path(cache_dir) if cache_dir is not None else None
-            compiled = _cached_engine(network, name, shape, folder, cache_key, Path(scratch), load)
+            compiled = _cached_engine(converted, name, shape, folder, cache_key, Path(scratch), load)
     except EngineUnavailable:
         raise
     except Exception as exc:
         raise EngineUnavailable(name, f"conversion failed ({_reason(exc)})") from exc
     return compiled
+
+
+def split_head(network: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """What OpenVINO converts of ``network`` and the head to run apart: for a :class:`UNet`, its
+    :class:`NetworkBody` and its 1x1 head, so that in bf16 only the body rounds and the logits
+    are computed in float32 (else ``10.0`` and ``10.03`` would be one bf16 value before the
+    argmax); any other module whole, with no head."""
+    if isinstance(network, UNet):
+        return NetworkBody(network).eval(), network.heads[0]
+    return network, None
+
+
+def converted_network(network: torch.nn.Module, engine: str) -> torch.nn.Module:
+    """What ``engine`` converts of ``network`` (and what its cache key is made of): OpenVINO the
+    body of a :class:`UNet` (:func:`split_head`), onnxruntime the whole network."""
+    return split_head(network)[0] if engine == "openvino" else network
 
 
 def torch_precision_for(precision: str, device: str | torch.device = "cpu") -> str:

@@ -23,6 +23,7 @@ from autounet.data.dicom import DicomSeries, find_dicom_series, looks_like_dicom
 from autounet.data.geometry import Geometry
 from autounet.data.image_io import IMAGE_SUFFIXES, image_suffix, read_image_scanned
 from autounet.data.image_verify import ImageReadError, name_problem, verify_image_file, verify_image_header
+from autounet.data.nifti_scan import is_nifti_name
 from autounet.errors import AutounetError
 
 _CHANNEL = re.compile(r"^(.+)_(\d{4})$")
@@ -242,8 +243,9 @@ def discover_cases(paths: Sequence[str | Path], num_channels: int, name_by: str 
 
 def read_input(case: InputCase, verified: bool = False) -> tuple[np.ndarray, Geometry, list[int]]:
     """A case's image ``(C, Z, Y, X)``, its geometry and the NaN/infinite voxels per channel
-    (see :func:`~autounet.data.image_io.read_image_scanned`). ``verified``: :func:`verify_inputs`
-    has checked the files' bytes already, so they are not decompressed again for that. A DICOM
+    (see :func:`~autounet.data.image_io.read_image_scanned`). A NIfTI file is verified in the pass
+    that reads it (one decompression of a ``.nii.gz``); ``verified``: :func:`verify_inputs` has
+    checked the other files' bytes already, so they are not decompressed again for that. A DICOM
     series is decoded here, once, in its stored type (:func:`~autounet.data.dicom.read_dicom_series`)."""
     if case.series is not None:
         image, geometry = read_dicom_series(case.series)  # refuses non-finite values itself
@@ -252,15 +254,23 @@ def read_input(case: InputCase, verified: bool = False) -> tuple[np.ndarray, Geo
 
 
 def verify_inputs(cases: Sequence[InputCase]) -> None:
-    """Every input file's data, before any prediction starts (one pass over each file): a file
-    cut short, corrupt compressed data (see :mod:`autounet.data.image_verify`) or NaN/infinite
-    voxels of a float NIfTI file (which SimpleITK would read as 0) stop the command naming the case.
-    A DICOM series is not decoded here (its headers were checked when it was found): it is decoded
-    once, when its case is read, and damaged pixel data stop the command then, naming the series."""
-    for case in cases:
+    """Every input file's data that its read does not verify itself, before any prediction starts,
+    in the order the cases are read: a file cut short, corrupt compressed data (see
+    :mod:`autounet.data.image_verify`) or NaN/infinite voxels stop the command naming the case.
+
+    The first case's NIfTI files are left to its read, which verifies them in the one pass that
+    decompresses them (:func:`read_input`) and comes before anything is written: a one-case
+    prediction decompresses each file once. The later cases' files are verified here, so that a
+    damaged one stops the command before the first case's outputs are written (their read then
+    decompresses them a second time). A DICOM series is not decoded here (its headers were
+    checked when it was found): it is decoded once, when its case is read, and damaged pixel
+    data stop the command then, naming the series."""
+    for i, case in enumerate(cases):
         if case.series is not None:
             continue
         for f in case.files:
+            if i == 0 and is_nifti_name(f):
+                continue
             try:
                 nonfinite = verify_image_file(f, count_nonfinite=True)
             except ImageReadError as exc:
@@ -269,6 +279,21 @@ def verify_inputs(cases: Sequence[InputCase]) -> None:
                 raise AutounetError(
                     f"{case.case_id}: the image holds NaN or infinite intensities ({sum(nonfinite)} voxel(s) in {f})"
                 )
+
+
+def case_grid(case: InputCase) -> tuple[list[int], list[float], int]:
+    """``(shape z, y, x)``, ``spacing`` (mm) and channels of a case from its header(s) alone: a
+    DICOM series from the slice headers read when it was found, an image file from the first
+    bytes SimpleITK reads of it (:func:`header_of`)."""
+    if case.series is not None:
+        shape, spacing = case.series.grid
+        return shape, spacing, 1
+    reader = header_of(case, case.files[0])
+    size, spacing = list(reader.GetSize()), list(reader.GetSpacing())
+    if len(size) == 2:
+        size, spacing = [*size, 1], [*spacing, 1.0]
+    channels = size[3] if len(size) == 4 else reader.GetNumberOfComponents() * len(case.files)
+    return size[2::-1], spacing[2::-1], channels
 
 
 def header_of(case: InputCase, path: Path) -> sitk.ImageFileReader:

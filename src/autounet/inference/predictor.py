@@ -32,7 +32,8 @@ from autounet.inference.dicom_seg import DICOM_SEG_SUFFIX, require_highdicom, se
 from autounet.inference.inputs import InputCase, discover_cases, read_input, verify_inputs
 from autounet.inference.model import StageModel, load_stage, stage_chain
 from autounet.inference.output_check import PROBABILITIES_SUFFIX, output_problem
-from autounet.inference.sliding_window import fits_on_device, predict_slices, predict_volume
+from autounet.inference.sliding_window import fits_on_device, predict_slices, predict_volume, tiles_per_batch_for
+from autounet.inference.spill import SpillFolder, SpillVolume, release
 from autounet.packaging import open_package
 from autounet.postprocessing.apply import Postprocessing
 from autounet.preprocessing.case import (
@@ -119,10 +120,13 @@ def stage_probabilities(
     step: float = 0.5,
     previous_seg: np.ndarray | None = None,
     tiles_per_batch: int | None = None,
-) -> torch.Tensor:
+    sink: SpillVolume | None = None,
+) -> torch.Tensor | SpillVolume:
     """Probabilities ``(K, z, y, x)`` in the stage's preprocessed space, averaged over its networks.
 
-    A cascade stage needs ``previous_seg``: the first stage's class indices on this grid.
+    A cascade stage needs ``previous_seg``: the first stage's class indices on this grid. With a
+    ``sink`` the probabilities go to it as they are finished (a rolling accumulator, see
+    :func:`~autounet.inference.sliding_window.predict_volume`), and the sink is returned.
     """
     if stage.plan.previous_stage:
         if previous_seg is None:
@@ -132,14 +136,14 @@ def stage_probabilities(
         )
     spatial = image.shape[1:]
     three_d = stage.plan.network_dims == 3
-    tiles = tiles_per_batch or (4 if three_d else 32)
     patch = stage.plan.patch_size if three_d else [1, *stage.plan.patch_size]
+    tiles = tiles_per_batch or tiles_per_batch_for(three_d, stage.num_outputs, patch)
     attempts = accumulation_attempts(
         device, fits_on_device(device, image.shape[0], stage.num_outputs, spatial, patch, tiles)
     )
     for i, accumulate in enumerate(attempts):
         try:
-            return _ensemble_probabilities(stage, image, device, amp_dtype, tta, step, tiles, accumulate)
+            return _ensemble_probabilities(stage, image, device, amp_dtype, tta, step, tiles, accumulate, sink)
         except torch.OutOfMemoryError:
             if i + 1 == len(attempts):
                 raise AutounetError(
@@ -173,29 +177,29 @@ def _ensemble_probabilities(
     step: float,
     tiles: int,
     accumulate: torch.device,
-) -> torch.Tensor:
-    """The average of the stage's networks' probabilities, accumulated on ``accumulate``."""
+    sink: SpillVolume | None = None,
+) -> torch.Tensor | SpillVolume:
+    """The average of the stage's networks' probabilities, accumulated on ``accumulate`` (or
+    handed to ``sink`` row by row). Every network predicts each batch of tiles and their mean is
+    accumulated once: one accumulator for all folds, never one per fold (issue 22)."""
     fn = predict_volume if stage.plan.network_dims == 3 else predict_slices
-    total = None
-    for i, network in enumerate(stage.networks):
-        p = fn(
-            network,
-            image,
-            stage.plan.patch_size,
-            stage.num_outputs,
-            step=step,
-            mirror_axes=stage.mirror_axes if tta else (),
-            tiles_per_batch=tiles,
-            device=device,
-            amp_dtype=amp_dtype,
-            activation=stage.activation,
-            accumulate_device=accumulate,
-            desc=f"{stage.configuration} {i + 1}/{len(stage.networks)}",
-        )
-        total = p if total is None else total.add_(p)
-        del p
-    # in place: a copy would hold K x V twice (issue 22)
-    return total.div_(len(stage.networks)) if len(stage.networks) > 1 else total
+    folds = len(stage.networks)
+    p = fn(
+        list(stage.networks),
+        image,
+        stage.plan.patch_size,
+        stage.num_outputs,
+        step=step,
+        mirror_axes=stage.mirror_axes if tta else (),
+        tiles_per_batch=tiles,
+        device=device,
+        amp_dtype=amp_dtype,
+        activation=stage.activation,
+        accumulate_device=accumulate,
+        desc=stage.configuration + (f" ({folds} folds)" if folds > 1 else ""),
+        sink=sink,
+    )
+    return sink if sink is not None else p
 
 
 def argmax_on_grid(probabilities: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
@@ -217,12 +221,17 @@ def model_probabilities(
     tta: bool = True,
     step: float = 0.5,
     tiles_per_batch: int | None = None,
-) -> torch.Tensor:
-    """Run every stage of a model on a prepared case; the last stage's probabilities."""
+    sink: SpillVolume | None = None,
+) -> torch.Tensor | SpillVolume:
+    """Run every stage of a model on a prepared case; the last stage's probabilities (into
+    ``sink`` when given)."""
     previous = None
     stages = stage_chain(stage)
     for i, s in enumerate(stages):
-        probs = stage_probabilities(s, prepared.images[i], device, amp_dtype, tta, step, previous, tiles_per_batch)
+        last = i + 1 == len(stages)
+        probs = stage_probabilities(
+            s, prepared.images[i], device, amp_dtype, tta, step, previous, tiles_per_batch, sink if last else None
+        )
         if i + 1 < len(stages):
             previous = argmax_on_grid(probs, prepared.properties[i + 1].shape_after_resampling)
             del probs
@@ -379,6 +388,10 @@ class Predictor:
         # True: the export of before issue 22 (every member's K probability maps on the input grid
         # in memory); kept for benchmarks/big_ct.py --legacy
         self.legacy_export = False
+        # per case of the running predict(): its memory plan (spill to disk or not, slab size);
+        # where spilled probabilities go (the output folder; predict_array: the temporary folder)
+        self._plans: dict = {}
+        self._spill_root: Path | None = None
 
     def _compile(self, engine: str, precision: str, quiet: bool) -> str:
         """Put every network of every member behind its engine; say once what runs them."""
@@ -441,10 +454,28 @@ class Predictor:
             )
             return self._network_once(prepared)
 
-    def _network_once(self, prepared: list[Prepared]) -> list[torch.Tensor]:
-        out = []
-        for m, p in zip(self.members, prepared):
-            out.append(model_probabilities(m, p, self.device, self.amp_dtype, self.tta, self.step).cpu())
+    def _network_once(self, prepared: list[Prepared]) -> list[torch.Tensor | SpillVolume]:
+        """Every member's probabilities: in memory, or (when the case's memory plan says so) in
+        files of a private folder that the export removes (:mod:`autounet.inference.spill`)."""
+        plan = self._plans.get(prepared[0].case_id)
+        folder = None
+        if plan is not None and plan.spill and not self.legacy_export:
+            import tempfile
+
+            folder = SpillFolder(self._spill_root or tempfile.gettempdir(), plan.disk)
+        out: list[torch.Tensor | SpillVolume] = []
+        try:
+            for i, (m, p) in enumerate(zip(self.members, prepared)):
+                sink = None
+                if folder is not None:
+                    sink = folder.volume(f"member{i}", (m.num_outputs, *p.properties[-1].shape_after_resampling))
+                r = model_probabilities(m, p, self.device, self.amp_dtype, self.tta, self.step, sink=sink)
+                out.append(r.cpu() if isinstance(r, torch.Tensor) else r)
+        except BaseException:
+            release(out)
+            if folder is not None:
+                folder.remove()
+            raise
         return out
 
     def _stream(self, probs: list[torch.Tensor], prepared: list[Prepared], stream=None) -> Prediction:
@@ -453,6 +484,7 @@ class Predictor:
         from autounet.inference.streaming import MemberOutput, stream_segmentation
 
         outputs = [MemberOutput(pr, prep.properties[-1]) for pr, prep in zip(probs, prepared)]
+        plan = self._plans.get(prepared[0].case_id)
         seg = stream_segmentation(
             outputs,
             self.stage.label_values,
@@ -460,6 +492,7 @@ class Predictor:
             self.postprocessing,
             stream,
             self.device if self.device.type == "cuda" else "cpu",
+            **({"slab_bytes": plan.slab} if plan is not None else {}),
         )
         return Prediction(seg, None, prepared[0].properties[-1].geometry)
 
@@ -493,9 +526,9 @@ class Predictor:
 
     def _load(self, case: InputCase, keep_raw: bool) -> tuple[list[Prepared], np.ndarray | None, float]:
         t = time.perf_counter()
-        # ITK 5 reads NaN/Inf voxels of NIfTI files as 0: they are counted in the file's bytes, in
-        # the pass verify_inputs made over every file before the first case (data/image_verify.py),
-        # so the files are read here without a second verifying pass (issue 22).
+        # NIfTI files are verified, and their NaN/Inf voxels (ITK 5 reads them as 0) counted, in the
+        # one pass that reads them; other files were verified by verify_inputs before the first
+        # case, so they are read here without a second verifying pass (issue 22).
         image, geometry, nonfinite = read_input(case, verified=True)
         if any(nonfinite):
             files = case.files
@@ -508,10 +541,17 @@ class Predictor:
         prepared = self._prepare(case.case_id, image, geometry)
         return prepared, (image if keep_raw else None), time.perf_counter() - t
 
-    def _export(
+    def _export(self, case: InputCase, probs: list[torch.Tensor | SpillVolume], *rest) -> tuple[Path, float]:
+        """:meth:`_export_once`; then the spilled probabilities are removed, whatever happened."""
+        try:
+            return self._export_once(case, probs, *rest)
+        finally:
+            release(probs)
+
+    def _export_once(
         self,
         case: InputCase,
-        probs: list[torch.Tensor],
+        probs: list[torch.Tensor | SpillVolume],
         prepared: list[Prepared],
         raw_image: np.ndarray | None,
         out_dir: Path,
@@ -674,8 +714,8 @@ class Predictor:
                 )
         if dry_run:
             return [CaseTiming(c.case_id, out_dir / c.output_name(), 0.0, 0.0, 0.0) for c in cases]
-        overlap = self._memory_plan(cases, memory_limit, save_probabilities)
-        verify_inputs(cases)  # image files to their last byte before anything is written (DICOM series: when read)
+        overlap = self._memory_plan(cases, memory_limit, save_probabilities, out_dir)
+        verify_inputs(cases)  # later cases' files to their last byte before anything is written (see its docstring)
         make_folder(out_dir)
         remove_stale_temporaries(out_dir)
         if not overlap:
@@ -705,12 +745,17 @@ class Predictor:
                 timings.append(_finish(pending))
         return timings
 
-    def _memory_plan(self, cases: Sequence[InputCase], memory_limit: float | None, save_probabilities: bool) -> bool:
+    def _memory_plan(
+        self, cases: Sequence[InputCase], memory_limit: float | None, save_probabilities: bool, out_dir: Path
+    ) -> bool:
         """Whether cases may overlap (read next, export previous) within ``memory_limit`` GB; refuses
-        a case that does not fit alone (:func:`~autounet.inference.memory.plan_memory`)."""
+        a case that does not fit alone (:func:`~autounet.inference.memory.plan_memory`), or whose
+        spilled probabilities would not fit on the disk of ``out_dir``; records each case's plan
+        (spill or not, slab size) for the network and the export."""
         from autounet.inference.memory import (
             GB,
             available_bytes,
+            check_disk,
             estimate_case,
             input_grid,
             plan_memory,
@@ -719,13 +764,20 @@ class Predictor:
 
         if memory_limit is not None and not memory_limit > 0:
             raise AutounetError(f"--memory-limit must be a positive number of GB, got {memory_limit}")
-        limit = int(memory_limit * GB) if memory_limit is not None else available_bytes()
+        given = int(memory_limit * GB) if memory_limit is not None else None
+        limit = given if given is not None else available_bytes()
         base = resident_bytes()
         estimates = []
         for c in cases:
             shape, spacing, channels = input_grid(c)
-            estimates.append(estimate_case(self.members, c.case_id, shape, spacing, channels, base, save_probabilities))
+            estimates.append(
+                estimate_case(self.members, c.case_id, shape, spacing, channels, base, save_probabilities, given)
+            )
         overlap = plan_memory(estimates, limit)
+        if not self.legacy_export:
+            check_disk(estimates, out_dir, overlap)
+        self._plans = {e.case_id: e for e in estimates}
+        self._spill_root = out_dir
         if not overlap and len(cases) > 1:
             print(
                 f"note: overlapping cases would exceed the memory limit of {limit / GB:.1f} GB; "

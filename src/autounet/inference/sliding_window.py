@@ -25,6 +25,7 @@ import itertools
 import math
 import sys
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -41,6 +42,19 @@ ACCUMULATOR_DTYPE = torch.float16
 HALF_ACCUMULATION_TIE = 8 * 2.0**-11
 # Show a tile progress bar for volumes with at least this many network evaluations.
 TILE_BAR_THRESHOLD = 64
+# A batch's float32 outputs (K x tiles x patch) stay within this, at one tile at least: with 104
+# classes one 160x128x96 tile's probabilities alone take 820 MB.
+OUTPUT_BATCH_BYTES = 256 * 1024**2
+# The float32 temporaries of adding a tile into the accumulators, and of normalising finished
+# rows, are made a few classes (or rows) at a time, within this.
+CHUNK_BYTES = 64 * 1024**2
+
+
+def tiles_per_batch_for(three_d: bool, num_outputs: int, patch: Sequence[int]) -> int:
+    """Tiles predicted at once: 4 (3D) or 32 (2D slices), fewer where their ``num_outputs``
+    float32 probabilities would exceed :data:`OUTPUT_BATCH_BYTES`."""
+    per_tile = 4 * num_outputs * math.prod(patch)
+    return max(1, min(4 if three_d else 32, OUTPUT_BATCH_BYTES // per_tile))
 
 
 def gaussian_importance(patch: Sequence[int], sigma_fraction: float = 1 / 8, device="cpu") -> torch.Tensor:
@@ -153,9 +167,17 @@ def _activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.softmax(logits, dim=1) if activation == "softmax" else torch.sigmoid(logits)
 
 
+class RowSink(Protocol):
+    """Where a rolling accumulator puts finished rows: ``write(z0, rows)`` receives the normalised
+    probabilities ``(K, r, Y, X)`` (float16, on the accumulating device) of output rows ``z0 .. z0 + r``
+    along axis 0, in increasing order, each row once."""
+
+    def write(self, z0: int, rows: torch.Tensor) -> None: ...
+
+
 @torch.no_grad()
 def predict_volume(
-    network: torch.nn.Module,
+    network: torch.nn.Module | Sequence[torch.nn.Module],
     image: np.ndarray | torch.Tensor,
     patch: Sequence[int],
     num_outputs: int,
@@ -168,18 +190,27 @@ def predict_volume(
     accumulate_device: str | torch.device | None = None,
     desc: str = "tiles",
     accumulate_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    sink: RowSink | None = None,
+) -> torch.Tensor | None:
     """Probabilities ``(K, *spatial)`` of an image ``(C, *spatial)``, on ``accumulate_device``, in
     ``accumulate_dtype`` (default :data:`ACCUMULATOR_DTYPE`, float16; see the module docstring).
 
     ``patch`` has one value per spatial axis of ``image``. ``mirror_axes`` are spatial axes
     (0-based) to mirror for test-time augmentation. ``accumulate_device`` defaults to ``device``.
+    ``network`` may be several networks (the folds of a model): each tile is predicted by all of
+    them and their mean is accumulated once, as the mean of their separate results would be.
+
+    With a ``sink`` the accumulator rolls: it holds only the rows of axis 0 that one tile spans;
+    rows that no later tile touches (tiles go in order along axis 0) are normalised and handed to
+    ``sink.write`` as soon as they are complete, and nothing is returned.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}")
     device = torch.device(device)
     acc = torch.device(accumulate_device) if accumulate_device is not None else device
-    network.eval()
+    networks = list(network) if isinstance(network, Sequence) else [network]
+    for net in networks:
+        net.eval()
     # A private float32 copy (images may be read-only memory maps).
     x = image.float() if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, dtype=np.float32))
     spatial = list(x.shape[1:])
@@ -193,9 +224,11 @@ def predict_volume(
     x = x.to(acc)
     starts_per_axis = [tile_starts(s, p, step) for s, p in zip(padded, patch)]
     weight = _accumulation_weights(patch, starts_per_axis, padded, acc)
-    probs = torch.zeros((num_outputs, *padded), dtype=accumulate_dtype or ACCUMULATOR_DTYPE, device=acc)
-    norm = torch.zeros(padded, dtype=torch.float32, device=acc)
-    starts = list(itertools.product(*starts_per_axis))
+    rows = patch[0] if sink is not None else padded[0]  # the rows of axis 0 held at a time
+    probs = torch.zeros((num_outputs, rows, *padded[1:]), dtype=accumulate_dtype or ACCUMULATOR_DTYPE, device=acc)
+    norm = torch.zeros((rows, *padded[1:]), dtype=torch.float32, device=acc)
+    rolling = _Rolling(probs, norm, sink, pad, spatial) if sink is not None else None
+    starts = list(itertools.product(*starts_per_axis))  # in order along axis 0
     flips = mirror_combinations([a + 2 for a in mirror_axes])
     bar = tqdm(
         total=len(starts),
@@ -211,19 +244,29 @@ def predict_volume(
         boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in chunk]
         batch = torch.stack([x[(slice(None), *b)] for b in boxes]).to(device, non_blocking=True)
         total = None
-        for flip in flips:
-            inp = torch.flip(batch, flip) if flip else batch
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = network(inp)
-            out = _activate(out, activation)
-            out = torch.flip(out, flip) if flip else out
-            total = out if total is None else total + out
-        total = (total / len(flips)).to(acc)
+        for net in networks:
+            for flip in flips:
+                inp = torch.flip(batch, flip) if flip else batch
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = net(inp)
+                out = _activate(out, activation)
+                out = torch.flip(out, flip) if flip else out
+                total = out if total is None else total.add_(out)
+                del out  # one batch of outputs besides the running total
+        total = total.div_(len(flips) * len(networks)).to(acc)
+        classes = max(1, CHUNK_BYTES // (4 * weight.numel()))
         for b, box in enumerate(boxes):
-            probs[(slice(None), *box)] += (total[b] * weight).to(probs.dtype)
+            if rolling is not None:
+                box = rolling.advance(box)
+            target = probs[(slice(None), *box)]
+            for k in range(0, num_outputs, classes):  # float32 temporaries of a few classes at a time
+                target[k : k + classes] += (total[b, k : k + classes] * weight).to(probs.dtype)
             norm[box] += weight
         bar.update(len(chunk))
     bar.close()
+    if rolling is not None:
+        rolling.finish(padded[0])
+        return None
     for k in range(num_outputs):  # in float32, one class at a time
         probs[k] = probs[k].float().div_(norm)
     if any(pad):
@@ -231,9 +274,53 @@ def predict_volume(
     return probs
 
 
+class _Rolling:
+    """The window of rows ``base .. base + rows`` (axis 0, padded coordinates) of a rolling
+    accumulator: before a tile that starts at row ``s`` is added, rows ``base .. s`` are complete
+    (every later tile starts at ``s`` or after), so they go to the sink and the window moves on."""
+
+    def __init__(self, probs: torch.Tensor, norm: torch.Tensor, sink: RowSink, pad: Sequence[int], spatial):
+        self.probs, self.norm, self.sink = probs, norm, sink
+        self.base = 0
+        # the unpadded volume inside the padded one
+        self.keep = [slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial)]
+
+    def advance(self, box: tuple[slice, ...]) -> tuple[slice, ...]:
+        """``box`` (padded coordinates) in window coordinates, after flushing what it completes."""
+        start = box[0].start
+        if start > self.base:
+            self._flush(start)
+        return (slice(start - self.base, box[0].stop - self.base), *box[1:])
+
+    def finish(self, end: int) -> None:
+        if end > self.base:
+            self._flush(end)
+
+    def _flush(self, stop: int) -> None:
+        done = stop - self.base
+        lo, hi = max(self.base, self.keep[0].start), min(stop, self.keep[0].stop)
+        k_all, plane = self.probs.shape[0], math.prod(self.probs.shape[2:])
+        step = max(1, CHUNK_BYTES // (2 * k_all * plane))  # rows normalised and written at a time
+        for r0 in range(lo, hi, step):  # the rows of the unpadded volume, normalised in float32, class by class
+            r1 = min(hi, r0 + step)
+            inner = (slice(r0 - self.base, r1 - self.base), *self.keep[1:])
+            norm = self.norm[inner]
+            rows = torch.empty((k_all, *norm.shape), dtype=self.probs.dtype, device=self.probs.device)
+            for k in range(k_all):
+                rows[k] = self.probs[(k, *inner)].float().div_(norm)
+            self.sink.write(r0 - self.keep[0].start, rows)
+        held = self.probs.shape[1]
+        for r in range(held - done):  # move the unfinished rows to the front, row by row (no copy of the window)
+            self.probs[:, r] = self.probs[:, r + done]
+            self.norm[r] = self.norm[r + done]
+        self.probs[:, max(0, held - done) :] = 0
+        self.norm[max(0, held - done) :] = 0
+        self.base = stop
+
+
 @torch.no_grad()
 def predict_slices(
-    network: torch.nn.Module,
+    network: torch.nn.Module | Sequence[torch.nn.Module],
     image: np.ndarray | torch.Tensor,
     patch: Sequence[int],
     num_outputs: int,
@@ -246,14 +333,16 @@ def predict_slices(
     accumulate_device: str | torch.device | None = None,
     desc: str = "tiles",
     accumulate_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    sink: RowSink | None = None,
+) -> torch.Tensor | None:
     """A 2D network over every slice (axis 1 of ``image`` ``(C, Z, Y, X)``): probabilities ``(K, Z, Y, X)``.
 
     ``patch`` and ``mirror_axes`` are the 2D network's (in-plane axes 0 and 1). Tiles of
     different slices are predicted in the same batch.
     """
+    nets = [_SliceNet(n) for n in network] if isinstance(network, Sequence) else _SliceNet(network)
     return predict_volume(
-        _SliceNet(network),
+        nets,
         image,
         (1, *patch),
         num_outputs,
@@ -266,4 +355,5 @@ def predict_slices(
         accumulate_device,
         desc,
         accumulate_dtype,
+        sink,
     )

@@ -1,17 +1,23 @@
 """Streaming ensemble and export (issue 22): members' probabilities become the segmentation on
-the input grid one class at a time, inside the crop box.
+the input grid slab by slab and class by class, inside the crop box.
 
-For each class (or region) ``k`` every member's map is resampled from its preprocessed space to
-the crop box of the input grid (:func:`revert_channel`), the members are averaged, and a running
-argmax (or the region's threshold) updates the segmentation. Memory holds a few box-sized
-volumes, never ``K × input grid``. With ``--save-probabilities`` each averaged map goes straight
-into ``CASE.npz`` (:class:`~autounet.data.probabilities.ProbabilityStream`); the BraTS ET rule
-keeps the one map it needs (the last region's).
+The crop box is cut into slabs along the input axis that the members' preprocessed axis 0 comes
+from (``transpose_forward[0]``). For each slab and each class (or region) ``k``, every member's
+rows of class ``k`` that the slab needs (with the one-row interpolation margin) are read, from
+memory or from the member's file on disk (:mod:`autounet.inference.spill`), resampled to the slab
+(:func:`revert_rows`), averaged over the members, and a running argmax (or the region's
+threshold) updates the slab's labels. Members on one preprocessed grid (2d and 3d_fullres at one
+spacing) are summed before they are reverted, once (:class:`_Summed`). Memory holds the label volume and a few slab-sized float
+buffers (``slab_bytes``), never ``K × input grid``. With ``--save-probabilities`` the loops turn
+round (class outside, slabs inside), so that each averaged map goes straight into ``CASE.npz``
+(:class:`~autounet.data.probabilities.ProbabilityStream`) while the running argmax covers the
+whole box; the BraTS ET rule keeps the one map it needs (the last region's).
 
 The resampling is the one of :mod:`autounet.preprocessing.resample` (linear, pixel-centre
-mapping; nearest along the separate axis of anisotropic data): on a GPU (when the model runs
-there) its PyTorch twin :func:`resample_linear`, which gives the same float32 values operation for
-operation; on a CPU NumPy's own slabbed passes, which measured faster than gathers in PyTorch.
+mapping; nearest along the separate axis of anisotropic data), in PyTorch on the device the model
+ran on (:mod:`autounet.inference.linear_resample`): a slab is resampled in-plane first, then along
+the slab axis, with NumPy's float32 operations in their order, so that its values equal the whole
+volume's to float32 rounding.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import torch
 from autounet.data.crop import box_slices
 from autounet.data.probabilities import ProbabilityStream
 from autounet.errors import AutounetError
+from autounet.inference.linear_resample import resample_rows, source_rows
+from autounet.inference.spill import SpillVolume
 from autounet.postprocessing.apply import Postprocessing
 from autounet.postprocessing.brats_et import apply_et_rule, et_labels
-from autounet.preprocessing.resample import SLAB_VOXELS, resample_volume
 from autounet.preprocessing.store import CaseProperties
 from autounet.regions import RegionSet, label_dtype
 
@@ -36,60 +43,11 @@ Box = tuple[tuple[int, int], ...]
 
 @dataclass
 class MemberOutput:
-    """One ensemble member's probabilities ``(K, z, y, x)`` in its preprocessed space."""
+    """One ensemble member's probabilities ``(K, z, y, x)`` in its preprocessed space (in memory,
+    or spilled to disk)."""
 
-    probabilities: torch.Tensor | np.ndarray
+    probabilities: torch.Tensor | np.ndarray | SpillVolume
     properties: CaseProperties
-
-
-def _source_coordinates(n_in: int, n_out: int) -> np.ndarray:
-    return (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-
-
-def _resample_axis(x: torch.Tensor, axis: int, n_out: int, order: int) -> torch.Tensor:
-    """:func:`autounet.preprocessing.resample.resample_axis` in PyTorch (orders 0 and 1), slab by
-    slab along the largest other axis so that temporaries stay near ``SLAB_VOXELS``."""
-    n_in = x.shape[axis]
-    if n_out == n_in:
-        return x
-    src = _source_coordinates(n_in, n_out)
-    if order == 0:
-        idx = np.clip(np.floor(src + 0.5), 0, n_in - 1).astype(np.int64)
-        return x.index_select(axis, torch.from_numpy(idx).to(x.device))
-    src = np.clip(src, 0, n_in - 1)
-    i0 = np.floor(src).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    shape = [1] * x.dim()
-    shape[axis] = n_out
-    w1 = torch.from_numpy((src - i0).astype(np.float32)).reshape(shape).to(x.device)
-    w0 = 1 - w1
-    i0_t, i1_t = torch.from_numpy(i0).to(x.device), torch.from_numpy(i1).to(x.device)
-    out_shape = list(x.shape)
-    out_shape[axis] = n_out
-    out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
-    others = [a for a in range(x.dim()) if a != axis]
-    slab_axis = max(others, key=lambda a: x.shape[a])
-    per_index = max(1, out.numel() // out.shape[slab_axis])
-    step = max(1, SLAB_VOXELS // per_index)
-    for start in range(0, x.shape[slab_axis], step):
-        part = x.narrow(slab_axis, start, min(step, x.shape[slab_axis] - start))
-        # the same float32 operations, in the same order, as the NumPy resampler
-        res = part.index_select(axis, i0_t).float()
-        res *= w0
-        res += part.index_select(axis, i1_t) * w1
-        out.narrow(slab_axis, start, part.shape[slab_axis]).copy_(res)
-    return out
-
-
-def resample_linear(volume: torch.Tensor, new_shape: Sequence[int], sep_axis: int | None = None) -> torch.Tensor:
-    """Linear resampling of one float volume (nearest along ``sep_axis``), shrinking axes first,
-    as :func:`autounet.preprocessing.resample.resample_volume` does with order 1."""
-    orders = [0 if a == sep_axis else 1 for a in range(volume.dim())]
-    axes = sorted(range(volume.dim()), key=lambda a: new_shape[a] / volume.shape[a])
-    out = volume.float()
-    for a in axes:
-        out = _resample_axis(out, a, int(new_shape[a]), orders[a])
-    return out
 
 
 def _backward(props: CaseProperties) -> list[int]:
@@ -102,24 +60,94 @@ def _crop_shape_network(props: CaseProperties) -> list[int]:
 
 
 def revert_channel(channel: torch.Tensor | np.ndarray, props: CaseProperties, device: torch.device) -> np.ndarray:
-    """One map ``(z, y, x)`` in preprocessed space -> the crop box of the input grid, float32."""
+    """One map ``(z, y, x)`` in preprocessed space -> the crop box of the input grid, float32 (new
+    memory, never the member's own), by :func:`~autounet.inference.linear_resample.resample_rows`
+    on ``device``."""
     if list(channel.shape) != list(props.shape_after_resampling):
         raise AutounetError(
             f"{props.case_id}: result shape {list(channel.shape)} does not match the preprocessed shape "
             f"{props.shape_after_resampling}"
         )
+    t = _as_tensor(channel).to(device)
+    p = resample_rows(t, t.shape[0], _crop_shape_network(props), props.separate_axis)
+    return p.cpu().numpy().transpose(_backward(props))
+
+
+def _as_tensor(array: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array
+    array = np.asarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+# The export's float buffers per voxel of a slab: a member's reverted rows and their in-plane pass
+# (float32, 4 + 4 + 4), the members' sum (4), the running maximum (4), masks and indices (4).
+SLAB_BYTES_PER_VOXEL = 24
+DEFAULT_SLAB_BYTES = 256 * 1024**2
+
+
+class _Summed:
+    """Members on one preprocessed grid (same shape, crop box and axes: e.g. 2d and 3d_fullres of
+    one spacing), summed before they are reverted: resampling is linear, so reverting the sum once
+    equals the sum of the reverted maps to float32 rounding, at a fraction of the export's time."""
+
+    def __init__(self, parts: Sequence[torch.Tensor | np.ndarray | SpillVolume]):
+        self.parts = list(parts)
+        self.shape = tuple(parts[0].shape)
+
+
+def _grid(props: CaseProperties) -> tuple:
+    """What decides how a member's map is reverted: members with the same one share it."""
+    return (
+        tuple(props.shape_after_resampling),
+        tuple(tuple(b) for b in props.crop_bbox),
+        tuple(props.transpose_forward),
+        props.separate_axis,
+    )
+
+
+def _class_rows(probabilities, k: int, z0: int, z1: int) -> np.ndarray:
+    """Rows ``z0 .. z1`` (axis 0) of class ``k`` as a new float32 array."""
+    if isinstance(probabilities, _Summed):
+        total = _class_rows(probabilities.parts[0], k, z0, z1)
+        for part in probabilities.parts[1:]:
+            total += _class_rows(part, k, z0, z1)
+        return total
+    if isinstance(probabilities, SpillVolume):
+        return probabilities.rows(k, z0, z1).astype(np.float32)
+    if isinstance(probabilities, torch.Tensor):
+        return probabilities[k, z0:z1].to(torch.float32, copy=True).cpu().numpy()
+    return np.array(probabilities[k, z0:z1], dtype=np.float32)
+
+
+def revert_rows(
+    probabilities, k: int, props: CaseProperties, o0: int, o1: int, device: torch.device, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows ``o0 .. o1`` along the preprocessed axis 0 of class ``k``, reverted to the crop box of
+    the input grid (input axis order, float32): the source rows they interpolate from are read
+    (``probabilities``: ``(K, z, y, x)`` in memory or a :class:`SpillVolume`), resampled in-plane,
+    then along axis 0 with the whole volume's source coordinates. ``out`` (float32, the result's
+    shape, input axis order): written and returned instead of new memory (whose first touch costs
+    page faults of the order of the resampling itself)."""
+    shape = list(probabilities.shape[1:])
+    if shape != list(props.shape_after_resampling):
+        raise AutounetError(
+            f"{props.case_id}: result shape {shape} does not match the preprocessed shape "
+            f"{props.shape_after_resampling}"
+        )
+    target = _crop_shape_network(props)
     sep = props.separate_axis
-    if device.type == "cpu":  # NumPy's slabbed passes: the same values, and faster on a CPU than gathers in PyTorch
-        source = channel.to(torch.float32).numpy() if isinstance(channel, torch.Tensor) else np.asarray(channel)
-        p = resample_volume(source.astype(np.float32, copy=False), _crop_shape_network(props), 1, sep, 0)
-        if np.shares_memory(p, source):  # nothing resampled: never hand out the member's own memory
-            p = p.copy()
-        return p.transpose(_backward(props))
-    t = torch.as_tensor(channel).to(device)
-    p = resample_linear(t, _crop_shape_network(props), sep)
-    if p.data_ptr() == t.data_ptr():
-        p = p.clone()
-    return p.permute(*_backward(props)).cpu().numpy()
+    lo, hi = source_rows(shape[0], target, sep, o0, o1)
+    block = torch.from_numpy(_class_rows(probabilities, k, lo, hi)).to(device)
+    # in-plane, then along axis 0 (resample_rows): NumPy's float32 operations, in their order
+    if out is None or device.type != "cpu":
+        p = resample_rows(block, shape[0], target, sep, (o0, o1), lo).cpu()
+        if out is None:
+            return p.numpy().transpose(_backward(props))
+        torch.from_numpy(out).permute(*props.transpose_forward).copy_(p)
+        return out
+    resample_rows(block, shape[0], target, sep, (o0, o1), lo, torch.from_numpy(out).permute(*props.transpose_forward))
+    return out
 
 
 def _union_box(boxes: Sequence[Box]) -> Box:
@@ -127,25 +155,91 @@ def _union_box(boxes: Sequence[Box]) -> Box:
 
 
 class _Member:
-    def __init__(self, output: MemberOutput, box: Box, device: torch.device):
+    def __init__(self, output: MemberOutput, box: Box, device: torch.device, axis: int, whole: bool, count: int = 1):
         self.output, self.device = output, device
+        self.count = count  # members summed in ``output`` (:class:`_Summed`)
         own = tuple(tuple(b) for b in output.properties.crop_bbox)
         # where the member's own box lies inside the common box (identical boxes: all of it)
         self.inner = tuple(slice(o[0] - c[0], o[1] - c[0]) for o, c in zip(own, box))
         self.box_shape = tuple(b[1] - b[0] for b in box)
-        self.same = own == box
+        self.axis, self.whole = axis, whole  # the input axis of the slabs; whole: one slab, every row
 
-    def add_to(self, total: np.ndarray | None, k: int, fill: float) -> np.ndarray:
-        """``total`` + this member's class ``k`` in the common box (``total`` None: a new array)."""
-        p = revert_channel(self.output.probabilities[k], self.output.properties, self.device)
-        if not self.same:  # the member's map is ``fill`` outside its own box
-            full = np.full(self.box_shape, fill, np.float32)
-            full[self.inner] = p
+    def add_to(self, total: np.ndarray | None, k: int, slab: tuple[int, int], fill: float) -> np.ndarray:
+        """``total`` + this member's class ``k`` in ``slab`` (rows ``s0 .. s1`` of the common box
+        along the slab axis; ``total`` None: a new array)."""
+        a, (s0, s1) = self.axis, slab
+        inner = self.inner
+        shape = list(self.box_shape)
+        shape[a] = s1 - s0
+        t0, t1 = max(s0, inner[a].start), min(s1, inner[a].stop)
+        p = None
+        if t0 < t1:
+            props = self.output.properties
+            o0, o1 = (0, _crop_shape_network(props)[0]) if self.whole else (t0 - inner[a].start, t1 - inner[a].start)
+            p = revert_rows(self.output.probabilities, k, props, o0, o1, self.device)
+        where = list(inner)
+        where[a] = slice(t0 - s0, t1 - s0)
+        if p is None or list(p.shape) != shape:  # the member's map is ``fill`` outside its own box
+            full = np.full(shape, fill * self.count, np.float32)
+            if p is not None:
+                full[tuple(where)] = p
             p = full
         if total is None:
             return np.ascontiguousarray(p, dtype=np.float32)
         total += p
         return total
+
+
+class _Decision:
+    """The running argmax (class indices) or the regions' labels of an array of ``shape`` (a slab,
+    or the whole box), updated one class at a time at ``where``."""
+
+    def __init__(self, shape: Sequence[int], n: int, regions: RegionSet | None, thresholds: Sequence[float] | None):
+        self.shape, self.regions, self.thresholds = tuple(shape), regions, thresholds
+        if regions:
+            self.out = np.zeros(self.shape, label_dtype(max(r.paint for r in regions.regions)))
+            self.masks: list[np.ndarray] = []
+        else:
+            self.best = np.empty(self.shape, np.float32)
+            self.seg = np.zeros(self.shape, np.uint8 if n <= 256 else np.uint16)
+            self._better, self._step = np.empty(self.shape, bool), np.empty(self.shape, self.seg.dtype)
+
+    def add(self, k: int, total: np.ndarray, where: tuple[slice, ...]) -> None:
+        if self.regions:
+            if len(self.masks) == k:
+                self.masks.append(np.zeros(self.shape, bool))
+            mask = total >= self.thresholds[k]
+            if self.regions.hierarchical:
+                for q in self.regions.enclosing(k):
+                    mask &= self.masks[q][where]
+            self.masks[k][where] = mask
+            self.out[where][mask] = self.regions.regions[k].paint
+        elif k == 0:
+            self.best[where] = total
+        else:
+            # without branches (a mask-driven copy or assignment mispredicts on every voxel of a
+            # noisy map: 10 x slower): seg += better * (k - seg), in its unsigned wrap-around
+            best, seg, better, step = (a[where] for a in (self.best, self.seg, self._better, self._step))
+            np.greater(total, best, out=better)
+            np.fmax(best, total, out=best)  # a NaN in total is never better, as the comparison says
+            np.subtract(k, seg, out=step)
+            np.multiply(step, better, out=step)
+            np.add(seg, step, out=seg)
+
+
+def _slabs(box_shape: Sequence[int], axis: int, whole: bool, slab_bytes: int):
+    """``(s0, s1)`` rows of the box along ``axis``, each slab's buffers within ``slab_bytes``."""
+    if whole:
+        return [(0, box_shape[axis])]
+    plane = max(1, int(np.prod(box_shape)) // max(1, box_shape[axis]))
+    rows = max(1, slab_bytes // (SLAB_BYTES_PER_VOXEL * plane))
+    return [(s, min(s + rows, box_shape[axis])) for s in range(0, box_shape[axis], rows)]
+
+
+def _slab_index(axis: int, ndim: int, s0: int, s1: int) -> tuple[slice, ...]:
+    index = [slice(None)] * ndim
+    index[axis] = slice(s0, s1)
+    return tuple(index)
 
 
 def stream_segmentation(
@@ -155,8 +249,10 @@ def stream_segmentation(
     postprocessing: Postprocessing | None = None,
     probabilities: ProbabilityStream | None = None,
     device: torch.device | str = "cpu",
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
 ) -> np.ndarray:
-    """The ensemble's label map on the input grid (label values), computed class by class.
+    """The ensemble's label map on the input grid (label values), computed slab by slab and class
+    by class (see the module docstring).
 
     Equal to averaging every member's reverted probabilities and taking their argmax (or the
     regions' thresholds), with ``postprocessing`` applied; ``probabilities`` receives each
@@ -165,9 +261,27 @@ def stream_segmentation(
     device = torch.device(device)
     first = members[0].properties
     shape = tuple(first.original_shape)
-    boxes = [tuple(tuple(b) for b in m.properties.crop_bbox) for m in members]
-    box = _union_box(boxes)
-    workers = [_Member(m, box, device) for m in members]
+    box = _union_box([tuple(tuple(b) for b in m.properties.crop_bbox) for m in members])
+    box_shape = tuple(b[1] - b[0] for b in box)
+    axes = {m.properties.transpose_forward[0] for m in members}
+    axis = first.transpose_forward[0]
+    whole = len(axes) > 1  # members whose axis 0 differs: one slab (every row of each)
+    grids: dict[tuple, list[MemberOutput]] = {}
+    for m in members:
+        grids.setdefault(_grid(m.properties), []).append(m)
+    workers = [
+        _Member(
+            MemberOutput(_Summed([m.probabilities for m in group]), group[0].properties),
+            box,
+            device,
+            axis,
+            whole,
+            len(group),
+        )
+        if len(group) > 1
+        else _Member(group[0], box, device, axis, whole)
+        for group in grids.values()
+    ]
     slices = box_slices(box)
     n = members[0].probabilities.shape[0]
     pp = postprocessing
@@ -181,55 +295,60 @@ def stream_segmentation(
         thresholds = list(regions.thresholds)
         if et_rule:
             thresholds[-1] = pp.rule.et_threshold
-        out_box = np.zeros(workers[0].box_shape, label_dtype(max(r.paint for r in regions.regions)))
-        masks: list[np.ndarray] = []
-    else:
-        best = None
-        seg_box = None
-    et_map = None
-    for k in range(n):
-        fill = 1.0 if (not regions and k == 0) else 0.0
-        total = _average(workers, k, fill)
-        if regions:
-            mask = total >= thresholds[k]
-            if regions.hierarchical:
-                for q in regions.enclosing(k):
-                    mask &= masks[q]
-            masks.append(mask)
-            out_box[mask] = regions.regions[k].paint
-            if et_rule and k == n - 1:
-                et_map = total
-        elif best is None:
-            best, seg_box = total, np.zeros(total.shape, np.uint8 if n <= 256 else np.uint16)
-        else:
-            better = total > best
-            np.copyto(best, total, where=better)
-            seg_box[better] = k
-        if probabilities is not None:
-            probabilities.write(k, total, slices, fill)
-    if regions:
-        labels = np.zeros(shape, out_box.dtype)
-        labels[slices] = out_box
-        if et_rule:
-            et_label, necrosis_label = et_labels(regions)
-            full_et = np.zeros(shape, np.float32)
-            full_et[slices] = et_map
-            labels = apply_et_rule(labels, full_et, pp.rule, et_label, necrosis_label)
+        labels = np.zeros(shape, label_dtype(max(r.paint for r in regions.regions)))
     else:
         values = np.asarray(label_values)
-        dtype = np.uint8 if values.max() < 256 else np.uint16
-        labels = np.full(shape, values[0], dtype)  # outside the crop box: background
-        labels[slices] = values.astype(dtype)[seg_box]
+        lut = values.astype(np.uint8 if values.max() < 256 else np.uint16)
+        labels = np.full(shape, lut[0], lut.dtype)  # outside the crop box: background
+    inside = labels[slices]  # a view
+    et_box = np.zeros(box_shape, np.float32) if et_rule else None
+    slabs = _slabs(box_shape, axis, whole, slab_bytes)
+    ndim = len(box_shape)
+    everything = (slice(None),) * ndim
+
+    if probabilities is None:  # slab by slab; each slab class by class
+        for s0, s1 in slabs:
+            where = _slab_index(axis, ndim, s0, s1)
+            decision = _Decision(inside[where].shape, n, regions, thresholds)
+            for k in range(n):
+                total = _average(workers, k, (s0, s1), 1.0 if (not regions and k == 0) else 0.0)
+                decision.add(k, total, everything)
+                if et_rule and k == n - 1:
+                    et_box[where] = total
+            inside[where] = decision.out if regions else lut[decision.seg]
+    else:  # class by class, each class slab by slab, straight into the archive
+        decision = _Decision(box_shape, n, regions, thresholds)
+        for k in range(n):
+            fill = 1.0 if (not regions and k == 0) else 0.0
+            mapped = np.empty(box_shape, np.float16)
+            for s0, s1 in slabs:
+                where = _slab_index(axis, ndim, s0, s1)
+                total = _average(workers, k, (s0, s1), fill)
+                decision.add(k, total, where)
+                mapped[where] = total
+                if et_rule and k == n - 1:
+                    et_box[where] = total
+            probabilities.write(k, mapped, slices, fill)
+            del mapped
+        for s0, s1 in slabs:
+            where = _slab_index(axis, ndim, s0, s1)
+            inside[where] = decision.out[where] if regions else lut[decision.seg[where]]
+    if et_rule:
+        et_label, necrosis_label = et_labels(regions)
+        full_et = np.zeros(shape, np.float32)
+        full_et[slices] = et_box
+        labels = apply_et_rule(labels, full_et, pp.rule, et_label, necrosis_label)
     if pp is not None and not et_rule:
         labels = pp.apply(labels)
     return labels
 
 
-def _average(workers: Sequence[_Member], k: int, fill: float) -> np.ndarray:
-    """The members' mean of class ``k`` in the common box (summed in member order, as before)."""
+def _average(workers: Sequence[_Member], k: int, slab: tuple[int, int], fill: float) -> np.ndarray:
+    """The members' mean of class ``k`` in ``slab`` of the common box (summed in member order)."""
     total = None
     for w in workers:
-        total = w.add_to(total, k, fill)
-    if len(workers) > 1:
-        total /= len(workers)
+        total = w.add_to(total, k, slab, fill)
+    members = sum(w.count for w in workers)
+    if members > 1:
+        total /= members
     return total

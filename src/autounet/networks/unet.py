@@ -209,6 +209,20 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Logits at full resolution; in training mode with deep supervision, a list
         ``[full resolution, next level, ...]``."""
+        wanted = len(self.heads) if self.training else 1
+        _, outputs = self._trunk(x, wanted)
+        if self.training and len(self.heads) > 1:
+            return [outputs[level] for level in range(len(self.heads))]
+        return outputs[0]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution decoder features that the head (``heads[0]``, a 1x1 convolution)
+        maps to logits: in eval mode ``forward(x)`` is ``heads[0](features(x))``. For engines
+        that run the network in bf16 and the head apart in float32 (:class:`NetworkBody`)."""
+        return self._trunk(x, 0)[0]
+
+    def _trunk(self, x: torch.Tensor, wanted: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Encoder and decoder: the last features, and the logits of the ``wanted`` finest heads."""
         skips = []
         if self.spec.encoder_blocks_per_stage:
             x = self.stem(x)
@@ -218,7 +232,6 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
         outputs = {}
-        wanted = len(self.heads) if self.training else 1
         n = self.spec.num_stages
         for i, (up, block) in enumerate(zip(self.upsample, self.decoder)):
             level = n - 2 - i
@@ -228,11 +241,9 @@ class UNet(nn.Module):
             x = block(torch.cat([x, skip], dim=1))
             if level < wanted:
                 outputs[level] = self._head(level, x)
-        if n == 1:
+        if n == 1 and wanted:
             outputs[0] = self._head(0, x)
-        if self.training and len(self.heads) > 1:
-            return [outputs[level] for level in range(len(self.heads))]
-        return outputs[0]
+        return x, outputs
 
     def _head(self, level: int, x: torch.Tensor) -> torch.Tensor:
         # Predicting under autocast, the 1x1 head runs in float32 on the (upcast) features: bf16
@@ -242,6 +253,19 @@ class UNet(nn.Module):
             return self.heads[level](x)
         with torch.autocast(x.device.type, enabled=False):
             return self.heads[level](x.float())
+
+
+class NetworkBody(nn.Module):
+    """A :class:`UNet` without its head: ``body(x)`` is ``unet.features(x)``. What a converted
+    engine runs, so that the head (``unet.heads[0]``) and the softmax stay in float32 whatever
+    precision the engine computes in (bf16 logits would be rounded before the argmax)."""
+
+    def __init__(self, unet: UNet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet.features(x)
 
 
 def he_init(module: nn.Module, negative_slope: float = 1e-2) -> None:

@@ -2,7 +2,7 @@
 
 The manifest lies beside the packaged workspace files (``NAME/manifest.json`` in the zip) and
 lists every other file of the package with its size and SHA-256; a package whose files differ
-from it in any way is refused. Its fields are described in README.md (`autounet package`).
+from it in any way is refused. Its fields are described in docs/how-to/deploy.md (`autounet package`).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from autounet.training.setup import (
     run_plan,
     stored_channels,
 )
-from autounet.training.splits import fold_cases, load_or_create_splits
+from autounet.training.splits import check_fold_number, fold_cases, load_or_create_splits
 from autounet.utils.atomic import read_json
 from autounet.utils.lock import exclusive
 from autounet.utils.plain_data import from_plain, to_plain
@@ -136,6 +136,7 @@ def assemble_run(
     plans = load_plans(ws.plans_json)
     planned = plans.configuration(options.configuration)
     fold_dir = ws.fold_dir(options.configuration, options.fold)
+    check_fold_number(ws.splits_json, options.fold)  # before the lock file is made for it
     if hold is not None and info.is_main:
         what = f"`autounet train` of {options.configuration} fold {options.fold}"
         hold.enter_context(exclusive(ws.fold_lock(options.configuration, options.fold), what))

@@ -64,6 +64,17 @@ def load_or_create_splits(path: Path, case_ids: list[str], write: bool = True) -
     return splits
 
 
+def check_fold_number(path: Path, fold: int | str) -> None:
+    """Refuse a fold number the splits at ``path`` (or, before they exist, the default
+    :data:`DEFAULT_FOLDS`) do not have, before anything is written for it."""
+    if fold == "all":
+        return
+    stored = read_json(path) if Path(path).is_file() else None
+    count = len(stored) if isinstance(stored, list) and stored else DEFAULT_FOLDS
+    if not isinstance(fold, int) or not 0 <= fold < count:
+        raise AutounetError(f"fold {fold!r} does not exist: use 0..{count - 1} or 'all'")
+
+
 def fold_cases(splits: list[dict[str, list[str]]], fold: int | str, case_ids: list[str]) -> tuple[list[str], list[str]]:
     """(training cases, validation cases) of ``fold``; fold ``all`` trains and validates on every case."""
     if fold == "all":

@@ -1,4 +1,4 @@
-"""Checks of the numbers a command (or its API function) is given, each failing with one clear
+"""Checks of the numbers and names a command (or its API function) is given, each failing with one clear
 :class:`~autounet.errors.AutounetError` that names the option by its command-line spelling.
 
 None always passes (it means "the default"); booleans are not numbers.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
+from pathlib import Path
 
 from autounet.errors import AutounetError
 
@@ -81,3 +82,37 @@ def sizes(option: str, values: Sequence[object] | None, count: int | None = None
     if not values:
         raise AutounetError(f"{option} needs at least one value")
     return [whole(option, v, minimum) for v in values]
+
+
+def folds(values: Sequence[object] | None) -> None:
+    """``-f/--folds`` of predict / export: fold numbers (or 'all'); whether they are trained is checked when loading."""
+    for f in values or []:
+        if str(f) != "all" and not (isinstance(f, int) and not isinstance(f, bool) and f >= 0) and not str(f).isdigit():
+            raise AutounetError(f"-f/--folds: {f!r} is not a fold number (0, 1, ...) or 'all'")
+
+
+def part(values: Sequence[object] | None) -> tuple[int, int] | None:
+    """``--part I N``: 0 <= I < N."""
+    if values is None:
+        return None
+    if len(values) != 2:
+        raise AutounetError(f"--part takes two numbers I N (the I-th of N shares), got {list(values)}")
+    count = whole("--part N", values[1], 1)
+    return whole("--part I", values[0], 0, count - 1), count
+
+
+EXECUTORS = ("local", "ray")
+
+
+def executor(value: str, address: str | None) -> None:
+    """``--executor local|ray`` (``--address`` only with ray)."""
+    if value not in EXECUTORS:
+        raise AutounetError(f"--executor must be one of {', '.join(EXECUTORS)}, got {value!r}")
+    if value == "local" and address is not None:
+        raise AutounetError("--address needs --executor ray")
+
+
+def folder_or_new(option: str, path: str | Path) -> None:
+    """A path that names a folder (``option``'s): an existing file there is refused."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise AutounetError(f"{path}: a file, where a folder should be ({option} names a folder)")
