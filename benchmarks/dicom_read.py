@@ -72,11 +72,9 @@ def write_series(folder: Path, slices: int, size: int) -> None:
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    from autounet.inference.memory import resident_bytes
+
+    return resident_bytes() / 2**20
 
 
 def _old_read(series):

@@ -49,11 +49,9 @@ def write_volume(path: Path, shape: tuple[int, int, int]) -> None:
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    from autounet.inference.memory import resident_bytes
+
+    return resident_bytes() / 2**20
 
 
 def _cpu_seconds() -> float:
