@@ -44,7 +44,7 @@ from pathlib import Path
 from autounet.errors import AutounetError
 from autounet.inference.inputs import InputCase, case_grid
 from autounet.inference.model import StageModel, stage_chain
-from autounet.inference.sliding_window import tiles_per_batch_for
+from autounet.inference.sliding_window import ACCUMULATOR_DTYPE, tiles_per_batch_for
 from autounet.preprocessing.case import PreprocessOptions, label_values, preprocess_key
 from autounet.preprocessing.resample import SLAB_VOXELS, resampled_shape
 
@@ -98,15 +98,6 @@ def input_grid(case: InputCase) -> tuple[list[int], list[float], int]:
     return case_grid(case)
 
 
-def _accumulator_bytes() -> int:
-    try:
-        from autounet.inference.sliding_window import ACCUMULATOR_DTYPE
-
-        return ACCUMULATOR_DTYPE.itemsize
-    except ImportError:
-        return 4
-
-
 def estimate_case(
     members: Sequence[StageModel],
     case_id: str,
@@ -122,21 +113,19 @@ def estimate_case(
     n = 1
     for s in shape:
         n *= int(s)
-    a = _accumulator_bytes()
+    a = ACCUMULATOR_DTYPE.itemsize
     groups: dict[tuple, int] = {}
     outputs = largest = tiles = roll = 0
     for m in members:
         key = tuple(preprocess_key(s.plan, label_values(s.labels), PreprocessOptions()) for s in stage_chain(m))
         for s in stage_chain(m):
             tf = s.plan.transpose_forward
-            v = 1
-            for d in resampled_shape([shape[t] for t in tf], [spacing[t] for t in tf], s.plan.spacing):
-                v *= d
+            size = resampled_shape([shape[t] for t in tf], [spacing[t] for t in tf], s.plan.spacing)
+            v = math.prod(size)
             groups[(key, s.configuration)] = v
             largest = max(largest, v)
             if s is m:
                 outputs += m.num_outputs * v
-                size = resampled_shape([shape[t] for t in tf], [spacing[t] for t in tf], s.plan.spacing)
                 rows = s.plan.patch_size[0] if s.plan.network_dims == 3 else 1
                 roll = max(roll, (a * (m.num_outputs + 1) + 8) * rows * (v // max(1, size[0])))
             three_d = s.plan.network_dims == 3
