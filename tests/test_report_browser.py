@@ -15,6 +15,19 @@ from autounet.reporting import write_html_report
 from test_report_html import INJECT_LABEL, injected
 from test_reporting import _trained
 
+
+def wait_until(page, expression: str, timeout_s: float = 10.0) -> None:
+    """Poll ``expression`` with ``page.evaluate`` until it is true. Playwright's own
+    ``wait_for_function`` polls with an ``eval`` in the page, which the report's Content Security
+    Policy (no 'unsafe-eval') refuses whenever the first check is false."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true after {timeout_s} s: {expression}"
+        time.sleep(0.05)
+
+
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -97,7 +110,7 @@ class Page:
 
     def open_first_case(self) -> None:
         self.page.locator("#case-table tbody tr").first.click()
-        self.page.wait_for_function("document.getElementById('slice-label').textContent.startsWith('slice')")
+        wait_until(self.page, "document.getElementById('slice-label').textContent.startsWith('slice')")
 
 
 def test_the_page_works_in_chromium_from_disk(browser, artifacts, tmp_path: Path):
@@ -128,7 +141,7 @@ def test_the_page_works_in_chromium_from_disk(browser, artifacts, tmp_path: Path
     assert page.input_value("#slice") == str(start) and view.canvas() == first
     page.hover("#view")
     page.mouse.wheel(0, -100)
-    page.wait_for_function(f"document.getElementById('slice').value === '{start - 1}'")
+    wait_until(page, f"document.getElementById('slice').value === '{start - 1}'")
     assert view.canvas() != first
     label = page.text_content("#slice-label")
     page.eval_on_selector("#slice", f"s => {{ s.value = '{start}'; s.dispatchEvent(new Event('input')); }}")
