@@ -59,7 +59,7 @@ def numpy_slabs(source: np.ndarray, target: list[int], slab_voxels: int) -> np.n
         lo, hi = source_rows(source.shape[0], target, None, o0, o1)
         block = resample_volume(source[lo:hi].astype(np.float32), [hi - lo, *target[1:]], 1)
         part = np.take(block, m.i0[o0:o1] - lo, axis=0)
-        part *= m.w0[o0:o1, None, None]
+        part *= 1 - m.w1[o0:o1, None, None]
         part += np.take(block, m.i1[o0:o1] - lo, axis=0) * m.w1[o0:o1, None, None]
         out[o0:o1] = part
     return out

@@ -37,21 +37,26 @@ def anisotropic():
     return props
 
 
-def test_one_class_reverts_to_exactly_what_revert_map_gives_inside_the_crop_box(anisotropic):
+def test_one_class_reverts_to_what_revert_map_gives_inside_the_crop_box_to_rounding(anisotropic):
     probs = _softmax(anisotropic)
     inside = box_slices(tuple(tuple(b) for b in anisotropic.crop_bbox))
     for k in range(3):
-        np.testing.assert_array_equal(
+        np.testing.assert_allclose(
             revert_channel(probs[k], anisotropic, torch.device("cpu")),
             revert_map(probs[k].numpy(), anisotropic)[inside],
+            rtol=0,
+            atol=5e-7,
         )
 
 
 def test_one_member_gives_the_argmax_of_revert_probabilities(anisotropic):
     probs = _softmax(anisotropic)
-    today, _ = revert_probabilities(probs.numpy(), anisotropic)
+    today, kept = revert_probabilities(probs.numpy(), anisotropic, keep_probabilities=True)
     seg = stream_segmentation([MemberOutput(probs, anisotropic)], VALUES)
-    np.testing.assert_array_equal(seg, np.asarray(VALUES, np.uint8)[today])
+    top2 = np.sort(kept, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-5
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(seg[clear], np.asarray(VALUES, np.uint8)[today][clear])
 
 
 def test_an_ensemble_of_two_plans_equals_the_mean_of_the_reverted_probabilities(tmp_path):
@@ -71,11 +76,15 @@ def test_an_ensemble_of_two_plans_equals_the_mean_of_the_reverted_probabilities(
 
     made = []
     atomic_write(path, write)
-    np.testing.assert_array_equal(made[0], expected)
-    # the streamed file is the file save_probability_file writes from the whole array
+    top2 = np.sort(total, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-5  # the labels agree wherever the top two are not tied
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(made[0][clear], expected[clear])
+    # the streamed file is the file save_probability_file writes from the whole array, to the
+    # float32 rounding of the resampling, so to one float16 step
     save_probability_file(tmp_path / "whole.npz", total, VALUES, "softmax")
     streamed, whole = load_probability_file(path), load_probability_file(tmp_path / "whole.npz")
-    np.testing.assert_array_equal(streamed[0], whole[0])
+    np.testing.assert_allclose(streamed[0], whole[0], rtol=0, atol=2**-11)
     assert streamed[1:] == whole[1:] == (VALUES, "softmax")
     assert streamed[0][0, 0, 0, 0] == 1.0 and streamed[0][1:, 0, 0, 0].sum() == 0  # outside the crop box
 
@@ -98,6 +107,30 @@ def test_members_on_one_grid_are_reverted_once_and_equal_the_mean_of_their_rever
     expected = np.asarray(VALUES, np.uint8)[mean.argmax(0)]
     np.testing.assert_array_equal(seg[clear], expected[clear])
     assert clear.mean() > 0.99
+
+
+@pytest.mark.parametrize("members, classes", [(1, 5), (2, 5), (3, 5), (1, 300)])
+def test_one_grid_decides_each_chunk_as_the_argmax_of_its_reverted_mean_exactly(anisotropic, members, classes):
+    """The one-grid path compares each chunk of rows as it is reverted (arithmetic, float32
+    labels): the first maximum of the reverted mean, bit for bit, NaN counting as -inf, slab by
+    slab (here one row each), with label values that are not the class indices, and beyond 256
+    classes."""
+    probs = [_softmax(anisotropic, k=classes, seed=s) for s in range(members)]
+    probs[0][0, 2:4] = float("nan")  # class 0 (the first maximum's start) and a later class
+    probs[-1][3, 5:6, 3:9] = float("nan")
+    summed = probs[0].clone()
+    for p in probs[1:]:
+        summed += p
+    cpu = torch.device("cpu")
+    mean = np.stack([revert_channel(summed[k], anisotropic, cpu) for k in range(classes)])
+    mean /= np.float32(members)
+    expected = np.nan_to_num(mean, nan=-np.inf).argmax(0)
+    values = [0, 1, 4, 7, 9] if classes == 5 else list(range(classes))
+    seg = stream_segmentation([MemberOutput(p, anisotropic) for p in probs], values, slab_bytes=1)
+    inside = box_slices(tuple(tuple(b) for b in anisotropic.crop_bbox))
+    np.testing.assert_array_equal(seg[inside], np.asarray(values)[expected])
+    assert seg.dtype == (np.uint8 if classes == 5 else np.uint16)
+    assert np.isinf(mean).sum() == 0 and np.isnan(mean).any()  # the NaNs reached the input grid
 
 
 def test_regions_with_the_brats_et_rule_equal_the_whole_array_path(anisotropic):

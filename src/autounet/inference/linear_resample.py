@@ -1,14 +1,15 @@
 """Linear resampling of probability maps to the input grid in PyTorch, chunk by chunk (issue 22).
 
 The export resamples every class of every member from the preprocessed grid to the crop box of the
-input grid. The values are those of :mod:`autounet.preprocessing.resample` (pixel-centre mapping,
-source coordinates in float64, float32 weights ``w1 = x - floor(x)`` and ``w0 = 1 - w1``, each
-pass ``a0 * w0 + a1 * w1`` as separate float32 operations; nearest along the separate axis of
-anisotropic data), with the axes in this order: the in-plane axes 1 and 2 (smaller ratio first,
-as :func:`~autounet.preprocessing.resample.resample_volume`; equal ratios, axis 2 first), then
-axis 0. That is :func:`~autounet.preprocessing.resample.resample_axis` in that order, bit for bit;
-against ``resample_volume`` of the whole volume (whose axis order follows the ratios alone) the
-values differ by float32 rounding only.
+input grid. The sampling is that of :mod:`autounet.preprocessing.resample` (pixel-centre mapping,
+source coordinates in float64, float32 weights ``w1 = x - floor(x)``; nearest along the separate
+axis of anisotropic data), with the axes in this order: the in-plane axes 1 and 2 (smaller ratio
+first, as :func:`~autounet.preprocessing.resample.resample_volume`; equal ratios, axis 2 first),
+then axis 0. Each pass is one ``torch.lerp(a0, a1, w1)`` (``a0 + w1·(a1 − a0)``, one operation
+where NumPy's ``a0·(1 − w1) + a1·w1`` takes three): the values equal
+:func:`~autounet.preprocessing.resample.resample_volume`'s to float32 rounding (a few units in
+the last place; a constant map stays exactly constant), which the export's labels only notice at
+ties (``tests/test_linear_resample.py``).
 
 What makes it fast is memory, not arithmetic: the output rows along axis 0 are made a chunk at a
 time, the in-plane passes of the source rows a chunk needs run in a few buffers of about
@@ -19,7 +20,8 @@ volume-sized array whose first touch costs page faults), and the gathers write i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +36,10 @@ GPU_CHUNK_VOXELS = 1 << 25
 @dataclass(frozen=True)
 class AxisMap:
     """Where each output sample of one axis reads: ``i0`` (nearest: only ``i0``), or ``i0``/``i1``
-    with float32 weights ``w0``/``w1``."""
+    with the float32 weight ``w1`` of ``i1``."""
 
     i0: np.ndarray
     i1: np.ndarray | None = None
-    w0: np.ndarray | None = None
     w1: np.ndarray | None = None
 
     def rows(self, o0: int, o1: int) -> tuple[int, int]:
@@ -58,7 +59,22 @@ def axis_map(n_in: int, n_out: int, order: int) -> AxisMap:
     x = np.clip(x, 0, n_in - 1)
     i0 = np.floor(x).astype(np.int64)
     w1 = (x - i0).astype(np.float32)
-    return AxisMap(i0, np.minimum(i0 + 1, n_in - 1), 1 - w1, w1)
+    return AxisMap(i0, np.minimum(i0 + 1, n_in - 1), w1)
+
+
+class Buffers:
+    """Float32 buffers that successive calls of :func:`resample_rows` reuse, by name: a call
+    that allocates its own touches fresh memory, whose page faults cost as much as resampling a
+    few rows (a slab-by-slab export makes thousands of calls)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, voxels: int, device: torch.device) -> torch.Tensor:
+        held = self._held.get(name)
+        if held is None or held.numel() < voxels or held.device != device:
+            held = self._held[name] = torch.empty(voxels, dtype=torch.float32, device=device)
+        return held[:voxels]
 
 
 class _Pass:
@@ -70,19 +86,15 @@ class _Pass:
         shape[axis] = -1
         self.i0 = torch.from_numpy(m.i0).to(device)
         self.i1 = None if m.i1 is None else torch.from_numpy(m.i1).to(device)
-        self.w0 = None if m.w0 is None else torch.from_numpy(m.w0).reshape(shape).to(device)
         self.w1 = None if m.w1 is None else torch.from_numpy(m.w1).reshape(shape).to(device)
         self.plain = m  # along axis 0: plane by plane, with Python numbers
 
-    def _rows(self, src: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor, c0: int, lo: int) -> None:
-        """Along axis 0 each output row is two weighted source rows: no gathers, and ``tmp`` (flat)
-        holds one row, in the cache."""
-        m, row = self.plain, _take(tmp, out.shape[1:])
+    def _rows(self, src: torch.Tensor, out: torch.Tensor, c0: int, lo: int) -> None:
+        """Along axis 0 each output row is two source rows mixed: no gathers."""
+        m = self.plain
         for i in range(out.shape[0]):
             j = c0 + i
-            torch.mul(src[int(m.i0[j]) - lo], float(m.w0[j]), out=out[i])
-            torch.mul(src[int(m.i1[j]) - lo], float(m.w1[j]), out=row)
-            out[i].add_(row)
+            torch.lerp(src[int(m.i0[j]) - lo], src[int(m.i1[j]) - lo], float(m.w1[j]), out=out[i])
 
     def run(
         self,
@@ -96,18 +108,16 @@ class _Pass:
         """``out`` = outputs ``c0 .. c1`` of this map from ``src``, which holds the source samples
         from ``lo`` on; ``tmp``: a buffer of ``out``'s shape. ``out`` and ``tmp`` are contiguous."""
         if self.axis == 0 and self.i1 is not None:
-            self._rows(src, out, tmp, c0, lo)
+            self._rows(src, out, c0, lo)
             return
         part = (slice(None),) * self.axis + (slice(c0, c1),)
         i0 = self.i0[c0:c1]
         _select(src, self.axis, i0 - lo if lo else i0, out)
         if self.i1 is None:
             return
-        out.mul_(self.w0[part])  # the float32 operations of resample_axis, in its order
         i1 = self.i1[c0:c1]
         _select(src, self.axis, i1 - lo if lo else i1, tmp)
-        tmp.mul_(self.w1[part])
-        out.add_(tmp)
+        torch.lerp(out, tmp, self.w1[part], out=out)
 
 
 def _select(src: torch.Tensor, axis: int, index: torch.Tensor, out: torch.Tensor) -> None:
@@ -122,7 +132,7 @@ def _select(src: torch.Tensor, axis: int, index: torch.Tensor, out: torch.Tensor
 
 
 def _take(buffer: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    return buffer[: int(np.prod(shape))].view(*shape)
+    return buffer[: math.prod(shape)].view(*shape)
 
 
 def source_rows(n_in: int, new_shape: Sequence[int], sep_axis: int | None, o0: int, o1: int) -> tuple[int, int]:
@@ -142,12 +152,17 @@ def resample_rows(
     first: int = 0,
     out: torch.Tensor | None = None,
     chunk_voxels: int | None = None,
-) -> torch.Tensor:
+    consume: Callable[[int, int, torch.Tensor], None] | None = None,
+    buffers: Buffers | None = None,
+) -> torch.Tensor | None:
     """Rows ``rows`` (default all) along axis 0 of a 3D volume of ``n_in`` rows, linearly resampled
     to ``new_shape`` (nearest along ``sep_axis``), float32 on ``block``'s device.
 
     ``block`` holds the source rows ``first ..`` (at least :func:`source_rows`; any float dtype).
     ``out`` (float32, ``(o1 - o0, *new_shape[1:])``, may be a strided view) receives the result.
+    ``consume(c0, c1, chunk)`` instead receives each chunk of output rows ``c0 .. c1`` while it is
+    in the cache (a buffer that the next chunk reuses; it may be changed), and nothing is returned.
+    ``buffers``: where the working buffers come from (and stay for the next call).
     """
     o0, o1 = rows if rows is not None else (0, int(new_shape[0]))
     device = block.device
@@ -156,7 +171,10 @@ def resample_rows(
     if chunk_voxels is None:
         chunk_voxels = CPU_CHUNK_VOXELS if device.type == "cpu" else GPU_CHUNK_VOXELS
     out_shape = (o1 - o0, target[1], target[2])
-    if out is None:
+    if consume is not None:
+        if out is not None:
+            raise ValueError("give out or consume, not both")
+    elif out is None:
         out = torch.empty(out_shape, dtype=torch.float32, device=device)
     elif tuple(out.shape) != out_shape or out.dtype != torch.float32 or out.device != device:
         raise ValueError(f"out must be float32 {list(out_shape)} on {device}, got {out.dtype} {list(out.shape)}")
@@ -182,20 +200,21 @@ def resample_rows(
 
     # buffers that every chunk reuses: the in-plane passes' intermediate results and second
     # gathers; the in-plane results of the source rows a chunk reads (``planes``, rows ``have``);
-    # one row for the pass along axis 0; a chunk of the result when ``out`` is a strided view
-    def buffer(voxels: int) -> torch.Tensor:
+    # a chunk of the result when ``out`` is a strided view
+    def buffer(name: str, voxels: int) -> torch.Tensor:
+        if buffers is not None:
+            return buffers.get(name, voxels, device)
         return torch.empty(voxels, dtype=torch.float32, device=device)
 
     size, plane = 0, list(plane_in)
     for p in passes:
         plane[p.axis - 1] = target[p.axis]
         size = max(size, r_max * plane[0] * plane[1])
-    work = [buffer(size) for _ in range(min(len(passes), 2) + (1 if passes else 0))]
+    work = [buffer(f"work{i}", size) for i in range(min(len(passes), 2) + (1 if passes else 0))]
     # two, alternating: a chunk's first rows are the last chunk's last, copied across
-    planes = [buffer(r_max * plane_out) for _ in range(2)] if passes and along is not None else None
-    row = buffer(plane_out) if along is not None and along.i1 is not None else None
-    direct = out.is_contiguous()
-    staged = None if direct else buffer(step * plane_out)
+    planes = [buffer(f"plane{i}", r_max * plane_out) for i in range(2)] if passes and along is not None else None
+    direct = consume is None and out.is_contiguous()
+    staged = None if direct else buffer("staged", step * plane_out)
     a_pass = None if along is None else _Pass(along, 0, device)
     have = (0, 0)
 
@@ -217,10 +236,12 @@ def resample_rows(
             _in_plane(block[start - first : hi - first], passes, target, work, into[start - lo :])
             src = into
         if a_pass is not None:
-            a_pass.run(src, dst, row, c0, c1, lo)
+            a_pass.run(src, dst, None, c0, c1, lo)
         elif not passes:
             dst.copy_(src)
-        if not direct:
+        if consume is not None:
+            consume(c0, c1, dst)
+        elif not direct:
             out[c0 - o0 : c1 - o0].copy_(dst)
     return out
 

@@ -7,8 +7,10 @@ rows of class ``k`` that the slab needs (with the one-row interpolation margin) 
 memory or from the member's file on disk (:mod:`autounet.inference.spill`), resampled to the slab
 (:func:`revert_rows`), averaged over the members, and a running argmax (or the region's
 threshold) updates the slab's labels. Members on one preprocessed grid (2d and 3d_fullres at one
-spacing) are summed before they are reverted, once (:class:`_Summed`). Memory holds the label volume and a few slab-sized float
-buffers (``slab_bytes``), never ``K × input grid``. With ``--save-probabilities`` the loops turn
+spacing; a configuration's folds are averaged before, tile by tile) are summed before they are reverted, once
+(:class:`_Summed`), and when that leaves one grid the running argmax takes each chunk of reverted
+rows while it is in the cache (:func:`_argmax_rows`). Memory holds the label volume and a few
+slab-sized float buffers (``slab_bytes``), never ``K × input grid``. With ``--save-probabilities`` the loops turn
 round (class outside, slabs inside), so that each averaged map goes straight into ``CASE.npz``
 (:class:`~autounet.data.probabilities.ProbabilityStream`) while the running argmax covers the
 whole box; the BraTS ET rule keeps the one map it needs (the last region's).
@@ -16,8 +18,7 @@ whole box; the BraTS ET rule keeps the one map it needs (the last region's).
 The resampling is the one of :mod:`autounet.preprocessing.resample` (linear, pixel-centre
 mapping; nearest along the separate axis of anisotropic data), in PyTorch on the device the model
 ran on (:mod:`autounet.inference.linear_resample`): a slab is resampled in-plane first, then along
-the slab axis, with NumPy's float32 operations in their order, so that its values equal the whole
-volume's to float32 rounding.
+the slab axis; its values are the whole volume's, bit for bit, and NumPy's to float32 rounding.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from autounet.data.crop import box_slices
 from autounet.data.probabilities import ProbabilityStream
 from autounet.errors import AutounetError
-from autounet.inference.linear_resample import resample_rows, source_rows
+from autounet.inference.linear_resample import Buffers, resample_rows, source_rows
 from autounet.inference.spill import SpillVolume
 from autounet.postprocessing.apply import Postprocessing
 from autounet.postprocessing.brats_et import apply_et_rule, et_labels
@@ -106,29 +107,44 @@ def _grid(props: CaseProperties) -> tuple:
     )
 
 
-def _class_rows(probabilities, k: int, z0: int, z1: int) -> np.ndarray:
-    """Rows ``z0 .. z1`` (axis 0) of class ``k`` as a new float32 array."""
+def _class_rows(probabilities, k: int, z0: int, z1: int) -> torch.Tensor:
+    """Rows ``z0 .. z1`` (axis 0) of class ``k`` as a new float32 tensor on the CPU (parts of a
+    :class:`_Summed` added in float32, in member order)."""
     if isinstance(probabilities, _Summed):
         total = _class_rows(probabilities.parts[0], k, z0, z1)
         for part in probabilities.parts[1:]:
-            total += _class_rows(part, k, z0, z1)
+            total.add_(_stored_rows(part, k, z0, z1))
         return total
+    return _stored_rows(probabilities, k, z0, z1).to(torch.float32, copy=True)
+
+
+def _stored_rows(probabilities, k: int, z0: int, z1: int) -> torch.Tensor:
+    """Rows ``z0 .. z1`` of class ``k`` in their stored type (a view where they are in memory)."""
     if isinstance(probabilities, SpillVolume):
-        return probabilities.rows(k, z0, z1).astype(np.float32)
+        return torch.from_numpy(probabilities.rows(k, z0, z1))
     if isinstance(probabilities, torch.Tensor):
-        return probabilities[k, z0:z1].to(torch.float32, copy=True).cpu().numpy()
-    return np.array(probabilities[k, z0:z1], dtype=np.float32)
+        return probabilities[k, z0:z1].cpu()
+    return _as_tensor(np.asarray(probabilities[k, z0:z1]))
 
 
 def revert_rows(
-    probabilities, k: int, props: CaseProperties, o0: int, o1: int, device: torch.device, out: np.ndarray | None = None
-) -> np.ndarray:
+    probabilities,
+    k: int,
+    props: CaseProperties,
+    o0: int,
+    o1: int,
+    device: torch.device,
+    out: np.ndarray | None = None,
+    consume=None,
+    buffers: Buffers | None = None,
+) -> np.ndarray | None:
     """Rows ``o0 .. o1`` along the preprocessed axis 0 of class ``k``, reverted to the crop box of
     the input grid (input axis order, float32): the source rows they interpolate from are read
     (``probabilities``: ``(K, z, y, x)`` in memory or a :class:`SpillVolume`), resampled in-plane,
     then along axis 0 with the whole volume's source coordinates. ``out`` (float32, the result's
     shape, input axis order): written and returned instead of new memory (whose first touch costs
-    page faults of the order of the resampling itself)."""
+    page faults of the order of the resampling itself). ``consume``: given each chunk of rows in
+    preprocessed axis order instead (see :func:`resample_rows`); nothing is returned."""
     shape = list(probabilities.shape[1:])
     if shape != list(props.shape_after_resampling):
         raise AutounetError(
@@ -138,8 +154,10 @@ def revert_rows(
     target = _crop_shape_network(props)
     sep = props.separate_axis
     lo, hi = source_rows(shape[0], target, sep, o0, o1)
-    block = torch.from_numpy(_class_rows(probabilities, k, lo, hi)).to(device)
+    block = _class_rows(probabilities, k, lo, hi).to(device)
     # in-plane, then along axis 0 (resample_rows): NumPy's float32 operations, in their order
+    if consume is not None:
+        return resample_rows(block, shape[0], target, sep, (o0, o1), lo, consume=consume, buffers=buffers)
     if out is None or device.type != "cpu":
         p = resample_rows(block, shape[0], target, sep, (o0, o1), lo).cpu()
         if out is None:
@@ -191,8 +209,9 @@ class _Member:
 
 
 class _Decision:
-    """The running argmax (class indices) or the regions' labels of an array of ``shape`` (a slab,
-    or the whole box), updated one class at a time at ``where``."""
+    """The running argmax (class indices: the first maximum, NaN counting as -inf) or the regions'
+    labels of an array of ``shape`` (a slab, or the whole box), updated one class at a time at
+    ``where``."""
 
     def __init__(self, shape: Sequence[int], n: int, regions: RegionSet | None, thresholds: Sequence[float] | None):
         self.shape, self.regions, self.thresholds = tuple(shape), regions, thresholds
@@ -214,8 +233,8 @@ class _Decision:
                     mask &= self.masks[q][where]
             self.masks[k][where] = mask
             self.out[where][mask] = self.regions.regions[k].paint
-        elif k == 0:
-            self.best[where] = total
+        elif k == 0:  # NaN counts as -inf: never better, as _argmax_rows
+            self.best[where] = np.nan_to_num(total, nan=-np.inf)
         else:
             # without branches (a mask-driven copy or assignment mispredicts on every voxel of a
             # noisy map: 10 x slower): seg += better * (k - seg), in its unsigned wrap-around
@@ -306,7 +325,14 @@ def stream_segmentation(
     ndim = len(box_shape)
     everything = (slice(None),) * ndim
 
-    if probabilities is None:  # slab by slab; each slab class by class
+    if probabilities is None and not regions and len(workers) == 1 and not whole:
+        # one grid (the usual case): each chunk of rows is decided as soon as it is reverted
+        identity = np.array_equal(values, np.arange(len(values)))
+        buffers, backward = Buffers(), _backward(workers[0].output.properties)
+        for s0, s1 in slabs:
+            seg = _argmax_rows(workers[0], n, s0, s1, buffers).transpose(backward)
+            inside[_slab_index(axis, ndim, s0, s1)] = seg if identity else lut[seg]
+    elif probabilities is None:  # slab by slab; each slab class by class
         for s0, s1 in slabs:
             where = _slab_index(axis, ndim, s0, s1)
             decision = _Decision(inside[where].shape, n, regions, thresholds)
@@ -341,6 +367,39 @@ def stream_segmentation(
     if pp is not None and not et_rule:
         labels = pp.apply(labels)
     return labels
+
+
+def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers) -> np.ndarray:
+    """The running argmax over the ``n`` classes of one member grid's rows ``o0 .. o1`` along its
+    preprocessed axis 0, reverted to the input grid's crop box (preprocessed axis order): as
+    :class:`_Decision` (the first maximum; NaN counts as -inf), each chunk of reverted rows
+    compared as soon as it is made, before it leaves the cache. Arithmetic instead of masks
+    (PyTorch's masked and NaN-aware operations are several times slower on the CPU): the labels
+    are float32 (whole numbers, exact), ``seg = max(seg, (p > best) * k)``, as every earlier
+    label is below ``k``."""
+    props, device = worker.output.properties, worker.device
+    shape = (o1 - o0, *_crop_shape_network(props)[1:])
+    best = torch.empty(shape, dtype=torch.float32, device=device)
+    seg = torch.zeros(shape, dtype=torch.float32, device=device)
+    for k in range(n):
+
+        def consume(c0: int, c1: int, chunk: torch.Tensor, k: int = k) -> None:
+            b, g = best[c0 - o0 : c1 - o0], seg[c0 - o0 : c1 - o0]
+            if worker.count & (worker.count - 1):  # the mean, as _average: float32 division (by a
+                chunk.div_(worker.count)  # power of two it is exact and leaves the argmax as it is)
+            torch.nan_to_num(chunk, nan=-torch.inf, out=chunk)
+            if k == 0:
+                b.copy_(chunk)
+                return
+            m = buffers.get("better", chunk.numel(), device).view(chunk.shape)
+            torch.gt(chunk, b, out=m)
+            torch.maximum(b, chunk, out=b)
+            torch.maximum(g, m.mul_(k), out=g)
+
+        revert_rows(worker.output.probabilities, k, props, o0, o1, device, consume=consume, buffers=buffers)
+    if n <= 256:
+        return seg.to(torch.uint8).cpu().numpy()
+    return seg.to(torch.int32).cpu().numpy().astype(np.uint16)
 
 
 def _average(workers: Sequence[_Member], k: int, slab: tuple[int, int], fill: float) -> np.ndarray:
