@@ -36,8 +36,9 @@ def _in_plane_then_axis0(volume: np.ndarray, shape, sep) -> np.ndarray:
 @pytest.mark.parametrize("source, target", SHAPES)
 @pytest.mark.parametrize("sep", [None, 0, 1, 2])
 def test_equals_numpy_to_rounding_whatever_the_chunks(source, target, sep):
-    """One lerp per pass instead of NumPy's three operations: a few units in the last place from
-    NumPy in the same order and from the whole volume; the chunks change no bit."""
+    """PyTorch's bilinear kernel in-plane and one lerp per output row along axis 0, where NumPy
+    takes three operations per pass: a few units in the last place from NumPy in the same order
+    and from the whole volume; the chunks change no bit."""
     vol = np.random.default_rng(0).random(source, dtype=np.float32)
     expected = _in_plane_then_axis0(vol, target, sep)
     whole = resample_volume(vol, target, 1, sep, 0)
@@ -45,13 +46,13 @@ def test_equals_numpy_to_rounding_whatever_the_chunks(source, target, sep):
     for chunk in (1, 37, 1 << 20):  # one row per chunk (rows shared between chunks), a few, all
         got = resample_rows(torch.from_numpy(vol), source[0], target, sep, chunk_voxels=chunk).numpy()
         assert got.dtype == np.float32 and got.shape == tuple(target)
-        np.testing.assert_allclose(got, expected, rtol=0, atol=5e-7)
-        assert np.abs(got - whole).max() <= 1e-6
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+        assert np.abs(got - whole).max() <= 2e-6
         if first is None:
             first = got
         np.testing.assert_array_equal(got, first)
     constant = resample_rows(torch.full(source, 0.3), source[0], target, sep).numpy()
-    assert (constant == np.float32(0.3)).all()  # a constant map stays exactly constant
+    assert np.abs(constant - np.float32(0.3)).max() <= 6e-8  # a constant map stays constant, to rounding
 
 
 def test_the_separate_axis_is_nearest_and_a_linear_ramp_stays_linear():
@@ -74,7 +75,7 @@ def test_rows_of_a_block_into_a_strided_out_from_float16(sep):
     vol = rng.random((9, 7, 8), dtype=np.float32).astype(np.float16)
     target = [20, 5, 11]
     expected = resample_rows(torch.from_numpy(vol), 9, target, sep).numpy()
-    np.testing.assert_allclose(expected, _in_plane_then_axis0(vol.astype(np.float32), target, sep), atol=5e-7)
+    np.testing.assert_allclose(expected, _in_plane_then_axis0(vol.astype(np.float32), target, sep), atol=2e-6)
     for o0, o1 in ((0, 20), (3, 4), (5, 17), (19, 20)):
         lo, hi = source_rows(9, target, sep, o0, o1)
         buf = torch.full((11, 5, o1 - o0), -1.0)
