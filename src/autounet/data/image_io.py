@@ -284,10 +284,33 @@ def to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:
-    """Write ``array`` with ``geometry`` (not atomic; see :mod:`autounet.utils.atomic`)."""
+    """Write ``array`` with ``geometry`` (not atomic; see :mod:`autounet.utils.atomic`).
+
+    A ``.nii.gz`` is written by ITK uncompressed to a temporary beside it, checked to hold every
+    voxel (ITK reports no error when a write stops short), and gzipped on every core at level 1
+    (:func:`~autounet.utils.deflate.gzip_file`): ITK deflates at level 6 on one core, which takes
+    seconds on a large, noisy label map. A failed ITK write raises :class:`RuntimeError`."""
+    import os
+    import tempfile
+
+    from autounet.utils.deflate import gzip_file
+    from autounet.utils.temporary import temporary_prefix
+
     check_name(path)  # SimpleITK aborts the process on a name that is not UTF-8
-    img = to_sitk(np.ascontiguousarray(array), geometry)
-    sitk.WriteImage(img, str(path), useCompression=compress)
+    array = np.ascontiguousarray(array)
+    img = to_sitk(array, geometry)
+    if not (compress and image_suffix(path) == ".nii.gz"):
+        sitk.WriteImage(img, str(path), useCompression=compress)
+        return
+    fd, plain = tempfile.mkstemp(prefix=temporary_prefix(), suffix=".nii", dir=Path(path).parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(img, plain, useCompression=False)
+        if os.path.getsize(plain) < 348 + array.nbytes:  # the NIfTI-1 header, then the voxels
+            raise RuntimeError("the NIfTI file was written incompletely")
+        gzip_file(Path(plain), Path(path))
+    finally:
+        Path(plain).unlink(missing_ok=True)
 
 
 def image_suffix(path: str | Path) -> str:
@@ -364,31 +387,7 @@ def _write_verified(tmp: Path, final: Path, array: np.ndarray, geometry: Geometr
         write_image(tmp, array, geometry)
     except RuntimeError as exc:
         raise write_failure(final, str(exc)) from None
-    if image_suffix(tmp) in (".nii", ".nii.gz"):
+    if image_suffix(tmp) == ".nii":  # (a .nii.gz is checked before it is gzipped: write_image)
         needed = 348 + np.asarray(array).nbytes  # the NIfTI-1 header, then the voxels
-        if _uncompressed_bytes(tmp, image_suffix(tmp) == ".nii.gz") < needed:
+        if tmp.stat().st_size < needed:
             raise write_failure(final, "the NIfTI file was written incompletely")
-
-
-def _uncompressed_bytes(path: Path, gzipped: bool) -> int:
-    """The file's size, or its gzip stream's decompressed size (0 when the stream is cut short)."""
-    import zlib
-
-    if not gzipped:
-        return path.stat().st_size
-    total = 0
-    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            try:
-                total += len(inflate.decompress(chunk))
-            except zlib.error:
-                return 0
-            while inflate.unused_data and inflate.eof:  # a further gzip member
-                rest = inflate.unused_data
-                inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                try:
-                    total += len(inflate.decompress(rest))
-                except zlib.error:
-                    return 0
-    return total if inflate.eof else 0

@@ -90,12 +90,16 @@ class _Pass:
         self.w1 = None if m.w1 is None else torch.from_numpy(m.w1).reshape(shape).to(device)
         self.plain = m  # along axis 0: plane by plane, with Python numbers
 
-    def _rows(self, src: torch.Tensor, out: torch.Tensor, c0: int, lo: int) -> None:
-        """Along axis 0 each output row is two source rows mixed: no gathers."""
+    def rows(self, row: Callable[[int], torch.Tensor], out: torch.Tensor, c0: int) -> None:
+        """Along axis 0, outputs ``c0 ..`` into ``out``: each the copy of one source row (nearest)
+        or one ``lerp`` of two (no gathers); ``row(r)``: source row ``r`` (resampled in-plane)."""
         m = self.plain
         for i in range(out.shape[0]):
             j = c0 + i
-            torch.lerp(src[int(m.i0[j]) - lo], src[int(m.i1[j]) - lo], float(m.w1[j]), out=out[i])
+            if m.i1 is None:
+                out[i].copy_(row(int(m.i0[j])))
+            else:
+                torch.lerp(row(int(m.i0[j])), row(int(m.i1[j])), float(m.w1[j]), out=out[i])
 
     def run(
         self,
@@ -109,7 +113,7 @@ class _Pass:
         """``out`` = outputs ``c0 .. c1`` of this map from ``src``, which holds the source samples
         from ``lo`` on; ``tmp``: a buffer of ``out``'s shape. ``out`` and ``tmp`` are contiguous."""
         if self.axis == 0 and self.i1 is not None:
-            self._rows(src, out, c0, lo)
+            self.rows(lambda r: src[r - lo], out, c0)
             return
         part = (slice(None),) * self.axis + (slice(c0, c1),)
         i0 = self.i0[c0:c1]
@@ -211,9 +215,16 @@ def resample_rows(
     for p in passes:
         plane[p.axis - 1] = target[p.axis]
         size = max(size, r_max * plane[0] * plane[1])
-    work = [buffer(f"work{i}", size) for i in range(min(len(passes), 2) + (1 if passes else 0))]
+    # both in-plane axes linear and axis 0 resampled: PyTorch's bilinear kernel makes each chunk's
+    # new source rows (about three times faster than two passes of gathers; its weights are
+    # float32, the same values to rounding), kept by row for the next chunk without a copy
+    bilinear = along is not None and len(passes) == 2 and all(p.i1 is not None for p in passes)
+    made: dict[int, torch.Tensor] = {}
+    work = [buffer(f"work{i}", size) for i in range(0 if bilinear else min(len(passes), 2) + (1 if passes else 0))]
     # two, alternating: a chunk's first rows are the last chunk's last, copied across
-    planes = [buffer(f"plane{i}", r_max * plane_out) for i in range(2)] if passes and along is not None else None
+    planes = None
+    if passes and along is not None and not bilinear:
+        planes = [buffer(f"plane{i}", r_max * plane_out) for i in range(2)]
     direct = consume is None and out.is_contiguous()
     staged = None if direct else buffer("staged", step * plane_out)
     a_pass = None if along is None else _Pass(along, 0, device)
@@ -221,7 +232,15 @@ def resample_rows(
 
     for (c0, c1), (lo, hi) in zip(chunks, spans):
         dst = out[c0 - o0 : c1 - o0] if direct else _take(staged, (c1 - c0, target[1], target[2]))
-        if not passes:  # nothing in-plane: the source rows themselves
+        if bilinear:
+            for r in [r for r in made if r < lo]:
+                del made[r]
+            start = max(lo, max(made) + 1) if made else lo
+            if start < hi:
+                new = _bilinear(block[start - first : hi - first], target)
+                made.update((start + i, new[i]) for i in range(hi - start))
+            a_pass.rows(made.__getitem__, dst, c0)
+        elif not passes:  # nothing in-plane: the source rows themselves
             src = block[lo - first : hi - first]
         else:
             if planes is None:  # rows map one to one: the last in-plane pass writes the result
@@ -236,9 +255,9 @@ def resample_rows(
                 have = (lo, hi)
             _in_plane(block[start - first : hi - first], passes, target, work, into[start - lo :])
             src = into
-        if a_pass is not None:
+        if not bilinear and a_pass is not None:
             a_pass.run(src, dst, None, c0, c1, lo)
-        elif not passes:
+        elif not bilinear and not passes:
             dst.copy_(src)
         if consume is not None:
             consume(c0, c1, dst)
@@ -254,9 +273,7 @@ def _in_plane(src: torch.Tensor, passes: Sequence[_Pass], target: Sequence[int],
     if src.dtype != torch.float32:
         src = src.to(torch.float32)
     if len(passes) == 2 and all(p.i1 is not None for p in passes):
-        # both in-plane axes linear: PyTorch's bilinear kernel (the same sampling, with its
-        # weights in float32: the same values to rounding) is about three times faster here
-        into.copy_(F.interpolate(src[:, None], size=tuple(target[1:]), mode="bilinear", align_corners=False)[:, 0])
+        into.copy_(_bilinear(src, target))
         return
     plane = list(src.shape)
     for i, p in enumerate(passes):
@@ -264,6 +281,13 @@ def _in_plane(src: torch.Tensor, passes: Sequence[_Pass], target: Sequence[int],
         dst = into if i == len(passes) - 1 else _take(work[i % 2], plane)
         p.run(src, dst, _take(work[-1], plane))
         src = dst
+
+
+def _bilinear(src: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """``src`` rows (float32 or not) resampled in-plane to ``target[1:]`` by PyTorch's bilinear
+    kernel (pixel-centre mapping, as ``align_corners=False``), float32, new memory."""
+    src = src.to(torch.float32)
+    return F.interpolate(src[:, None], size=tuple(target[1:]), mode="bilinear", align_corners=False)[:, 0]
 
 
 def resample_linear(volume: torch.Tensor, new_shape: Sequence[int], sep_axis: int | None = None) -> torch.Tensor:
