@@ -218,7 +218,8 @@ def resample_rows(
     # both in-plane axes linear and axis 0 resampled: PyTorch's bilinear kernel makes each chunk's
     # new source rows (about three times faster than two passes of gathers; its weights are
     # float32, the same values to rounding), kept by row for the next chunk without a copy
-    bilinear = along is not None and len(passes) == 2 and all(p.i1 is not None for p in passes)
+    linear_plane = len(passes) == 2 and all(p.i1 is not None for p in passes)
+    bilinear = along is not None and linear_plane
     made: dict[int, torch.Tensor] = {}
     work = [buffer(f"work{i}", size) for i in range(0 if bilinear else min(len(passes), 2) + (1 if passes else 0))]
     # two, alternating: a chunk's first rows are the last chunk's last, copied across
@@ -241,7 +242,10 @@ def resample_rows(
                 made.update((start + i, new[i]) for i in range(hi - start))
             a_pass.rows(made.__getitem__, dst, c0)
         elif not passes:  # nothing in-plane: the source rows themselves
-            src = block[lo - first : hi - first]
+            if a_pass is not None:
+                a_pass.run(block[lo - first : hi - first], dst, None, c0, c1, lo)
+            else:
+                dst.copy_(block[lo - first : hi - first])
         else:
             if planes is None:  # rows map one to one: the last in-plane pass writes the result
                 into, start = dst, lo
@@ -253,12 +257,9 @@ def resample_rows(
                     into[:kept].copy_(_take(planes[1], (have[1] - have[0], *target[1:]))[lo - have[0] :])
                 start = lo + kept
                 have = (lo, hi)
-            _in_plane(block[start - first : hi - first], passes, target, work, into[start - lo :])
-            src = into
-        if not bilinear and a_pass is not None:
-            a_pass.run(src, dst, None, c0, c1, lo)
-        elif not bilinear and not passes:
-            dst.copy_(src)
+            _in_plane(block[start - first : hi - first], passes, target, work, into[start - lo :], linear_plane)
+            if a_pass is not None:
+                a_pass.run(into, dst, None, c0, c1, lo)
         if consume is not None:
             consume(c0, c1, dst)
         elif not direct:
@@ -266,13 +267,16 @@ def resample_rows(
     return out
 
 
-def _in_plane(src: torch.Tensor, passes: Sequence[_Pass], target: Sequence[int], work, into: torch.Tensor) -> None:
-    """``src`` rows resampled in-plane by ``passes`` into ``into`` (``work``: reused buffers)."""
+def _in_plane(
+    src: torch.Tensor, passes: Sequence[_Pass], target: Sequence[int], work, into: torch.Tensor, bilinear: bool
+) -> None:
+    """``src`` rows resampled in-plane by ``passes`` into ``into`` (``work``: reused buffers;
+    ``bilinear``: both passes linear, made by :func:`_bilinear` in one call)."""
     if src.shape[0] == 0:
         return
     if src.dtype != torch.float32:
         src = src.to(torch.float32)
-    if len(passes) == 2 and all(p.i1 is not None for p in passes):
+    if bilinear:
         into.copy_(_bilinear(src, target))
         return
     plane = list(src.shape)
