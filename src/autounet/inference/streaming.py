@@ -145,27 +145,40 @@ def revert_rows(
     shape, input axis order): written and returned instead of new memory (whose first touch costs
     page faults of the order of the resampling itself). ``consume``: given each chunk of rows in
     preprocessed axis order instead (see :func:`resample_rows`); nothing is returned."""
-    shape = list(probabilities.shape[1:])
-    if shape != list(props.shape_after_resampling):
-        raise AutounetError(
-            f"{props.case_id}: result shape {shape} does not match the preprocessed shape "
-            f"{props.shape_after_resampling}"
-        )
-    target = _crop_shape_network(props)
-    sep = props.separate_axis
-    lo, hi = source_rows(shape[0], target, sep, o0, o1)
-    block = _class_rows(probabilities, k, lo, hi).to(device)
-    # in-plane, then along axis 0 (resample_rows): NumPy's float32 operations, in their order
+    source = _Source(probabilities, k, props, o0, o1, device)
     if consume is not None:
-        return resample_rows(block, shape[0], target, sep, (o0, o1), lo, consume=consume, buffers=buffers)
+        source.resample(consume=consume, buffers=buffers)
+        return None
     if out is None or device.type != "cpu":
-        p = resample_rows(block, shape[0], target, sep, (o0, o1), lo).cpu()
+        p = source.resample().cpu()
         if out is None:
             return p.numpy().transpose(_backward(props))
         torch.from_numpy(out).permute(*props.transpose_forward).copy_(p)
         return out
-    resample_rows(block, shape[0], target, sep, (o0, o1), lo, torch.from_numpy(out).permute(*props.transpose_forward))
+    source.resample(out=torch.from_numpy(out).permute(*props.transpose_forward))
     return out
+
+
+class _Source:
+    """The source rows of class ``k`` that rows ``o0 .. o1`` along the preprocessed axis 0 read
+    once reverted (``block``, float32 on ``device``, from row ``lo``), and how they are resampled."""
+
+    def __init__(self, probabilities, k: int, props: CaseProperties, o0: int, o1: int, device: torch.device):
+        shape = list(probabilities.shape[1:])
+        if shape != list(props.shape_after_resampling):
+            raise AutounetError(
+                f"{props.case_id}: result shape {shape} does not match the preprocessed shape "
+                f"{props.shape_after_resampling}"
+            )
+        self.n_in, self.rows = shape[0], (o0, o1)
+        self.target, self.sep = _crop_shape_network(props), props.separate_axis
+        self.lo, hi = source_rows(self.n_in, self.target, self.sep, o0, o1)
+        self.block = _class_rows(probabilities, k, self.lo, hi).to(device)
+
+    def resample(self, **options) -> torch.Tensor | None:
+        """The rows reverted (in-plane, then along axis 0) by :func:`resample_rows` (``options``:
+        its ``out``, ``consume``, ``buffers``)."""
+        return resample_rows(self.block, self.n_in, self.target, self.sep, self.rows, self.lo, **options)
 
 
 def _union_box(boxes: Sequence[Box]) -> Box:
@@ -325,7 +338,7 @@ def stream_segmentation(
     ndim = len(box_shape)
     everything = (slice(None),) * ndim
 
-    if probabilities is None and not regions and len(workers) == 1 and not whole:
+    if probabilities is None and not regions and len(workers) == 1 and not whole and n <= PACKED_CLASSES:
         # one grid (the usual case): each chunk of rows is decided as soon as it is reverted
         identity = np.array_equal(values, np.arange(len(values)))
         buffers, backward = Buffers(), _backward(workers[0].output.properties)
@@ -369,37 +382,46 @@ def stream_segmentation(
     return labels
 
 
+# The one-grid running argmax packs each class's index into the lowest ``bits`` of the mantissas
+# of its float32 probabilities: for numbers >= 0 the order of the bit patterns as integers is the
+# order of the numbers, so one integer maximum per class keeps the best value and its class. The
+# code of class ``k`` is ``mask - k``, so that of equal values the first class wins (np.argmax).
+# Values within 2**(bits - 23) of each other (relatively; 2**-16 for 128 classes, 2**-15 for 256)
+# are told apart by the code: far finer than the float16 accumulators' own rounding (2**-11). More
+# classes than this take the slab path (_Decision).
+PACKED_CLASSES = 256
+
+
 def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers) -> np.ndarray:
-    """The running argmax over the ``n`` classes of one member grid's rows ``o0 .. o1`` along its
-    preprocessed axis 0, reverted to the input grid's crop box (preprocessed axis order): as
-    :class:`_Decision` (the first maximum; NaN counts as -inf), each chunk of reverted rows
-    compared as soon as it is made, before it leaves the cache. Arithmetic instead of masks
-    (PyTorch's masked and NaN-aware operations are several times slower on the CPU): the labels
-    are float32 (whole numbers, exact), ``seg = max(seg, (p > best) * k)``, as every earlier
-    label is below ``k``."""
+    """The running argmax over the ``n`` (at most :data:`PACKED_CLASSES`) classes of one member
+    grid's rows ``o0 .. o1`` along its preprocessed axis 0, reverted to the input grid's crop box
+    (preprocessed axis order), each chunk of reverted rows compared as soon as it is made, while
+    it is in the cache: three operations per class and voxel on the packed values (see
+    :data:`PACKED_CLASSES`; a NaN counts as -inf, as in :class:`_Decision`). The members' sum is
+    compared, not their mean: dividing every class by the same count cannot change the order."""
     props, device = worker.output.properties, worker.device
     shape = (o1 - o0, *_crop_shape_network(props)[1:])
-    best = torch.empty(shape, dtype=torch.float32, device=device)
-    seg = torch.zeros(shape, dtype=torch.float32, device=device)
+    mask = (1 << max(1, (n - 1).bit_length())) - 1
+    packed = torch.empty(shape, dtype=torch.int32, device=device)
     for k in range(n):
+        source = _Source(worker.output.probabilities, k, props, o0, o1, device)
+        # NaN (positive NaN's bits are above every number's) can only come from the source rows,
+        # checked here at the preprocessed resolution (one sum; a NaN or infinities make it
+        # NaN), not in every reverted chunk
+        nan = bool(torch.isnan(source.block.sum()))
 
-        def consume(c0: int, c1: int, chunk: torch.Tensor, k: int = k) -> None:
-            b, g = best[c0 - o0 : c1 - o0], seg[c0 - o0 : c1 - o0]
-            if worker.count & (worker.count - 1):  # the mean, as _average: float32 division (by a
-                chunk.div_(worker.count)  # power of two it is exact and leaves the argmax as it is)
-            torch.nan_to_num(chunk, nan=-torch.inf, out=chunk)
+        def consume(c0: int, c1: int, chunk: torch.Tensor, k: int = k, nan: bool = nan) -> None:
+            if nan:
+                torch.nan_to_num(chunk, nan=-torch.inf, out=chunk)
+            bits, best = chunk.view(torch.int32), packed[c0 - o0 : c1 - o0]
             if k == 0:
-                b.copy_(chunk)
+                torch.bitwise_or(bits, mask, out=best)
                 return
-            m = buffers.get("better", chunk.numel(), device).view(chunk.shape)
-            torch.gt(chunk, b, out=m)
-            torch.maximum(b, chunk, out=b)
-            torch.maximum(g, m.mul_(k), out=g)
+            torch.maximum(best, bits.bitwise_or_(mask).sub_(k), out=best)
 
-        revert_rows(worker.output.probabilities, k, props, o0, o1, device, consume=consume, buffers=buffers)
-    if n <= 256:
-        return seg.to(torch.uint8).cpu().numpy()
-    return seg.to(torch.int32).cpu().numpy().astype(np.uint16)
+        source.resample(consume=consume, buffers=buffers)
+    labels = packed.bitwise_and_(mask).neg_().add_(mask)
+    return labels.to(torch.uint8).cpu().numpy()
 
 
 def _average(workers: Sequence[_Member], k: int, slab: tuple[int, int], fill: float) -> np.ndarray:
