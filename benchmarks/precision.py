@@ -20,10 +20,13 @@ and trains ``3d_fullres`` fold ``all`` for ``--epochs`` x ``--iterations`` on th
   through the predictor's streaming export (what ``autounet predict`` writes), with the float16
   accumulators.
 
-For each run it reports what ran (after any fallback), the seconds, per-class Dice against the
+For each run it reports what ran (after any fallback; ``then``: what precision ``auto`` went on
+with after a case too near ties for half precision), the seconds, per-class Dice against the
 reference, the differing voxels and how many of them are ties (the reference's two best classes
 within :data:`~autounet.inference.agreement.FP32_TIE`; for ``torch:fp32`` also within
-:data:`~autounet.inference.sliding_window.HALF_ACCUMULATION_TIE` alone), and whether the accuracy
+:data:`~autounet.inference.sliding_window.HALF_ACCUMULATION_TIE` alone; ``widest_differing``: the
+largest reference margin among the differing voxels; ``label_voxels``: per label, the reference's
+and the run's voxels), and whether the accuracy
 guard (:func:`~autounet.inference.agreement.guard_problem`) holds. A run whose engine or precision
 falls back is reported as such and not predicted.
 """
@@ -205,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["seconds"] = round(time.perf_counter() - t, 1)
         finally:
             UNet._head = saved
-        ran_precision = pred.engines.split()[-1]
+        if pred.engines != entry["ran"]:  # precision auto gave up half precision at some case
+            entry["then"] = pred.engines
+        ran_precision = entry["ran"].split()[-1]  # a run that began in bf16 is judged as bf16
         agreement = agreement_for(ran_precision, labels)
         strict = Agreement(sliding_window.HALF_ACCUMULATION_TIE, labels)
         for ref, seg, margin in zip(reference, segs, margins):

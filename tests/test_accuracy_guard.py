@@ -152,3 +152,92 @@ def test_openvino_runs_the_head_in_float32_apart_from_the_converted_body(tmp_pat
         compiled._run = lambda a: torch.from_numpy(np.array(real(a))).bfloat16().float().numpy()
         rounded = compiled(x)
     assert torch.all(rounded[:, 1] > rounded[:, 0]) and torch.all(torch.softmax(rounded, 1).argmax(1) == 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision auto: half precision kept only where a case cannot lose Dice >= MIN_DICE by it
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tie_risk_counts_each_class_and_the_voxels_near_a_tie_of_its_two_best():
+    from autounet.inference.agreement import HALF_TIE, tie_risk
+
+    p = np.zeros((3, 2, 2, 3), np.float32)
+    close = 0.4 - HALF_TIE / 4
+    p[:, 0, 0] = [[0.9, 0.5, 0.2], [0.05, 0.5 - HALF_TIE / 4, 0.4], [0.05, HALF_TIE / 4, close]]
+    p[:, 0, 1] = [[0.1, 0.3, 0.3], [0.8, 0.3, 0.7], [0.1, 0.4, 0.0]]
+    p[:, 1] = p[:, 0][:, ::-1]  # the other row: the same voxels, another chunk
+    sizes, risks = tie_risk(p, chunk_values=3 * 6)  # one row per chunk
+    # labels (0, 0, 1 | 1, 2, 1) twice; within the tie: 0 and 1 at x = 1, 1 and 2 at x = 2
+    assert sizes.tolist() == [4, 6, 2] and risks.tolist() == [2, 4, 2]
+    spilled = type("Spilled", (), {"shape": p.shape, "rows": lambda self, k, z0, z1: p[k, z0:z1]})()
+    assert [a.tolist() for a in tie_risk(spilled)] == [[4, 6, 2], [2, 4, 2]]
+    sig_sizes, sig_risks = tie_risk(p, "sigmoid", thresholds=[0.5, 0.5, 0.4])
+    assert sig_sizes.tolist() == [4, 4, 2] and sig_risks.tolist() == [2, 2, 4]
+
+
+def test_risk_problem_names_the_classes_whose_near_ties_could_cost_a_hundredth_of_their_dice():
+    from autounet.inference.agreement import risk_problem
+
+    assert risk_problem(np.array([10**6, 1000, 500]), np.array([900, 10, 5]), [0, 1, 4]) is None
+    problem = risk_problem(np.array([10**6, 1000, 19]), np.array([900, 11, 1]), [0, 1, 4])
+    assert "class 1: 11 of 1000 voxels" in problem and "class 4: 1 of 19 voxels" in problem
+    assert "class 0" not in problem
+    assert "class 4: 3 of 0" in risk_problem(np.array([100, 0]), np.array([0, 3]), [0, 4])  # a class it never labels
+
+
+def _one_layer_stage(weight: float):
+    """A stage whose network is one 1x1x1 convolution: logits (w x, -w x) for 2 classes."""
+    from test_memory_limit import tiny_stage
+
+    stage = tiny_stage(2, patch=(16, 16, 16))
+    conv = torch.nn.Conv3d(1, 2, 1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([weight, -weight]).view(2, 1, 1, 1, 1))
+        conv.bias.zero_()
+    stage.networks = [conv]
+    return stage
+
+
+@pytest.mark.parametrize("weight, kept", [(20.0, True), (0.0005, False)])
+def test_precision_auto_keeps_bf16_for_sure_decisions_and_predicts_near_ties_in_fp32(monkeypatch, capsys, weight, kept):
+    """A network whose classes are decided by wide margins keeps bf16 under precision auto; one
+    whose every voxel is near a tie (a barely trained model) is predicted again in fp32, with a
+    note, and its labels are fp32's exactly. An explicit bf16 is never second-guessed."""
+    from autounet.data.geometry import Geometry
+    from autounet.inference.predictor import Predictor
+
+    monkeypatch.setattr(engines, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    image = volume(5, (20, 20, 20))
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+
+    def run(precision):
+        p = Predictor(members=[_one_layer_stage(weight)], device="cpu", tta=False, engine="torch", precision=precision)
+        return p, p.predict_array(image, geometry).segmentation
+
+    fp32, expected = run("fp32")
+    capsys.readouterr()
+    auto, labels = run("auto")
+    err = capsys.readouterr().err
+    assert "torch bf16" in err  # what it started with
+    assert auto.engines == ("torch bf16" if kept else "torch fp32")
+    assert ("half precision could change its segmentation" in err) is not kept
+    assert {0, 1} <= set(np.unique(labels).tolist())
+    if not kept:
+        assert "class 0:" in err and "class 1:" in err
+        np.testing.assert_array_equal(labels, expected)
+    explicit, _ = run("bf16")
+    assert explicit.engines == "torch bf16" and not explicit.check_half
+
+
+def test_openvino_compiles_again_in_fp32_when_auto_gives_up_bf16():
+    if not engines.engine_installed("openvino") or not engines.openvino_cpu_supports_bf16():
+        pytest.skip("needs OpenVINO with bf16 on this CPU")
+    net = unet(2)
+    engine = compile_network(net, engine="openvino", precision="bf16", example_shape=TILES)
+    x = torch.from_numpy(volume(4, PATCH))[None].repeat(2, 1, 1, 1, 1)
+    assert engine.precision == "bf16"
+    engine.full_precision()
+    assert engine.precision == "fp32" and engine.describe() == "openvino fp32"
+    with torch.no_grad():
+        np.testing.assert_allclose(engine(x).numpy(), net(x).numpy(), atol=1e-4)

@@ -383,7 +383,8 @@ def predict(
         engine: what runs the networks (default auto: OpenVINO on a CPU where installed, else PyTorch); a missing
             or failing engine falls back to PyTorch with a note
         precision: auto (default): bf16 where the hardware runs it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs),
-            else fp32 (fp16 on older GPUs); fp32 gives PyTorch's full-precision results
+            else fp32 (fp16 on older GPUs), and fp32 from the first case whose probabilities are too near ties
+            for half precision; fp32 gives PyTorch's full-precision results
         executor: local (default): this process; ray: the cases, sharded over workers that each load the model
             once, as tasks of a Ray cluster
         address: the Ray cluster to join: auto or HOST:PORT (default: a local Ray instance)

@@ -16,13 +16,22 @@ The rules (:func:`guard_problem`):
   own float32 rounding (another order of additions, fused kernels).
 * **bf16, fp16**: Dice >= :data:`MIN_DICE` per class against the reference, pooled over cases
   (the network computes in 8 or 11 bits: features round, so labels move at class borders).
+
+Precision ``auto`` keeps half precision only where a case's own probabilities show that it cannot
+break that rule (:func:`tie_risk`, :func:`risk_problem`): a voxel can change its label only where
+its two best classes are within :data:`HALF_TIE` of each other, so if such voxels are at most
+``1 - MIN_DICE`` of each class's voxels, that class's Dice against fp32 is at least ``MIN_DICE``
+whatever they do. A barely trained model, whose classes are mostly such voxels, fails it and is
+predicted in fp32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from autounet.inference.sliding_window import HALF_ACCUMULATION_TIE
 
@@ -30,6 +39,11 @@ from autounet.inference.sliding_window import HALF_ACCUMULATION_TIE
 FP32_TIE = HALF_ACCUMULATION_TIE + 1e-4
 # The least Dice per class a half-precision run must keep against the reference.
 MIN_DICE = 0.99
+# How far bf16 moves a voxel's decision margin, at most: twice the widest margin of any voxel that
+# bf16 changed against fp32, measured (benchmarks/precision.py, 52 hippocampus cases, a barely
+# trained model, OpenVINO and PyTorch bf16: WIDEST_MEASURED).
+WIDEST_MEASURED = 0.004
+HALF_TIE = 2 * WIDEST_MEASURED
 
 
 def decision_margin(probabilities: np.ndarray, activation: str = "softmax") -> np.ndarray:
@@ -50,8 +64,9 @@ class Agreement:
     """A candidate's segmentations against the reference's, pooled over the cases added.
 
     ``differing``: voxels whose label differs; ``differing_not_tie``: those of them where the
-    reference's margin (:func:`decision_margin`) is at least ``tie``; ``counts``: per label value
-    ``[voxels of both, of the reference, of the candidate]``.
+    reference's margin (:func:`decision_margin`) is at least ``tie``; ``widest_differing``: the
+    largest reference margin among them (how far the candidate moved a decision); ``counts``: per
+    label value ``[voxels of both, of the reference, of the candidate]``.
     """
 
     tie: float
@@ -59,6 +74,7 @@ class Agreement:
     voxels: int = 0
     differing: int = 0
     differing_not_tie: int = 0
+    widest_differing: float = 0.0
     counts: dict[int, list[int]] = field(default_factory=dict)
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, margin: np.ndarray) -> None:
@@ -69,6 +85,8 @@ class Agreement:
         self.voxels += int(reference.size)
         self.differing += int(differ.sum())
         self.differing_not_tie += int((differ & (margin >= self.tie)).sum())
+        if differ.any():
+            self.widest_differing = max(self.widest_differing, float(margin[differ].max()))
         for value in self.labels:
             a, b = reference == value, candidate == value
             both, ref, cand = self.counts.setdefault(value, [0, 0, 0])
@@ -90,7 +108,9 @@ class Agreement:
             "differing": self.differing,
             "differing_ties": self.differing - self.differing_not_tie,
             "differing_not_tie": self.differing_not_tie,
+            "widest_differing": round(self.widest_differing, 6),
             "tie": self.tie,
+            "label_voxels": {str(k): v[1:] for k, v in sorted(self.counts.items())},
         }
 
 
@@ -114,3 +134,58 @@ def guard_problem(agreement: Agreement, precision: str, min_dice: float = MIN_DI
         shown = ", ".join(f"class {v}: {d:.4f}" for v, d in sorted(low.items()))
         return f"{precision}: Dice against the reference below {min_dice} ({shown})"
     return None
+
+
+def tie_risk(
+    probabilities,
+    activation: str = "softmax",
+    thresholds: Sequence[float] | None = None,
+    tie: float = HALF_TIE,
+    chunk_values: int = 1 << 24,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (or region) of ``probabilities`` ``(K, z, y, x)`` (in memory, or anything with
+    ``rows(k, z0, z1)`` such as a spilled volume): the voxels it labels (``sizes``) and the voxels
+    where a change of less than ``tie`` could add or remove it (``risks``): softmax, it is one of
+    the two best classes and they are within ``tie``; sigmoid, its probability is within ``tie``
+    of its threshold (``thresholds``, default 0.5). Read ``chunk_values`` at a time along axis 0."""
+    k_count, rows = int(probabilities.shape[0]), int(probabilities.shape[1])
+    plane = int(np.prod(probabilities.shape[2:]))
+    step = max(1, chunk_values // max(1, k_count * plane))
+    sizes = np.zeros(k_count, np.int64)
+    risks = np.zeros(k_count, np.int64)
+    thresholds = [0.5] * k_count if thresholds is None else list(thresholds)
+
+    def read(k: int, z0: int, z1: int) -> torch.Tensor:
+        part = probabilities.rows(k, z0, z1) if hasattr(probabilities, "rows") else probabilities[k, z0:z1]
+        return torch.as_tensor(np.asarray(part) if not isinstance(part, torch.Tensor) else part).float()
+
+    for z0 in range(0, rows, step):
+        z1 = min(z0 + step, rows)
+        if activation == "sigmoid":
+            for k in range(k_count):
+                p = read(k, z0, z1)
+                sizes[k] += int((p >= thresholds[k]).sum())
+                risks[k] += int(((p - thresholds[k]).abs() < tie).sum())
+            continue
+        block = torch.stack([read(k, z0, z1) for k in range(k_count)])
+        if k_count < 2:
+            sizes[0] += block[0].numel()
+            continue
+        top = torch.topk(torch.nan_to_num(block, nan=-torch.inf), 2, dim=0)
+        first, second = top.indices[0].ravel(), top.indices[1].ravel()
+        close = (top.values[0] - top.values[1]).ravel() < tie
+        sizes += torch.bincount(first, minlength=k_count).numpy()
+        risks += torch.bincount(first[close], minlength=k_count).numpy()
+        risks += torch.bincount(second[close], minlength=k_count).numpy()
+    return sizes, risks
+
+
+def risk_problem(sizes: np.ndarray, risks: np.ndarray, labels: Sequence[int], min_dice: float = MIN_DICE) -> str | None:
+    """Why half precision could move a class's Dice against fp32 below ``min_dice`` (one line:
+    the classes whose voxels within the tie exceed ``1 - min_dice`` of their own), or None."""
+    over = [i for i in range(len(sizes)) if risks[i] > (1 - min_dice) * sizes[i]]
+    if not over:
+        return None
+    shown = ", ".join(f"class {labels[i]}: {risks[i]} of {sizes[i]} voxels" for i in over[:4])
+    more = f" and {len(over) - 4} more" if len(over) > 4 else ""
+    return f"voxels within {HALF_TIE:.3g} of another label ({shown}{more})"

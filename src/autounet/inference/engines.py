@@ -16,7 +16,9 @@ callable (a :class:`torch.nn.Module`, so it also goes wherever a network went: `
 
 ``auto`` picks OpenVINO on a CPU when it is installed and PyTorch otherwise (always on CUDA);
 precision ``auto`` picks bf16 where the hardware runs it natively, else fp32 (see
-:func:`resolve_engine`, :func:`resolve_precision`).
+:func:`resolve_engine`, :func:`resolve_precision`); the predictor turns it to fp32
+(:meth:`Engine.full_precision`) for a model whose probabilities are too near ties for half
+precision (:func:`autounet.inference.agreement.tie_risk`).
 
 Engines are optional: onnxruntime and openvino are imported only when asked for. An engine that
 is not installed, cannot run the requested precision or fails to compile raises
@@ -276,6 +278,10 @@ class Engine(torch.nn.Module):
     def describe(self) -> str:
         return f"{self.name} {self.precision}"
 
+    def full_precision(self) -> None:
+        """Run in fp32 from now on (precision ``auto`` found half precision unsafe for a case)."""
+        self.precision = "fp32"
+
     def extra_repr(self) -> str:
         return self.describe()
 
@@ -384,16 +390,26 @@ class OpenVinoEngine(_ConvertedEngine):
         core = ov.Core()
         if not mmap:  # the file is temporary: read the weights, do not map them
             core.set_property({"ENABLE_MMAP": False})
-        config = {
+        # the model as read (kept, to compile it again in fp32: full_precision)
+        self._core, self._model, self.file = core, core.read_model(str(path)), Path(path)
+        self._config = {
             "INFERENCE_PRECISION_HINT": _OPENVINO_HINTS[precision],
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
             "PERFORMANCE_HINT": "LATENCY",
         }
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self._load()
+
+    def _load(self) -> None:
+        self.compiled = self._core.compile_model(self._model, "CPU", self._config)
         actual = str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
         self.precision = "bf16" if "bf16" in actual or "bfloat16" in actual else "fp32"
         self.request = self.compiled.create_infer_request()
-        self.file = Path(path)
+
+    def full_precision(self) -> None:
+        """The same converted file compiled again with OpenVINO's fp32 hint (a second or so)."""
+        if self._fallback is None and self.precision != "fp32":
+            self._config["INFERENCE_PRECISION_HINT"] = _OPENVINO_HINTS["fp32"]
+            self._load()
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         self.request.infer({0: x})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -381,7 +382,11 @@ class Predictor:
         self.members = [m.to(self.device) for m in members]
         self.postprocessing = postprocessing if postprocess else None
         self._converted: list = []  # engines that hand over to PyTorch when they fail at run time
+        self._engines: list = []  # every compiled network
         self.engines = self._compile(engine, precision, quiet)
+        # precision auto in bf16/fp16: each case's probabilities are checked for voxels that half
+        # precision could flip (agreement.tie_risk); too many, and fp32 predicts from then on
+        self.check_half = precision == "auto" and any(e.precision in ("bf16", "fp16") for e in self._engines)
         self.amp_dtype = None  # each engine runs its own precision
         self.tta, self.step = tta, step
         self.skipped: list[str] = []  # cases the last predict(skip_complete=True) found complete
@@ -402,6 +407,7 @@ class Predictor:
         notes: list[str] = []
         for m in self.members:
             done = compile_stage(m, engine=engine, precision=precision, device=self.device)
+            self._engines += done.engines
             described.update(e.describe() for e in done.engines)
             for e in done.engines:
                 if hasattr(e, "redo_case"):  # a converted engine: a failure redoes the case (one engine per case)
@@ -442,17 +448,46 @@ class Predictor:
         from autounet.inference.engines import EngineRunFailure
 
         try:
-            return self._network_once(prepared)
+            out = self._network_once(prepared)
         except EngineRunFailure as exc:
             for e in self._converted:
                 e.fall_back(str(exc), self.device)
             self.engines = "torch fp32"
+            self.check_half = self.check_half and any(e.precision in ("bf16", "fp16") for e in self._engines)
             print(
                 f"note: {exc}; PyTorch fp32 predicts from here on: case {prepared[0].case_id} is predicted again "
                 "with it from its first tile",
                 file=sys.stderr,
             )
             return self._network_once(prepared)
+        problem = self._half_precision_problem(out) if self.check_half else None
+        if problem is None:
+            return out
+        release(out)
+        for e in self._engines:
+            e.full_precision()
+        self.check_half = False
+        self.engines = ", ".join(sorted({e.describe() for e in self._engines}))
+        print(
+            f"note: case {prepared[0].case_id}: half precision could change its segmentation against fp32 "
+            f"({problem}); it is predicted again, and every later case, with {self.engines}",
+            file=sys.stderr,
+        )
+        return self._network_once(prepared)
+
+    def _half_precision_problem(self, results: list) -> str | None:
+        """Why a case's probabilities (every member's) could lose Dice >= agreement.MIN_DICE per
+        class against fp32 (:func:`~autounet.inference.agreement.tie_risk`), or None."""
+        from autounet.inference.agreement import risk_problem, tie_risk
+
+        regions = self.stage.regions
+        labels = [r.paint for r in regions.regions] if regions else list(self.stage.label_values)
+        for r in results:
+            sizes, risks = tie_risk(r, "sigmoid" if regions else "softmax", regions.thresholds if regions else None)
+            problem = risk_problem(sizes, risks, labels)
+            if problem is not None:
+                return problem
+        return None
 
     def _network_once(self, prepared: list[Prepared]) -> list[torch.Tensor | SpillVolume]:
         """Every member's probabilities: in memory, or (when the case's memory plan says so) in
@@ -542,10 +577,21 @@ class Predictor:
         return prepared, (image if keep_raw else None), time.perf_counter() - t
 
     def _export(self, case: InputCase, probs: list[torch.Tensor | SpillVolume], *rest) -> tuple[Path, float]:
-        """:meth:`_export_once`; then the spilled probabilities are removed, whatever happened."""
+        """:meth:`_export_once`; then the spilled probabilities are removed, whatever happened.
+        Once the segmentation is made they are removed in the background while it is written
+        (deleting a multi-GB file takes seconds)."""
+        removing: list[threading.Thread] = []
+
+        def done_reading() -> None:
+            if any(isinstance(p, SpillVolume) for p in probs):
+                removing.append(threading.Thread(target=release, args=(probs,), name="autounet-spill-removal"))
+                removing[0].start()
+
         try:
-            return self._export_once(case, probs, *rest)
+            return self._export_once(case, probs, *rest, done_reading=done_reading)
         finally:
+            for thread in removing:
+                thread.join()
             release(probs)
 
     def _export_once(
@@ -558,7 +604,9 @@ class Predictor:
         save_probabilities: bool,
         png: bool,
         dicom_seg: bool = False,
+        done_reading=None,
     ) -> tuple[Path, float]:
+        """Write ``case``'s outputs; ``done_reading()`` is called once ``probs`` are no longer read."""
         t = time.perf_counter()
         made: list = []
 
@@ -584,6 +632,8 @@ class Predictor:
             atomic_write(inside(out_dir, f"{case.case_id}{PROBABILITIES_SUFFIX}"), build)
         else:
             build(None)
+        if done_reading is not None:
+            done_reading()
         prediction = made[0]
         seg_dataset = made[1] if dicom_seg else None
         path = write_prediction(

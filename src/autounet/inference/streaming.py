@@ -23,6 +23,7 @@ the slab axis; its values are the whole volume's, bit for bit, and NumPy's to fl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -403,12 +404,19 @@ def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers) ->
     shape = (o1 - o0, *_crop_shape_network(props)[1:])
     mask = (1 << max(1, (n - 1).bit_length())) - 1
     packed = torch.empty(shape, dtype=torch.int32, device=device)
+    # Softmax probabilities sum to 1 (to float16's 2**-11), so the best class of every reverted
+    # voxel (a convex combination of source voxels) has at least 1/n of the members' sum: a class
+    # below that everywhere in the source rows cannot win in these rows and is not reverted.
+    floor = worker.count * (1 - 2**-9) / n
     for k in range(n):
         source = _Source(worker.output.probabilities, k, props, o0, o1, device)
         # NaN (positive NaN's bits are above every number's) can only come from the source rows,
-        # checked here at the preprocessed resolution (one sum; a NaN or infinities make it
-        # NaN), not in every reverted chunk
-        nan = bool(torch.isnan(source.block.sum()))
+        # checked here at the preprocessed resolution (their maximum is NaN), not in every
+        # reverted chunk
+        top = float(source.block.max()) if source.block.numel() else 0.0
+        nan = math.isnan(top)
+        if k > 0 and top < floor:
+            continue
 
         def consume(c0: int, c1: int, chunk: torch.Tensor, k: int = k, nan: bool = nan) -> None:
             if nan:
