@@ -167,7 +167,7 @@ def test_tie_risk_counts_each_class_and_the_voxels_near_a_tie_of_its_two_best():
     p[:, 0, 0] = [[0.9, 0.5, 0.2], [0.05, 0.5 - HALF_TIE / 4, 0.4], [0.05, HALF_TIE / 4, close]]
     p[:, 0, 1] = [[0.1, 0.3, 0.3], [0.8, 0.3, 0.7], [0.1, 0.4, 0.0]]
     p[:, 1] = p[:, 0][:, ::-1]  # the other row: the same voxels, another chunk
-    sizes, risks = tie_risk(p, chunk_values=3 * 6)  # one row per chunk
+    sizes, risks = tie_risk(p, chunk_voxels=6)  # one row per chunk
     # labels (0, 0, 1 | 1, 2, 1) twice; within the tie: 0 and 1 at x = 1, 1 and 2 at x = 2
     assert sizes.tolist() == [4, 6, 2] and risks.tolist() == [2, 4, 2]
     spilled = type("Spilled", (), {"shape": p.shape, "rows": lambda self, k, z0, z1: p[k, z0:z1]})()
@@ -177,11 +177,12 @@ def test_tie_risk_counts_each_class_and_the_voxels_near_a_tie_of_its_two_best():
 
 
 def test_risk_problem_names_the_classes_whose_near_ties_could_cost_a_hundredth_of_their_dice():
-    from autounet.inference.agreement import risk_problem
+    from autounet.inference.agreement import RISK_SHARE, risk_problem
 
-    assert risk_problem(np.array([10**6, 1000, 500]), np.array([900, 10, 5]), [0, 1, 4]) is None
-    problem = risk_problem(np.array([10**6, 1000, 19]), np.array([900, 11, 1]), [0, 1, 4])
-    assert "class 1: 11 of 1000 voxels" in problem and "class 4: 1 of 19 voxels" in problem
+    assert RISK_SHARE == pytest.approx(0.05)  # 1 % of Dice if a fifth of them changed
+    assert risk_problem(np.array([10**6, 1000, 500]), np.array([900, 50, 25]), [0, 1, 4]) is None
+    problem = risk_problem(np.array([10**6, 1000, 19]), np.array([900, 51, 1]), [0, 1, 4])
+    assert "class 1: 51 of 1000 voxels" in problem and "class 4: 1 of 19 voxels" in problem
     assert "class 0" not in problem
     assert "class 4: 3 of 0" in risk_problem(np.array([100, 0]), np.array([0, 3]), [0, 4])  # a class it never labels
 
@@ -241,3 +242,20 @@ def test_openvino_compiles_again_in_fp32_when_auto_gives_up_bf16():
     assert engine.precision == "fp32" and engine.describe() == "openvino fp32"
     with torch.no_grad():
         np.testing.assert_allclose(engine(x).numpy(), net(x).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("classes", [2, 5, 104])
+def test_tie_risk_equals_a_sort_of_the_classes(classes):
+    from autounet.inference.agreement import HALF_TIE, tie_risk
+
+    g = torch.Generator().manual_seed(classes)
+    p = torch.softmax(torch.randn((classes, 7, 30, 20), generator=g) * (0.3 if classes < 10 else 3), 0).half()
+    sizes, risks = tie_risk(p, chunk_voxels=1000)
+    a = p.float().numpy()
+    order = np.argsort(-a, axis=0, kind="stable")  # the first of equal values first
+    top = np.take_along_axis(a, order[:2], 0)
+    close = top[0] - top[1] < HALF_TIE
+    assert close.sum() > 50
+    assert sizes.tolist() == np.bincount(order[0].ravel(), minlength=classes).tolist()
+    expected = np.bincount(order[0][close], minlength=classes) + np.bincount(order[1][close], minlength=classes)
+    assert risks.tolist() == expected.tolist()
