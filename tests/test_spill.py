@@ -126,3 +126,39 @@ def test_a_prediction_with_spilled_accumulators_writes_the_same_files(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "spilled").iterdir()) == sorted(
         p.name for p in (tmp_path / "kept").iterdir()
     )
+
+
+def test_the_export_asks_for_the_next_class_rows_before_it_reads_them(tmp_path, monkeypatch):
+    """Without --save-probabilities (the one-grid argmax): the segmentation is the same spilled
+    or not, and the next class's rows of each spilled member are prefetched (only advice: a
+    prefetch of a closed file changes nothing)."""
+    from autounet.inference.predictor import Predictor
+    from autounet.inference.spill import SpillVolume
+    from test_memory_limit import tiny_stage
+
+    stage = tiny_stage(4, patch=(16, 16, 16))
+    (tmp_path / "in").mkdir()
+    image = np.random.default_rng(5).normal(0, 1, (20, 30, 26)).astype(np.float32)
+    geometry = Geometry((1.5, 1.2, 1.0), (0.0,) * 3, (1.0, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_image(tmp_path / "in" / "a.nii.gz", image, geometry)
+
+    def predict(out: str) -> np.ndarray:
+        predictor = Predictor(
+            members=[stage, stage], device="cpu", tta=False, engine="torch", precision="fp32", quiet=True
+        )
+        predictor.predict(tmp_path / "in", tmp_path / out)
+        return read_image([tmp_path / out / "a.nii.gz"])[0]
+
+    kept = predict("kept")
+    asked = []
+    original = SpillVolume.prefetch
+    monkeypatch.setattr(SpillVolume, "prefetch", lambda self, k, z0, z1: asked.append(k) or original(self, k, z0, z1))
+    monkeypatch.setattr(memory, "in_memory_budget", lambda limit: 0)  # every accumulator spills
+    np.testing.assert_array_equal(predict("spilled"), kept)
+    assert asked and sorted(set(asked)) == [1, 2, 3]  # every class after the first, before it is read
+    assert len(asked) % 2 == 0  # both members' files
+    folder = SpillFolder(tmp_path, needed=1)
+    volume = folder.volume("m", (2, 3, 4, 5))
+    volume.close()
+    volume.prefetch(1, 0, 3)  # a closed file: nothing happens
+    folder.remove()

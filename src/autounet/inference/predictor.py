@@ -350,7 +350,8 @@ class Predictor:
     ``engine`` (``auto``, ``torch``, ``openvino``, ``onnxruntime``) and ``precision`` (``auto``,
     ``fp32``, ``bf16``, ``fp16``) choose what runs the networks (:mod:`autounet.inference.engines`):
     ``auto`` is OpenVINO on a CPU where it is installed and PyTorch on a GPU, in bf16 where the
-    hardware runs it natively. Only the network call differs: tiling, mirroring, ensembling and
+    hardware runs it natively, and in fp32 from the first case whose probabilities are too near
+    ties for half precision (:attr:`check_half`). Only the network call differs: tiling, mirroring, ensembling and
     reverting are the same for every engine. An engine that is missing or fails falls back to
     PyTorch with a note; ``torch`` + ``fp32`` gives exactly the results of PyTorch in full precision.
     """

@@ -128,6 +128,14 @@ def _stored_rows(probabilities, k: int, z0: int, z1: int) -> torch.Tensor:
     return _as_tensor(np.asarray(probabilities[k, z0:z1]))
 
 
+def _prefetch_rows(probabilities, k: int, z0: int, z1: int) -> None:
+    """Start reading rows ``z0 .. z1`` of class ``k`` where they are on disk (see
+    :meth:`~autounet.inference.spill.SpillVolume.prefetch`); nothing for rows in memory."""
+    for part in probabilities.parts if isinstance(probabilities, _Summed) else [probabilities]:
+        if isinstance(part, SpillVolume):
+            part.prefetch(k, z0, z1)
+
+
 def revert_rows(
     probabilities,
     k: int,
@@ -410,6 +418,8 @@ def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers) ->
     floor = worker.count * (1 - 2**-9) / n
     for k in range(n):
         source = _Source(worker.output.probabilities, k, props, o0, o1, device)
+        if k + 1 < n:  # the next class's rows are read from disk while this one is reverted
+            _prefetch_rows(worker.output.probabilities, k + 1, source.lo, source.lo + source.block.shape[0])
         # NaN (positive NaN's bits are above every number's) can only come from the source rows,
         # checked here at the preprocessed resolution (their maximum is NaN), not in every
         # reverted chunk
