@@ -105,14 +105,6 @@ class SpillVolume:
             raise AutounetError(f"{self.path}: cannot read the spilled probabilities back ({exc})") from None
         return out
 
-    def prefetch(self, k: int, z0: int, z1: int) -> None:
-        """Ask the kernel to start reading rows ``z0 .. z1`` of class ``k`` from disk (where they
-        are no longer cached), so that the read of them that follows waits less; only advice."""
-        try:
-            os.posix_fadvise(self._fd, self._offset(k, z0), (z1 - z0) * self._plane, os.POSIX_FADV_WILLNEED)
-        except (OSError, AttributeError):
-            pass
-
     def _pwrite(self, array: np.ndarray, offset: int) -> None:
         view = memoryview(array.reshape(-1).view(np.uint8))
         done = 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,12 +129,22 @@ def _stored_rows(probabilities, k: int, z0: int, z1: int) -> torch.Tensor:
     return _as_tensor(np.asarray(probabilities[k, z0:z1]))
 
 
-def _prefetch_rows(probabilities, k: int, z0: int, z1: int) -> None:
-    """Start reading rows ``z0 .. z1`` of class ``k`` where they are on disk (see
-    :meth:`~autounet.inference.spill.SpillVolume.prefetch`); nothing for rows in memory."""
-    for part in probabilities.parts if isinstance(probabilities, _Summed) else [probabilities]:
-        if isinstance(part, SpillVolume):
-            part.prefetch(k, z0, z1)
+def _sources(probabilities, n: int, props: CaseProperties, o0: int, o1: int, device: torch.device):
+    """Each class's :class:`_Source` of rows ``o0 .. o1``, in class order. Where rows are read from
+    disk (a spilled member), a second thread reads the next class's while this one is reverted,
+    so that the export does not wait for the disk."""
+    parts = probabilities.parts if isinstance(probabilities, _Summed) else [probabilities]
+    if not any(isinstance(part, SpillVolume) for part in parts):
+        for k in range(n):
+            yield _Source(probabilities, k, props, o0, o1, device)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="autounet-export-reader") as reader:
+        pending = reader.submit(_Source, probabilities, 0, props, o0, o1, device)
+        for k in range(n):
+            source = pending.result()
+            if k + 1 < n:
+                pending = reader.submit(_Source, probabilities, k + 1, props, o0, o1, device)
+            yield source
 
 
 def revert_rows(
@@ -416,10 +427,7 @@ def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers) ->
     # voxel (a convex combination of source voxels) has at least 1/n of the members' sum: a class
     # below that everywhere in the source rows cannot win in these rows and is not reverted.
     floor = worker.count * (1 - 2**-9) / n
-    for k in range(n):
-        source = _Source(worker.output.probabilities, k, props, o0, o1, device)
-        if k + 1 < n:  # the next class's rows are read from disk while this one is reverted
-            _prefetch_rows(worker.output.probabilities, k + 1, source.lo, source.lo + source.block.shape[0])
+    for k, source in enumerate(_sources(worker.output.probabilities, n, props, o0, o1, device)):
         # NaN (positive NaN's bits are above every number's) can only come from the source rows,
         # checked here at the preprocessed resolution (their maximum is NaN), not in every
         # reverted chunk
