@@ -199,7 +199,17 @@ def test_ray_shares_split_only_the_cases_left_to_predict_and_show_each_shares_en
     monkeypatch.setattr(ray_predict, "start_board", lambda ray: board)
     monkeypatch.setattr(ray_predict, "take_events", lambda ray, board: [])
     monkeypatch.setattr(ray_predict, "stop_board", lambda ray, board: None)
-    options = dict(folds=None, checkpoints=None, device="cpu", tta=False, step=0.5, postprocess=True, engine="torch")
+    # fp32: precision auto would be bf16 on a CPU with native bf16 (and give it up for this untrained model)
+    options = dict(
+        folds=None,
+        checkpoints=None,
+        device="cpu",
+        tta=False,
+        step=0.5,
+        postprocess=True,
+        engine="torch",
+        precision="fp32",
+    )
     predict_options = dict(skip_complete=True)
     timings, _, skipped = predict_on_ray([raw / "imagesTr"], out, fold, options, predict_options, None)
     cases = [p.name.split(".")[0] for p in images]

@@ -130,8 +130,9 @@ def test_a_prediction_with_spilled_accumulators_writes_the_same_files(tmp_path, 
 
 def test_the_export_reads_the_next_class_rows_in_a_second_thread(tmp_path, monkeypatch):
     """Without --save-probabilities (the one-grid argmax): the segmentation is the same spilled
-    or not, and the spilled rows of every class after the first are read by the reader thread
-    while the one before is reverted."""
+    or not, and the spilled rows are read outside the calling thread: by the reader thread (the
+    next class's while this one is reverted) with one PyTorch thread, by the slab threads with
+    more where there are several slabs."""
     import threading
 
     from autounet.inference.predictor import Predictor
@@ -160,6 +161,13 @@ def test_the_export_reads_the_next_class_rows_in_a_second_thread(tmp_path, monke
         lambda self, k, z0, z1: readers.add((k, threading.current_thread().name)) or original(self, k, z0, z1),
     )
     monkeypatch.setattr(memory, "in_memory_budget", lambda limit: 0)  # every accumulator spills
-    np.testing.assert_array_equal(predict("spilled"), kept)
-    assert {k for k, _ in readers} == {0, 1, 2, 3}
-    assert all(name.startswith("autounet-export-reader") for _, name in readers)
+    threads = torch.get_num_threads()
+    try:
+        for count, prefix in ((1, "autounet-export-reader"), (2, "autounet-export")):
+            torch.set_num_threads(count)
+            readers.clear()
+            np.testing.assert_array_equal(predict(f"spilled{count}"), kept)
+            assert {k for k, _ in readers} == {0, 1, 2, 3}
+            assert all(name.startswith(prefix) for _, name in readers), readers
+    finally:
+        torch.set_num_threads(threads)

@@ -197,3 +197,32 @@ def test_classes_that_cannot_win_in_a_slab_are_not_reverted_and_the_labels_stay_
     inside = box_slices(tuple(tuple(b) for b in anisotropic.crop_bbox))
     np.testing.assert_array_equal(seg[inside], mean.argmax(0))
     assert set(np.unique(seg[inside]).tolist()) == set(range(k))  # every organ is labelled somewhere
+
+
+def test_slabs_side_by_side_in_threads_give_the_labels_of_one_thread(anisotropic):
+    """With several PyTorch threads the one-grid export takes as many slabs at once, each in a
+    thread of its own with one PyTorch thread: the same labels as one slab after the other."""
+    import threading
+
+    probs = [_softmax(anisotropic, k=5, seed=s) for s in (7, 8)]
+    members = [MemberOutput(p, anisotropic) for p in probs]
+    threads = torch.get_num_threads()
+    seen = set()
+    original = streaming._argmax_rows
+
+    def recorded(*args, **kwargs):
+        seen.add((threading.current_thread().name, torch.get_num_threads()))
+        return original(*args, **kwargs)
+
+    try:
+        torch.set_num_threads(1)
+        alone = stream_segmentation(members, VALUES + [7, 9], slab_bytes=1)
+        torch.set_num_threads(2)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(streaming, "_argmax_rows", recorded)
+            together = stream_segmentation(members, VALUES + [7, 9], slab_bytes=1)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(together, alone)
+    assert {name.rsplit("_", 1)[0] for name, _ in seen} == {"autounet-export"}
+    assert {count for _, count in seen} == {1}

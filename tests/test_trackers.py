@@ -50,6 +50,7 @@ def trained(tmp_path_factory, one_torch_thread) -> dict:
             iterations_per_epoch=2,
             validation_iterations=1,
             device="cpu",
+            precision="fp32",  # what the start line says everywhere (auto is bf16 on CPUs with native bf16)
             validation_tta=False,
             loggers=loggers,
         )

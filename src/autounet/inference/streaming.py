@@ -24,6 +24,7 @@ the slab axis; its values are the whole volume's, bit for bit, and NumPy's to fl
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,12 +130,14 @@ def _stored_rows(probabilities, k: int, z0: int, z1: int) -> torch.Tensor:
     return _as_tensor(np.asarray(probabilities[k, z0:z1]))
 
 
-def _sources(probabilities, n: int, props: CaseProperties, o0: int, o1: int, device: torch.device):
+def _sources(
+    probabilities, n: int, props: CaseProperties, o0: int, o1: int, device: torch.device, read_ahead: bool = True
+):
     """Each class's :class:`_Source` of rows ``o0 .. o1``, in class order. Where rows are read from
-    disk (a spilled member), a second thread reads the next class's while this one is reverted,
-    so that the export does not wait for the disk."""
+    disk (a spilled member) and ``read_ahead``, a second thread reads the next class's while this
+    one is reverted, so that the export does not wait for the disk."""
     parts = probabilities.parts if isinstance(probabilities, _Summed) else [probabilities]
-    if not any(isinstance(part, SpillVolume) for part in parts):
+    if not read_ahead or not any(isinstance(part, SpillVolume) for part in parts):
         for k in range(n):
             yield _Source(probabilities, k, props, o0, o1, device)
         return
@@ -361,10 +364,21 @@ def stream_segmentation(
     if probabilities is None and not regions and len(workers) == 1 and not whole and n <= PACKED_CLASSES:
         # one grid (the usual case): each chunk of rows is decided as soon as it is reverted
         identity = np.array_equal(values, np.arange(len(values)))
-        buffers, backward = Buffers(), _backward(workers[0].output.properties)
-        for s0, s1 in slabs:
-            seg = _argmax_rows(workers[0], n, s0, s1, buffers).transpose(backward)
+        backward = _backward(workers[0].output.properties)
+        threads = slab_threads(device)
+        # as many slabs at once as threads, each of 1/threads of the slab memory
+        parts = _slabs(box_shape, axis, whole, max(1, slab_bytes // threads))
+        threads = threads if len(parts) > 1 else 1
+        local = threading.local()
+
+        def one_slab(bounds: tuple[int, int]) -> None:
+            s0, s1 = bounds
+            if not hasattr(local, "buffers"):
+                local.buffers = Buffers()
+            seg = _argmax_rows(workers[0], n, s0, s1, local.buffers, read_ahead=threads == 1).transpose(backward)
             inside[_slab_index(axis, ndim, s0, s1)] = seg if identity else lut[seg]
+
+        _each(one_slab, parts, threads)
     elif probabilities is None:  # slab by slab; each slab class by class
         for s0, s1 in slabs:
             where = _slab_index(axis, ndim, s0, s1)
@@ -412,13 +426,36 @@ def stream_segmentation(
 PACKED_CLASSES = 256
 
 
-def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers) -> np.ndarray:
+def slab_threads(device: torch.device) -> int:
+    """How many slabs the one-grid export takes at once: on a CPU one per PyTorch thread, each
+    slab's operations in its own thread on one core. Many short operations each spread over the
+    cores cost a wake-up of the other threads every time, which with the passive OpenMP wait that
+    ``import autounet`` sets is a third of the export; slabs side by side need none."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+def _each(work, items: Sequence, threads: int) -> None:
+    """``work(item)`` for every item: in this thread, or in ``threads`` threads of one PyTorch
+    thread each (a failure is raised here)."""
+    if threads == 1:
+        for item in items:
+            work(item)
+        return
+    with ThreadPoolExecutor(
+        threads, thread_name_prefix="autounet-export", initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        for _ in pool.map(work, items):
+            pass
+
+
+def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers, read_ahead: bool = True) -> np.ndarray:
     """The running argmax over the ``n`` (at most :data:`PACKED_CLASSES`) classes of one member
     grid's rows ``o0 .. o1`` along its preprocessed axis 0, reverted to the input grid's crop box
     (preprocessed axis order), each chunk of reverted rows compared as soon as it is made, while
     it is in the cache: three operations per class and voxel on the packed values (see
     :data:`PACKED_CLASSES`; a NaN counts as -inf, as in :class:`_Decision`). The members' sum is
-    compared, not their mean: dividing every class by the same count cannot change the order."""
+    compared, not their mean: dividing every class by the same count cannot change the order.
+    ``read_ahead``: spilled rows of the next class are read in a second thread (:func:`_sources`)."""
     props, device = worker.output.properties, worker.device
     shape = (o1 - o0, *_crop_shape_network(props)[1:])
     mask = (1 << max(1, (n - 1).bit_length())) - 1
@@ -427,7 +464,7 @@ def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers) ->
     # voxel (a convex combination of source voxels) has at least 1/n of the members' sum: a class
     # below that everywhere in the source rows cannot win in these rows and is not reverted.
     floor = worker.count * (1 - 2**-9) / n
-    for k, source in enumerate(_sources(worker.output.probabilities, n, props, o0, o1, device)):
+    for k, source in enumerate(_sources(worker.output.probabilities, n, props, o0, o1, device, read_ahead)):
         # NaN (positive NaN's bits are above every number's) can only come from the source rows,
         # checked here at the preprocessed resolution (their maximum is NaN), not in every
         # reverted chunk
