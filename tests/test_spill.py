@@ -5,12 +5,15 @@ leaving no spill folder behind."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from autounet.data.geometry import Geometry
 from autounet.data.image_io import read_image, write_image
+from autounet.errors import AutounetError
 from autounet.inference import memory
 from autounet.inference.sliding_window import predict_slices, predict_volume
 from autounet.inference.spill import SpillFolder
@@ -171,3 +174,47 @@ def test_the_export_reads_the_next_class_rows_in_a_second_thread(tmp_path, monke
             assert all(name.startswith(prefix) for _, name in readers), readers
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_read_that_fails_in_an_export_thread_reaches_the_caller_and_leaves_nothing(tmp_path, monkeypatch, threads):
+    """A spill file that lost its end (class 2 onwards cannot be read: in the reader thread with
+    one PyTorch thread, in a slab thread with two): the error naming the file reaches the caller,
+    no segmentation is written, and the spill folder is removed."""
+    from autounet.inference.predictor import Predictor
+    from autounet.inference.spill import SpillVolume
+    from test_memory_limit import tiny_stage
+
+    stage = tiny_stage(4, patch=(16, 16, 16))
+    (tmp_path / "in").mkdir()
+    image = np.random.default_rng(6).normal(0, 1, (20, 30, 26)).astype(np.float32)
+    geometry = Geometry((1.5, 1.2, 1.0), (0.0,) * 3, (1.0, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_image(tmp_path / "in" / "a.nii.gz", image, geometry)
+    made, cut, original = [], set(), SpillVolume.rows
+
+    class Counted(SpillFolder):
+        def __init__(self, root, needed):
+            super().__init__(root, needed)
+            made.append(self.path)
+
+    def rows(self, k, z0, z1):  # the file loses class 2 onwards before it is first read
+        if self.path not in cut:
+            cut.add(self.path)
+            os.ftruncate(self._fd, self._offset(2, 0))
+        return original(self, k, z0, z1)
+
+    monkeypatch.setattr("autounet.inference.predictor.SpillFolder", Counted)
+    monkeypatch.setattr(SpillVolume, "rows", rows)
+    monkeypatch.setattr(memory, "in_memory_budget", lambda limit: 0)  # every accumulator spills
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        predictor = Predictor(
+            members=[stage, stage], device="cpu", tta=False, engine="torch", precision="fp32", quiet=True
+        )
+        with pytest.raises(AutounetError, match=r"\.f16: cannot read the spilled probabilities back"):
+            predictor.predict(tmp_path / "in", tmp_path / "out")
+    finally:
+        torch.set_num_threads(before)
+    assert len(made) == 1 and not made[0].exists()
+    assert not (tmp_path / "out" / "a.nii.gz").exists()

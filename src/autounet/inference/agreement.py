@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from autounet.inference.class_code import classes_of, code_mask, pack_, values_of
 from autounet.inference.sliding_window import HALF_ACCUMULATION_TIE
 
 # What a float32 engine with float16 accumulators may move a probability margin by.
@@ -158,7 +159,7 @@ def tie_risk(
 
     Softmax: one pass over the classes keeps the best and the second best of each voxel, each
     class's index packed into the lowest bits of its float32 value as in the export's argmax
-    (:mod:`autounet.inference.streaming`; values within 2**-15 relatively count as equal, far
+    (:mod:`autounet.inference.class_code`; values within 2**-15 relatively count as equal, far
     below ``tie``), so that six operations per class and voxel give both classes and their gap.
     """
     k_count, rows = int(probabilities.shape[0]), int(probabilities.shape[1])
@@ -167,7 +168,7 @@ def tie_risk(
     sizes = np.zeros(k_count, np.int64)
     risks = np.zeros(k_count, np.int64)
     thresholds = [0.5] * k_count if thresholds is None else list(thresholds)
-    mask = (1 << max(1, (k_count - 1).bit_length())) - 1
+    mask = code_mask(k_count)
 
     def read(k: int, z0: int, z1: int) -> torch.Tensor:
         part = probabilities.rows(k, z0, z1) if hasattr(probabilities, "rows") else probabilities[k, z0:z1]
@@ -185,7 +186,7 @@ def tie_risk(
         best = second = low = None
         for k in range(k_count):
             bits = read(k, z0, z1).nan_to_num_(nan=-torch.inf).view(torch.int32)
-            bits.bitwise_or_(mask).sub_(k)  # code mask - k: the first of equal values wins
+            pack_(bits, k, mask)
             if best is None:
                 best, second = bits, torch.full_like(bits, torch.iinfo(torch.int32).min)
                 low = torch.empty_like(bits)
@@ -193,13 +194,13 @@ def tie_risk(
             torch.minimum(bits, best, out=low)
             torch.maximum(second, low, out=second)
             torch.maximum(best, bits, out=best)
-        first_class = (mask - (best & mask)).ravel()
+        first_class = classes_of(best, mask).ravel()
         sizes += torch.bincount(first_class, minlength=k_count).numpy()
         if k_count < 2:
             continue
-        gap = (best & ~mask).view(torch.float32) - (second & ~mask).view(torch.float32)
+        gap = values_of(best, mask) - values_of(second, mask)
         close = (gap < tie).ravel()
-        second_class = (mask - (second & mask)).ravel()
+        second_class = classes_of(second, mask).ravel()
         risks += torch.bincount(first_class[close], minlength=k_count).numpy()
         risks += torch.bincount(second_class[close], minlength=k_count).numpy()
     return sizes, risks

@@ -35,6 +35,7 @@ import torch
 from autounet.data.crop import box_slices
 from autounet.data.probabilities import ProbabilityStream
 from autounet.errors import AutounetError
+from autounet.inference.class_code import PACKED_CLASSES, classes_of, code_mask, pack_
 from autounet.inference.linear_resample import Buffers, resample_rows, source_rows
 from autounet.inference.spill import SpillVolume
 from autounet.postprocessing.apply import Postprocessing
@@ -416,16 +417,6 @@ def stream_segmentation(
     return labels
 
 
-# The one-grid running argmax packs each class's index into the lowest ``bits`` of the mantissas
-# of its float32 probabilities: for numbers >= 0 the order of the bit patterns as integers is the
-# order of the numbers, so one integer maximum per class keeps the best value and its class. The
-# code of class ``k`` is ``mask - k``, so that of equal values the first class wins (np.argmax).
-# Values within 2**(bits - 23) of each other (relatively; 2**-16 for 128 classes, 2**-15 for 256)
-# are told apart by the code: far finer than the float16 accumulators' own rounding (2**-11). More
-# classes than this take the slab path (_Decision).
-PACKED_CLASSES = 256
-
-
 def slab_threads(device: torch.device) -> int:
     """How many slabs the one-grid export takes at once: on a CPU one per PyTorch thread, each
     slab's operations in its own thread on one core. Many short operations each spread over the
@@ -436,29 +427,33 @@ def slab_threads(device: torch.device) -> int:
 
 def _each(work, items: Sequence, threads: int) -> None:
     """``work(item)`` for every item: in this thread, or in ``threads`` threads of one PyTorch
-    thread each (a failure is raised here)."""
+    thread each (the first failure is raised here, once the items begun have ended; the rest are
+    not begun)."""
     if threads == 1:
         for item in items:
             work(item)
         return
-    with ThreadPoolExecutor(
+    pool = ThreadPoolExecutor(
         threads, thread_name_prefix="autounet-export", initializer=torch.set_num_threads, initargs=(1,)
-    ) as pool:
+    )
+    try:
         for _ in pool.map(work, items):
             pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers, read_ahead: bool = True) -> np.ndarray:
-    """The running argmax over the ``n`` (at most :data:`PACKED_CLASSES`) classes of one member
+    """The running argmax over the ``n`` (at most :data:`~autounet.inference.class_code.PACKED_CLASSES`) classes of one member
     grid's rows ``o0 .. o1`` along its preprocessed axis 0, reverted to the input grid's crop box
     (preprocessed axis order), each chunk of reverted rows compared as soon as it is made, while
     it is in the cache: three operations per class and voxel on the packed values (see
-    :data:`PACKED_CLASSES`; a NaN counts as -inf, as in :class:`_Decision`). The members' sum is
+    :data:`~autounet.inference.class_code.PACKED_CLASSES`; a NaN counts as -inf, as in :class:`_Decision`). The members' sum is
     compared, not their mean: dividing every class by the same count cannot change the order.
     ``read_ahead``: spilled rows of the next class are read in a second thread (:func:`_sources`)."""
     props, device = worker.output.properties, worker.device
     shape = (o1 - o0, *_crop_shape_network(props)[1:])
-    mask = (1 << max(1, (n - 1).bit_length())) - 1
+    mask = code_mask(n)
     packed = torch.empty(shape, dtype=torch.int32, device=device)
     # Softmax probabilities sum to 1 (to float16's 2**-11), so the best class of every reverted
     # voxel (a convex combination of source voxels) has at least 1/n of the members' sum: a class
@@ -478,12 +473,12 @@ def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers, re
                 torch.nan_to_num(chunk, nan=-torch.inf, out=chunk)
             bits, best = chunk.view(torch.int32), packed[c0 - o0 : c1 - o0]
             if k == 0:
-                torch.bitwise_or(bits, mask, out=best)
+                torch.bitwise_or(bits, mask, out=best)  # class 0's code is the mask
                 return
-            torch.maximum(best, bits.bitwise_or_(mask).sub_(k), out=best)
+            torch.maximum(best, pack_(bits, k, mask), out=best)
 
         source.resample(consume=consume, buffers=buffers)
-    labels = packed.bitwise_and_(mask).neg_().add_(mask)
+    labels = classes_of(packed, mask, in_place=True)
     return labels.to(torch.uint8).cpu().numpy()
 
 
