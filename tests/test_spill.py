@@ -34,6 +34,37 @@ class Rows:
         self.next = z0 + rows.shape[1]
 
 
+def _inputs(folder, names, seed: int) -> None:
+    """Random 20 x 30 x 26 images at 1.5 x 1.2 x 1.0 mm in ``folder`` (made), one per name."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for name in names:
+        image = rng.normal(0, 1, (20, 30, 26)).astype(np.float32)
+        write_image(
+            folder / f"{name}.nii.gz", image, Geometry((1.5, 1.2, 1.0), (0.0,) * 3, (1.0, 0, 0, 0, 1, 0, 0, 0, 1))
+        )
+
+
+def _ensemble(stage):
+    """A predictor of ``stage`` twice (an ensemble on one grid): PyTorch fp32, no mirroring."""
+    from autounet.inference.predictor import Predictor
+
+    return Predictor(members=[stage, stage], device="cpu", tta=False, engine="torch", precision="fp32", quiet=True)
+
+
+def _spill_folders(monkeypatch) -> list:
+    """The paths of the spill folders the predictor makes from now on (a list that fills)."""
+    made = []
+
+    class Counted(SpillFolder):
+        def __init__(self, root, needed):
+            super().__init__(root, needed)
+            made.append(self.path)
+
+    monkeypatch.setattr("autounet.inference.predictor.SpillFolder", Counted)
+    return made
+
+
 @pytest.mark.parametrize(
     "shape, patch, mirror",
     [
@@ -88,34 +119,15 @@ def test_a_disk_without_room_for_the_spill_is_refused_naming_it(tmp_path):
 
 
 def test_a_prediction_with_spilled_accumulators_writes_the_same_files(tmp_path, monkeypatch):
-    from autounet.inference.predictor import Predictor
     from test_memory_limit import tiny_stage
 
     stage = tiny_stage(4, patch=(16, 16, 16))
-    rng = np.random.default_rng(3)
-    (tmp_path / "in").mkdir()
-    for name in ("a", "b"):
-        image = rng.normal(0, 1, (20, 30, 26)).astype(np.float32)
-        write_image(
-            tmp_path / "in" / f"{name}.nii.gz",
-            image,
-            Geometry((1.5, 1.2, 1.0), (0.0,) * 3, (1.0, 0, 0, 0, 1, 0, 0, 0, 1)),
-        )
+    _inputs(tmp_path / "in", ("a", "b"), seed=3)
 
     def predict(out: str) -> None:
-        predictor = Predictor(
-            members=[stage, stage], device="cpu", tta=False, engine="torch", precision="fp32", quiet=True
-        )
-        predictor.predict(tmp_path / "in", tmp_path / out, save_probabilities=True)
+        _ensemble(stage).predict(tmp_path / "in", tmp_path / out, save_probabilities=True)
 
-    made = []
-
-    class Counted(SpillFolder):
-        def __init__(self, root, needed):
-            super().__init__(root, needed)
-            made.append(self.path)
-
-    monkeypatch.setattr("autounet.inference.predictor.SpillFolder", Counted)
+    made = _spill_folders(monkeypatch)
     predict("kept")
     assert made == []
     monkeypatch.setattr(memory, "in_memory_budget", lambda limit: 0)  # every accumulator spills
@@ -138,21 +150,14 @@ def test_the_export_reads_the_next_class_rows_in_a_second_thread(tmp_path, monke
     more where there are several slabs."""
     import threading
 
-    from autounet.inference.predictor import Predictor
     from autounet.inference.spill import SpillVolume
     from test_memory_limit import tiny_stage
 
     stage = tiny_stage(4, patch=(16, 16, 16))
-    (tmp_path / "in").mkdir()
-    image = np.random.default_rng(5).normal(0, 1, (20, 30, 26)).astype(np.float32)
-    geometry = Geometry((1.5, 1.2, 1.0), (0.0,) * 3, (1.0, 0, 0, 0, 1, 0, 0, 0, 1))
-    write_image(tmp_path / "in" / "a.nii.gz", image, geometry)
+    _inputs(tmp_path / "in", ("a",), seed=5)
 
     def predict(out: str) -> np.ndarray:
-        predictor = Predictor(
-            members=[stage, stage], device="cpu", tta=False, engine="torch", precision="fp32", quiet=True
-        )
-        predictor.predict(tmp_path / "in", tmp_path / out)
+        _ensemble(stage).predict(tmp_path / "in", tmp_path / out)
         return read_image([tmp_path / out / "a.nii.gz"])[0]
 
     kept = predict("kept")
@@ -181,21 +186,12 @@ def test_a_read_that_fails_in_an_export_thread_reaches_the_caller_and_leaves_not
     """A spill file that lost its end (class 2 onwards cannot be read: in the reader thread with
     one PyTorch thread, in a slab thread with two): the error naming the file reaches the caller,
     no segmentation is written, and the spill folder is removed."""
-    from autounet.inference.predictor import Predictor
     from autounet.inference.spill import SpillVolume
     from test_memory_limit import tiny_stage
 
     stage = tiny_stage(4, patch=(16, 16, 16))
-    (tmp_path / "in").mkdir()
-    image = np.random.default_rng(6).normal(0, 1, (20, 30, 26)).astype(np.float32)
-    geometry = Geometry((1.5, 1.2, 1.0), (0.0,) * 3, (1.0, 0, 0, 0, 1, 0, 0, 0, 1))
-    write_image(tmp_path / "in" / "a.nii.gz", image, geometry)
-    made, cut, original = [], set(), SpillVolume.rows
-
-    class Counted(SpillFolder):
-        def __init__(self, root, needed):
-            super().__init__(root, needed)
-            made.append(self.path)
+    _inputs(tmp_path / "in", ("a",), seed=6)
+    made, cut, original = _spill_folders(monkeypatch), set(), SpillVolume.rows
 
     def rows(self, k, z0, z1):  # the file loses class 2 onwards before it is first read
         if self.path not in cut:
@@ -203,15 +199,12 @@ def test_a_read_that_fails_in_an_export_thread_reaches_the_caller_and_leaves_not
             os.ftruncate(self._fd, self._offset(2, 0))
         return original(self, k, z0, z1)
 
-    monkeypatch.setattr("autounet.inference.predictor.SpillFolder", Counted)
     monkeypatch.setattr(SpillVolume, "rows", rows)
     monkeypatch.setattr(memory, "in_memory_budget", lambda limit: 0)  # every accumulator spills
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        predictor = Predictor(
-            members=[stage, stage], device="cpu", tta=False, engine="torch", precision="fp32", quiet=True
-        )
+        predictor = _ensemble(stage)
         with pytest.raises(AutounetError, match=r"\.f16: cannot read the spilled probabilities back"):
             predictor.predict(tmp_path / "in", tmp_path / "out")
     finally:

@@ -484,7 +484,7 @@ class Predictor:
         regions = self.stage.regions
         labels = [r.paint for r in regions.regions] if regions else list(self.stage.label_values)
         for r in results:
-            sizes, risks = tie_risk(r, "sigmoid" if regions else "softmax", regions.thresholds if regions else None)
+            sizes, risks = tie_risk(r, self.stage.activation, regions.thresholds if regions else None)
             problem = risk_problem(sizes, risks, labels)
             if problem is not None:
                 return problem
@@ -585,8 +585,9 @@ class Predictor:
 
         def done_reading() -> None:
             if any(isinstance(p, SpillVolume) for p in probs):
-                removing.append(threading.Thread(target=release, args=(probs,), name="autounet-spill-removal"))
-                removing[0].start()
+                thread = threading.Thread(target=release, args=(probs,), name="autounet-spill-removal")
+                thread.start()
+                removing.append(thread)
 
         try:
             return self._export_once(case, probs, *rest, done_reading=done_reading)

@@ -444,12 +444,13 @@ def _each(work, items: Sequence, threads: int) -> None:
 
 
 def _argmax_rows(worker: _Member, n: int, o0: int, o1: int, buffers: Buffers, read_ahead: bool = True) -> np.ndarray:
-    """The running argmax over the ``n`` (at most :data:`~autounet.inference.class_code.PACKED_CLASSES`) classes of one member
-    grid's rows ``o0 .. o1`` along its preprocessed axis 0, reverted to the input grid's crop box
+    """The running argmax over the ``n`` (at most ``PACKED_CLASSES``) classes of one member grid's
+    rows ``o0 .. o1`` along its preprocessed axis 0, reverted to the input grid's crop box
     (preprocessed axis order), each chunk of reverted rows compared as soon as it is made, while
-    it is in the cache: three operations per class and voxel on the packed values (see
-    :data:`~autounet.inference.class_code.PACKED_CLASSES`; a NaN counts as -inf, as in :class:`_Decision`). The members' sum is
-    compared, not their mean: dividing every class by the same count cannot change the order.
+    it is in the cache: three operations per class and voxel on packed values
+    (:mod:`autounet.inference.class_code`; a NaN counts as -inf, as in :class:`_Decision`). The
+    members' sum is compared, not their mean: dividing every class by the same count cannot
+    change the order.
     ``read_ahead``: spilled rows of the next class are read in a second thread (:func:`_sources`)."""
     props, device = worker.output.properties, worker.device
     shape = (o1 - o0, *_crop_shape_network(props)[1:])
